@@ -1,0 +1,1 @@
+"""cluster package of R3RL."""

@@ -1,0 +1,1 @@
+"""learners package of R3RL."""

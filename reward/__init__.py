@@ -1,0 +1,1 @@
+"""reward package of R3RL."""
