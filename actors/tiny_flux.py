@@ -1,0 +1,160 @@
+"""A tiny random FLUX.1-Kontext-style generator/editor, built offline (no hub, no downloads).
+
+Same classes and call path as a real FLUX.1-Kontext checkpoint (`FluxKontextPipeline`), so the
+worker code that loads it is the code that loads the real model on GPU. Sizes follow
+`RECIPES.md` ("Tiny FLUX.1-Kontext-style generator/editor"): a Flux transformer with 1 double and
+2 single blocks and guidance embedding, a 16-channel VAE with 8x downsampling, tiny CLIP + T5
+encoders sharing the project's byte-level BPE tokenizer. Everything is seeded, so two builds with
+the same seed are identical.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+__all__ = ["build_tiny_flux", "TINY_FLUX_T5_MAX_LENGTH"]
+
+logger = logging.getLogger(__name__)
+
+TINY_FLUX_T5_MAX_LENGTH = 512
+_CLIP_MAX_LENGTH = 77
+# A random VAE decoder maps latents to values with a tiny spread (images would be flat grey);
+# scaling its output conv gives images that use a good part of [-1, 1] before clamping.
+_TARGET_DECODE_STD = 0.5
+
+
+def build_tiny_flux(out_dir: Path, seed: int = 0):
+    """Build, seed and `save_pretrained` a tiny `FluxKontextPipeline` into `out_dir`.
+
+    Args:
+        out_dir: target folder (created if missing); the caller handles temp dirs and renames.
+        seed: torch seed for every random weight.
+
+    Returns:
+        `out_dir` as a `Path`, loadable with `FluxKontextPipeline.from_pretrained`.
+    """
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        FluxKontextPipeline,
+        FluxTransformer2DModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok_clip = _tokenizer(_CLIP_MAX_LENGTH)
+    tok_t5 = _tokenizer(TINY_FLUX_T5_MAX_LENGTH)
+    vocab = len(tok_clip)
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=64,
+        num_layers=1,
+        num_single_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        guidance_embeds=True,
+        axes_dims_rope=[4, 6, 6],
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4,
+        block_out_channels=[8, 16, 16, 16],
+        layers_per_block=1,
+        latent_channels=16,
+        norm_num_groups=4,
+        sample_size=64,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=0.1159,
+        scaling_factor=0.3611,
+    )
+    _calibrate_vae_decoder(vae)
+    clip = CLIPTextModel(
+        CLIPTextConfig(
+            hidden_size=32,
+            intermediate_size=37,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            projection_dim=32,
+            max_position_embeddings=_CLIP_MAX_LENGTH,
+            vocab_size=vocab,
+            bos_token_id=tok_clip.bos_token_id,
+            eos_token_id=tok_clip.eos_token_id,
+            pad_token_id=tok_clip.pad_token_id,
+        )
+    )
+    t5 = T5EncoderModel(
+        T5Config(
+            d_model=32,
+            d_kv=8,
+            d_ff=37,
+            num_layers=2,
+            num_heads=4,
+            vocab_size=vocab,
+            pad_token_id=tok_t5.pad_token_id,
+            eos_token_id=tok_t5.eos_token_id,
+            decoder_start_token_id=tok_t5.pad_token_id,
+        )
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+    pipe = FluxKontextPipeline(
+        scheduler=scheduler,
+        vae=vae.eval(),
+        text_encoder=clip.eval(),
+        tokenizer=tok_clip,
+        text_encoder_2=t5.eval(),
+        tokenizer_2=tok_t5,
+        transformer=transformer.eval(),
+    )
+    pipe.save_pretrained(str(out_dir), safe_serialization=True)
+    logger.info("tiny FLUX.1-Kontext-style pipeline saved to %s", out_dir)
+    return out_dir
+
+
+def _tokenizer(max_length: int):
+    """The project's byte-level BPE, appending eos like CLIP/T5 tokenizers do.
+
+    CLIP pools its output at the first eos token; without an appended eos the pooled embedding
+    would only see the first token of the prompt.
+    """
+    from tokenizers import processors
+
+    from actors.tokenizer import build_byte_bpe
+
+    tok = build_byte_bpe(model_max_length=max_length)
+    eos = tok.eos_token
+    tok._tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"$A {eos}", pair=f"$A {eos} $B {eos}", special_tokens=[(eos, tok.eos_token_id)]
+    )
+    return tok
+
+
+def _calibrate_vae_decoder(vae) -> None:
+    """Scale the random decoder's output conv so decoded pixels have std ~0.5 on N(0,1) latents."""
+    import torch
+
+    gen = torch.Generator().manual_seed(1234)
+    z = torch.randn(2, vae.config.latent_channels, 8, 8, generator=gen)
+    with torch.no_grad():
+        out = vae.decode(z, return_dict=False)[0]
+        std = float(out.std())
+        if not std > 0:
+            raise ValueError(f"tiny VAE decoder output is degenerate (std={std})")
+        vae.decoder.conv_out.weight.mul_(_TARGET_DECODE_STD / std)
+        vae.decoder.conv_out.bias.mul_(_TARGET_DECODE_STD / std)
