@@ -1,0 +1,398 @@
+"""The one typed config of an R3RL run: YAML file + dotted command-line overrides, validated.
+
+User mistakes never produce a traceback: `load_config` raises `ConfigError`, whose message names
+the field path, the value given and what is allowed (with a "did you mean" hint for unknown
+keys); the CLI turns it into exit status 2.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+__all__ = ["ConfigError", "R3Config", "load_config", "apply_overrides", "check_model_paths", "TINY_PREFIX"]
+
+TINY_PREFIX = "tiny:"  # model paths like "tiny:vlm" are built offline by actors.models
+
+
+class ConfigError(ValueError):
+    """A user mistake in the config or its overrides; the message says what and where."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ---------------------------------------------------------------------------------------- models
+
+
+class ReasonerModel(_Section):
+    path: str = Field("tiny:vlm", description="HF folder of the reasoner, or tiny:lm / tiny:vlm")
+    max_model_len: int = Field(1024, gt=0, description="vLLM context length")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="engine dtype")
+    trust_remote_code: bool = Field(False, description="never needed for supported architectures")
+
+
+class GeneratorModel(_Section):
+    path: str = Field("tiny:flux", description="diffusers FluxKontextPipeline folder, or tiny:flux")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="pipeline dtype")
+    height: int = Field(64, gt=0, multiple_of=16, description="image height in pixels")
+    width: int = Field(64, gt=0, multiple_of=16, description="image width in pixels")
+
+
+class ModelsConfig(_Section):
+    reasoner: ReasonerModel = Field(default_factory=ReasonerModel)
+    generator: GeneratorModel = Field(default_factory=GeneratorModel)
+
+
+# --------------------------------------------------------------------------------------- cluster
+
+
+class RoleSpec(_Section):
+    count: int = Field(1, ge=1, description="number of actors of this role")
+    num_cpus: float = Field(0.5, ge=0, description="CPUs reserved per actor")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per actor")
+    tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor parallel size (text roles)")
+
+
+class JudgeReplicas(_Section):
+    count: int = Field(1, ge=1, description="fixed replica count (ignored when autoscaling is set)")
+    min_replicas: int | None = Field(None, ge=1, description="autoscaling lower bound")
+    max_replicas: int | None = Field(None, ge=1, description="autoscaling upper bound")
+    num_cpus: float = Field(0.5, ge=0, description="CPUs per replica")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per replica")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> JudgeReplicas:
+        if (self.min_replicas is None) != (self.max_replicas is None):
+            raise ValueError("set both min_replicas and max_replicas for autoscaling, or neither")
+        if self.min_replicas is not None and self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas={self.min_replicas} > max_replicas={self.max_replicas}")
+        return self
+
+
+def _role_from_int(value: Any) -> Any:
+    """`cluster.text_workers=4` is shorthand for `cluster.text_workers.count=4`."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a count or a mapping, got {value!r}")
+    if isinstance(value, int):
+        return {"count": value}
+    return value
+
+
+class ClusterConfig(_Section):
+    address: str | None = Field(None, description="Ray address; default: $RAY_ADDRESS or a local cluster")
+    num_cpus: int | None = Field(None, ge=1, description="logical CPUs of a locally started cluster")
+    text_workers: RoleSpec = Field(default_factory=RoleSpec)
+    diffusion_workers: RoleSpec = Field(default_factory=RoleSpec)
+    judge_replicas: JudgeReplicas = Field(default_factory=JudgeReplicas)
+    text_learners: RoleSpec = Field(default_factory=RoleSpec)
+    diffusion_learners: RoleSpec = Field(default_factory=RoleSpec)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="Ray placement-group strategy per role"
+    )
+    colocate: bool = Field(False, description="GPU only: learners and workers share GPUs (sleep/wake)")
+    dashboard_host: str = Field("127.0.0.1", description="bind address of a locally started dashboard")
+
+    _coerce = field_validator(
+        "text_workers", "diffusion_workers", "judge_replicas", "text_learners", "diffusion_learners", mode="before"
+    )(_role_from_int)
+
+
+# ------------------------------------------------------------------------------------ algorithms
+
+
+class R3Settings(_Section):
+    mode: Literal["tree", "chain"] = Field("tree", description="tree: paper's alternating stages; chain: whole trajectories")
+    group_size: int = Field(4, ge=2, description="samples per prompt (paper: 16)")
+    prompts_per_step: int = Field(2, ge=1, description="prompts per step (paper: 2)")
+    max_rounds: int = Field(4, ge=1, le=16, description="1 generation + (max_rounds-1) refinements")
+    p_perfect: float = Field(0.15, ge=0, le=1, description="refine: probability to start from a perfect image")
+    format_weight: float = Field(1.0, ge=0, description="w_f, weight of the format reward")
+    discount: float = Field(1.0, ge=0, le=1, description="chain mode: discount of per-round returns")
+    buffer_size: int = Field(256, ge=1, description="rollout buffer capacity")
+    stop_phrase: str = Field("no further edit needed", min_length=1, description="reflect answer that stops")
+    adv_std: Literal["none", "group", "global"] = Field("none", description="advantage std normalisation")
+
+
+class GRPOConfig(_Section):
+    clip_low: float = Field(0.2, gt=0, lt=1, description="PPO clip epsilon below 1")
+    clip_high: float = Field(0.2, gt=0, description="PPO clip epsilon above 1 (clip-higher)")
+    kl_coef: float = Field(0.001, ge=0, description="beta of the KL to the reference")
+    kl_kind: Literal["k1", "k2", "k3"] = Field("k3", description="KL estimator")
+    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
+    lr: float = Field(5e-6, gt=0, description="AdamW learning rate")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas")
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(10, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    zero_stage: Literal[0, 1, 2, 3] = Field(1, description="DeepSpeed ZeRO stage")
+    micro_batch_size: int = Field(4, ge=1)
+    temperature: float = Field(0.9, gt=0, description="sampling temperature (also applied by the learner)")
+    top_p: float = Field(0.9, gt=0, le=1)
+    max_tokens: int = Field(64, ge=1, description="max answer tokens")
+    eval_temperature: float = Field(0.1, gt=0)
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in v):
+            raise ValueError(f"each beta must be in [0, 1), got {v}")
+        return v
+
+
+class FlowGRPOConfig(_Section):
+    noise_level: float = Field(0.7, ge=0, description="SDE noise level a for generation")
+    edit_noise_level: float = Field(1.0, ge=0, description="SDE noise level a for edits")
+    clip_range: float = Field(0.2, gt=0, lt=1, description="PPO clip of the image ratio")
+    adv_clip: float = Field(5.0, gt=0, description="advantages clipped to +-adv_clip")
+    num_steps: int = Field(8, ge=2, description="denoising steps in training")
+    eval_num_steps: int = Field(8, ge=2, description="denoising steps in evaluation")
+    edit_num_steps: int = Field(8, ge=2, description="denoising steps of an edit")
+    stochastic: Literal["all", "one"] = Field("one", description="which steps are SDE")
+    window: tuple[int, int] = Field((0, 4), description="[lo, hi) window of the stochastic step when one")
+    edit_window: tuple[int, int] = Field((0, 2), description="[lo, hi) window for edits when one")
+    kl_coef: float = Field(0.001, ge=0)
+    image_loss_weight: float = Field(2.0, ge=0)
+    guidance: float = Field(3.5, ge=0, description="distilled guidance of the Flux transformer")
+    train_cfg: bool = Field(False, description="train-time CFG (unconditional branch detached)")
+    velocity_kl: bool = Field(False, description="KL on the velocity instead of the SDE mean")
+    lr: float = Field(5e-6, gt=0)
+    betas: tuple[float, float] = Field((0.9, 0.95))
+    warmup_steps: int = Field(10, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    zero_stage: Literal[0, 1, 2, 3] = Field(1)
+    micro_batch_size: int = Field(4, ge=1)
+
+    @model_validator(mode="after")
+    def _windows(self) -> FlowGRPOConfig:
+        for name, (lo, hi), steps in (
+            ("window", self.window, self.num_steps),
+            ("edit_window", self.edit_window, self.edit_num_steps),
+        ):
+            if not 0 <= lo < hi <= steps:
+                raise ValueError(f"{name}={[lo, hi]} must satisfy 0 <= lo < hi <= steps ({steps})")
+        return self
+
+
+class JudgeConfig(_Section):
+    kind: Literal["vlm", "remote", "ocr", "shapes"] = Field("vlm", description="which judge scores images")
+    mode: Literal["checklist", "questions", "vqascore"] = Field("vqascore", description="VLM judge mode")
+    path: str = Field("tiny:vlm", description="judge VLM folder (kind=vlm)")
+    url: str | None = Field(None, description="OpenAI-compatible base URL (kind=remote)")
+    remote_model: str | None = Field(None, description="model name sent to the remote endpoint")
+    max_batch_size: int = Field(8, ge=1, description="Serve dynamic batching: max batch")
+    batch_wait_s: float = Field(0.05, ge=0, description="Serve dynamic batching: max wait")
+    timeout_s: float = Field(120.0, gt=0, description="per-request timeout")
+    retries: int = Field(2, ge=0, description="bounded retries per request")
+    http_port: int | None = Field(None, ge=1, le=65535, description="serve POST /score on 127.0.0.1 when set")
+
+    @model_validator(mode="after")
+    def _remote(self) -> JudgeConfig:
+        if self.kind == "remote" and not self.url:
+            raise ValueError("judge.kind=remote needs judge.url")
+        return self
+
+
+class DataConfig(_Section):
+    train: str = Field("geneval", description="JSONL of prompts (GenEval format), or 'geneval' / 'shapes'")
+    test: str = Field("geneval", description="evaluation prompts")
+    exclude_test_overlap: bool = Field(True, description="drop train prompts that appear in the test set")
+    limit: int | None = Field(None, ge=1, description="use only the first N train prompts")
+    eval_limit: int | None = Field(8, ge=1, description="evaluate on the first N test prompts")
+    shuffle: bool = True
+
+
+class TrainConfig(_Section):
+    steps: int = Field(4, ge=1, description="training steps")
+    seed: int = Field(0, ge=0)
+    run_dir: str = Field("runs", description="parent folder of run directories")
+    run_name: str | None = Field(None, description="default: timestamp")
+    async_one_step_off: bool = Field(False, description="rollouts of step t+1 overlap learning of step t")
+    eval_every: int = Field(0, ge=0, description="evaluate every N steps (0: only at the end)")
+    eval_rounds: int = Field(4, ge=1, le=16)
+    remote_timeout_s: float = Field(600.0, gt=0, description="timeout of every remote wait")
+    retries: int = Field(2, ge=0, description="bounded retries of a failed rollout request")
+
+
+class SyncConfig(_Section):
+    method: Literal["broadcast", "object_store"] = Field("broadcast")
+    bucket_mb: float = Field(64.0, gt=0, description="flat bucket size in MB")
+
+
+class LoggingConfig(_Section):
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str | None = None
+    progress: bool = True
+    gallery: bool = True
+    trajectories_per_step: int = Field(8, ge=0, description="trajectories written to parquet per step")
+
+
+class CheckpointConfig(_Section):
+    every: int = Field(0, ge=0, description="save every N steps (0: only at the end)")
+    keep: int = Field(2, ge=1, description="keep the last N checkpoints")
+    resume: str | None = Field(None, description="'auto' or a checkpoint path")
+
+
+class R3Config(_Section):
+    models: ModelsConfig = Field(default_factory=ModelsConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    r3: R3Settings = Field(default_factory=R3Settings)
+    grpo: GRPOConfig = Field(default_factory=GRPOConfig)
+    flow_grpo: FlowGRPOConfig = Field(default_factory=FlowGRPOConfig)
+    judge: JudgeConfig = Field(default_factory=JudgeConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    sync: SyncConfig = Field(default_factory=SyncConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+
+
+# ---------------------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = (), check_paths: bool = False) -> R3Config:
+    """Read YAML (or defaults), apply `a.b=c` overrides, validate. Raises ConfigError."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {str(p)!r} must hold a mapping, got {type(raw).__name__}")
+    raw = apply_overrides(raw, list(overrides))
+    try:
+        cfg = R3Config.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, raw)) from None
+    if check_paths:
+        check_model_paths(cfg)
+    return cfg
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b.c=value` strings (value parsed as YAML) to a nested dict; unknown paths raise."""
+    out = _deep_copy(raw)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.path=value")
+        key, value_text = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override {item!r} has an empty key segment")
+        _check_override_path(parts)
+        try:
+            value = yaml.safe_load(value_text) if value_text.strip() else ""
+        except yaml.YAMLError:
+            value = value_text
+        node = out
+        for part in parts[:-1]:
+            nxt = node.get(part)
+            if isinstance(nxt, int) and not isinstance(nxt, bool):  # role shorthand given as a count
+                nxt = {"count": nxt}
+            if not isinstance(nxt, dict):
+                nxt = {}
+            node[part] = nxt
+            node = nxt
+        node[parts[-1]] = value
+    return out
+
+
+def check_model_paths(cfg: R3Config) -> None:
+    """Model paths must be tiny:<name> or an existing local folder (no hub downloads at run time)."""
+    checks = [("models.reasoner.path", cfg.models.reasoner.path), ("models.generator.path", cfg.models.generator.path)]
+    if cfg.judge.kind == "vlm":
+        checks.append(("judge.path", cfg.judge.path))
+    tiny = {"lm", "vlm", "flux", "shapes-flux", "shapes-vlm"}
+    for field, value in checks:
+        if value.startswith(TINY_PREFIX):
+            if value[len(TINY_PREFIX):] not in tiny:
+                raise ConfigError(f"{field}: {value!r} is not a tiny model; allowed: {sorted(TINY_PREFIX + t for t in tiny)}")
+        elif not Path(os.path.expanduser(value)).is_dir():
+            raise ConfigError(f"{field}: model folder {value!r} does not exist (give a local folder or tiny:<name>)")
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def _deep_copy(d: Any) -> Any:
+    if isinstance(d, dict):
+        return {k: _deep_copy(v) for k, v in d.items()}
+    if isinstance(d, list):
+        return [_deep_copy(v) for v in d]
+    return d
+
+
+def _fields_at(parts: list[str]) -> tuple[type[BaseModel] | None, str]:
+    """The model class holding the last segment of `parts`, after walking the earlier ones."""
+    model: type[BaseModel] = R3Config
+    walked = []
+    for part in parts[:-1]:
+        info = model.model_fields.get(part)
+        if info is None:
+            return None, ".".join(walked)
+        ann = info.annotation
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return None, ".".join(walked + [part])
+        model = ann
+        walked.append(part)
+    return model, ".".join(walked)
+
+
+def _unknown_key_message(path: list[str], model: type[BaseModel]) -> str:
+    known = sorted(model.model_fields)
+    hint = difflib.get_close_matches(path[-1], known, n=1)
+    suffix = f"; did you mean {'.'.join(path[:-1] + [hint[0]])!r}?" if hint else ""
+    return f"{'.'.join(path)}: unknown key; allowed here: {known}{suffix}"
+
+
+def _check_override_path(parts: list[str]) -> None:
+    model, walked = _fields_at(parts)
+    if model is None:
+        raise ConfigError(f"{'.'.join(parts)}: {walked!r} has no sub-keys")
+    if parts[-1] not in model.model_fields:
+        raise ConfigError(_unknown_key_message(parts, model))
+
+
+def _lookup(raw: Any, loc: tuple) -> Any:
+    node = raw
+    for part in loc:
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif part == "count" and isinstance(node, int):  # role shorthand
+            return node
+        elif isinstance(node, list | tuple) and isinstance(part, int) and part < len(node):
+            node = node[part]
+        else:
+            return "<missing>"
+    return node
+
+
+def _format_errors(err: ValidationError, raw: dict[str, Any]) -> str:
+    lines = []
+    for e in err.errors():
+        loc = [str(p) for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-"))]
+        field = ".".join(loc) or "<root>"
+        if e["type"] == "extra_forbidden":
+            model, _ = _fields_at(loc)
+            lines.append(_unknown_key_message(loc, model) if model else f"{field}: unknown key")
+            continue
+        value = _lookup(raw, tuple(e["loc"]))
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "literal_error":
+            msg = f"allowed: {e['ctx']['expected']}"
+        if isinstance(value, dict):  # a cross-field rule of a section: the message names the fields
+            lines.append(f"{field}: {msg}")
+        else:
+            lines.append(f"{field}: got {value!r}: {msg}")
+    return "invalid config:\n  " + "\n  ".join(lines)

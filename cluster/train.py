@@ -1,0 +1,55 @@
+"""Entry point: `python -m cluster.train --config configs/X.yaml [a.b=c ...] [--dry-run]`.
+
+Inside `ray job submit` it joins the existing cluster ($RAY_ADDRESS); outside it starts a local one.
+User mistakes in the config exit with status 2 and a message, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import yaml
+
+from cluster.config import ConfigError, load_config
+from cluster.placement import format_plan, plan_placement
+
+log = logging.getLogger("r3rl")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m cluster.train", description=__doc__)
+    ap.add_argument("--config", default="configs/cpu_tiny.yaml", help="YAML config file")
+    ap.add_argument("--dry-run", action="store_true", help="print resolved config and placement plan, then exit")
+    ap.add_argument("--resume", default=None, help="'auto' or a checkpoint path (overrides checkpoint.resume)")
+    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. grpo.clip_high=0.28")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    overrides = list(args.overrides)
+    if args.resume is not None:
+        overrides.append(f"checkpoint.resume={args.resume}")
+    try:
+        cfg = load_config(args.config, overrides, check_paths=True)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        print("# resolved config")
+        print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).rstrip())
+        print(format_plan(plan_placement(cfg), cfg.cluster.placement_strategy))
+        print("dry run: no engines started")
+        return 0
+    from cluster.driver import run_training
+
+    run_dir = run_training(cfg)
+    print(f"run directory: {run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""Config validation: good configs load, bad ones exit 2 naming the field (issue 3)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cluster.config import ConfigError, R3Config, load_config
+from cluster.placement import plan_placement
+from cluster.train import main
+
+ROOT = Path(__file__).resolve().parents[2]
+CPU = str(ROOT / "configs/cpu_tiny.yaml")
+GPU = str(ROOT / "configs/gpu_kontext_qwenvl.yaml")
+
+
+def test_shipped_configs_validate():
+    cpu = load_config(CPU, check_paths=True)
+    gpu = load_config(GPU)  # model folders live on the GPU cluster, not here
+    assert cpu.r3.mode == "tree" and cpu.models.reasoner.path == "tiny:vlm"
+    assert gpu.cluster.text_workers.count == 4 and gpu.cluster.text_workers.num_gpus == 1
+    assert gpu.cluster.judge_replicas.max_replicas == 3
+    assert gpu.grpo.zero_stage == 3
+
+
+def test_documented_key_paths_exist():
+    keys = [
+        "cluster.text_workers.count=3", "cluster.diffusion_workers.count=2", "cluster.judge_replicas.count=2",
+        "cluster.text_learners.count=2", "cluster.diffusion_learners.count=2", "r3.mode=chain",
+        "r3.group_size=8", "r3.max_rounds=3", "grpo.clip_low=0.1", "grpo.clip_high=0.28",
+        "grpo.kl_coef=0.01", "flow_grpo.noise_level=0.5", "flow_grpo.clip_range=0.1",
+        "flow_grpo.num_steps=10", "train.steps=7", "train.seed=3",
+    ]
+    cfg = load_config(CPU, keys)
+    assert (cfg.cluster.text_workers.count, cfg.r3.mode, cfg.grpo.clip_high, cfg.train.seed) == (3, "chain", 0.28, 3)
+    assert cfg.flow_grpo.num_steps == 10 and cfg.flow_grpo.noise_level == 0.5
+
+
+def test_role_count_shorthand_and_worker_count_leaves_learners_alone():
+    base = {p.role: p for p in plan_placement(load_config(CPU))}
+    more = {p.role: p for p in plan_placement(load_config(CPU, ["cluster.text_workers=3", "cluster.diffusion_workers=4"]))}
+    assert more["text_workers"].count == 3 and more["diffusion_workers"].count == 4
+    assert more["text_learners"] == base["text_learners"]
+    assert more["diffusion_learners"] == base["diffusion_learners"]
+    assert more["text_workers"].actor_names == ["text-worker-0", "text-worker-1", "text-worker-2"]
+
+
+BAD = [
+    (["cluster.text_workers.count=-1"], "cluster.text_workers.count"),
+    (["cluster.text_workers=0"], "cluster.text_workers.count"),
+    (["grpo.clip_hgih=0.3"], "did you mean 'grpo.clip_high'"),
+    (["r3.group_size=abc"], "r3.group_size"),
+    (["grpo.clip_low=1.5"], "grpo.clip_low"),
+    (["models.reasoner.path=/no/such/model"], "models.reasoner.path"),
+    (["r3.group_size=0"], "r3.group_size"),
+    (["r3.mode=forest"], "r3.mode"),
+    (["flow_grpo.window=[5,2]"], "flow_grpo"),
+    (["grpo.betas=[0.9,1.5]"], "grpo.betas"),
+    (["judge.kind=remote"], "judge.url"),
+    (["cluster.judge_replicas.min_replicas=3", "cluster.judge_replicas.max_replicas=1"], "min_replicas"),
+    (["flow_grpo.noise_level=-0.1"], "flow_grpo.noise_level"),
+    (["train.steps=0"], "train.steps"),
+    (["models.generator.height=50"], "models.generator.height"),
+    (["nosuchsection.x=1"], "nosuchsection"),
+    (["grpo.clip_high"], "must look like key.path=value"),
+    (["models.reasoner.path=tiny:gpt5"], "models.reasoner.path"),
+    (["grpo.loss_agg=sum"], "grpo.loss_agg"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "expected"), BAD, ids=[" ".join(o) for o, _ in BAD])
+def test_bad_overrides_exit_2_naming_the_field(overrides, expected, capsys):
+    assert main(["--config", CPU, "--dry-run", *overrides]) == 2
+    err = capsys.readouterr().err
+    assert expected in err, err
+    assert "Traceback" not in err
+
+
+def test_unknown_key_in_yaml_file(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("r3:\n  group_sise: 4\n")
+    assert main(["--config", str(bad), "--dry-run"]) == 2
+    assert "r3.group_sise: unknown key" in capsys.readouterr().err
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    (tmp_path / "x.yaml").write_text("- just\n- a list\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(tmp_path / "x.yaml")
+
+
+def test_defaults_are_a_valid_config():
+    assert R3Config().r3.p_perfect == 0.15
+
+
+def test_dry_run_cli_prints_plan_and_exits_0():
+    out = subprocess.run(
+        [sys.executable, "-m", "cluster.train", "--config", CPU, "--dry-run"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "placement plan" in out.stdout and "text-worker-0" in out.stdout and "diffusion-learner-0" in out.stdout
+    bad = subprocess.run(
+        [sys.executable, "-m", "cluster.train", "--config", CPU, "--dry-run", "r3.group_size=1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert bad.returncode == 2 and "r3.group_size" in bad.stderr and "Traceback" not in bad.stderr
