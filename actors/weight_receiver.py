@@ -1,0 +1,146 @@
+"""Receiving side of the weight sync, as mixins for the rollout workers (DESIGN.md §6).
+
+Protocol (driven by `learners.weight_sync.WeightSync`, the sender is learner rank 0 = group rank 0):
+1. `join_weight_group(master_addr, port, rank, world_size, backend)` on every worker, concurrently
+   with the sender's `init_weight_group` (the group construction is a rendezvous).
+2. Per update: `receive_weights(version, bucket_meta)` on every worker, concurrently with the
+   sender's `broadcast_weights(version)`; `bucket_meta` is the list of wire dicts from
+   `WeightSenderMixin.weight_bucket_meta`. Returns the version now held.
+3. Object-store fallback / late joiners: `load_weights_bytes(version, data)` with safetensors bytes.
+4. `weights_checksum()` for tests: compare with the learner's.
+
+`TextWeightReceiver` (for `actors.text_worker.TextWorker`: `self.llm`, `self._version`,
+`self.reset_caches()`) forwards into vLLM's own worker through `llm.collective_rpc` to
+`actors.vllm_extension.WeightSyncExtension`, which must be the engine's `worker_extension_cls`.
+`TorchWeightReceiver` (for `actors.diffusion_worker.DiffusionWorker`: `self.transformer`,
+`self._version`) copies into the module's parameters in place.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from rollout.weight_buckets import receive_buckets, standalone_group, tensors_checksum
+
+__all__ = ["EXTENSION_CLS", "TextWeightReceiver", "TorchWeightReceiver"]
+
+logger = logging.getLogger(__name__)
+
+EXTENSION_CLS = "actors.vllm_extension.WeightSyncExtension"
+_MODES = ("bucketed", "per_param")
+
+
+def _check_mode(mode: str) -> bool:
+    if mode not in _MODES:
+        raise ValueError(f"unknown weight transfer mode {mode!r}; known: {list(_MODES)}")
+    return mode == "per_param"
+
+
+class TextWeightReceiver:
+    """Mixin for the vLLM text worker. Needs `self.llm`, `self._version`, `self.reset_caches()`."""
+
+    llm: Any
+    _version: int
+
+    def join_weight_group(
+        self, master_addr: str, port: int, rank: int, world_size: int, backend: str = "gloo"
+    ) -> None:
+        """Join the standalone broadcast group as `rank` (>= 1; rank 0 is the learner)."""
+        self.llm.collective_rpc("r3rl_join_weight_group", args=(master_addr, int(port), int(rank),
+                                                                  int(world_size), backend))
+
+    def leave_weight_group(self) -> None:
+        self.llm.collective_rpc("r3rl_leave_weight_group")
+
+    def receive_weights(self, version: int, bucket_meta: list[dict[str, Any]], mode: str = "bucketed") -> int:
+        """Receive one broadcast into vLLM's worker, reset caches, and hold `version`."""
+        _check_mode(mode)
+        self.llm.collective_rpc("r3rl_receive_weights", args=(list(bucket_meta), mode))
+        self.reset_caches()
+        self._version = int(version)
+        return self._version
+
+    def load_weights_bytes(self, version: int, data: bytes) -> int:
+        """Object-store path: a safetensors blob of the whole model (HF names)."""
+        self.llm.collective_rpc("r3rl_load_safetensors", args=(bytes(data),))
+        self.reset_caches()
+        self._version = int(version)
+        return self._version
+
+    def weights_checksum(self) -> float:
+        """Sum of float64 sums of vLLM's parameters (fused layers keep every element)."""
+        return float(self.llm.collective_rpc("r3rl_weights_checksum")[0])
+
+    def raw_broadcast(self, numel: int) -> float:
+        """Benchmark only: receive `numel` fp32 elements with no packing or loading."""
+        return float(self.llm.collective_rpc("r3rl_raw_broadcast", args=(int(numel),))[0])
+
+
+class TorchWeightReceiver:
+    """Mixin for a worker holding a plain torch module in `self.transformer` (diffusers)."""
+
+    transformer: torch.nn.Module
+    _version: int
+    _weight_group: Any = None
+
+    def join_weight_group(
+        self, master_addr: str, port: int, rank: int, world_size: int, backend: str = "gloo"
+    ) -> None:
+        """Join the standalone broadcast group as `rank` (>= 1; rank 0 is the learner)."""
+        self._weight_group = standalone_group(master_addr, port, rank, world_size, backend)
+
+    def leave_weight_group(self) -> None:
+        self._weight_group = None
+
+    def receive_weights(self, version: int, bucket_meta: list[dict[str, Any]], mode: str = "bucketed") -> int:
+        """Receive one broadcast, copy every tensor into `self.transformer`, hold `version`."""
+        per_param = _check_mode(mode)
+        if self._weight_group is None:
+            raise ValueError("receive_weights before join_weight_group: this worker is in no weight group")
+        device = next(self.transformer.parameters()).device
+        seen: set[str] = set()
+        for named in receive_buckets(self._weight_group, bucket_meta, device=device, per_param=per_param):
+            seen.update(self._copy_named(named))
+        self._check_complete(seen)
+        self._version = int(version)
+        return self._version
+
+    def load_weights_bytes(self, version: int, data: bytes) -> int:
+        """Object-store path: a safetensors blob of the whole module (diffusers names)."""
+        from safetensors.torch import load
+
+        state = load(bytes(data))
+        self._check_complete(self._copy_named(state.items()))
+        self._version = int(version)
+        return self._version
+
+    def weights_checksum(self) -> float:
+        return tensors_checksum(self.transformer.parameters())
+
+    def raw_broadcast(self, numel: int) -> float:
+        """Benchmark only: receive `numel` fp32 elements with no packing or loading."""
+        buf = torch.empty(int(numel), dtype=torch.float32)
+        self._weight_group.broadcast(buf, 0).wait()
+        return float(buf[:1].sum()) if numel else 0.0
+
+    def _copy_named(self, named: Any) -> set[str]:
+        params = dict(self.transformer.named_parameters())
+        names = set()
+        with torch.no_grad():
+            for name, tensor in named:
+                if name not in params:
+                    raise ValueError(f"received weight {name!r} that the module does not have")
+                target = params[name]
+                if tuple(target.shape) != tuple(tensor.shape):
+                    raise ValueError(f"weight {name!r}: shape {tuple(tensor.shape)} != module's {tuple(target.shape)}")
+                target.copy_(tensor)
+                names.add(name)
+        return names
+
+    def _check_complete(self, seen: set[str]) -> None:
+        missing = {n for n, _ in self.transformer.named_parameters()} - seen
+        if missing:
+            raise ValueError(f"weight sync left {len(missing)} parameters stale, e.g. {sorted(missing)[:3]}")

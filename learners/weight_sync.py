@@ -1,0 +1,360 @@
+"""Weights from learners to rollout workers: bucketed broadcast or Ray object store (DESIGN.md §6).
+
+Two pieces:
+- `WeightSenderMixin`, inherited by the learner actors (`self.engine` = DeepSpeed engine,
+  `self.rank` = learner rank). Rank 0 is rank 0 of a standalone broadcast group that every worker
+  of the model joins (gloo on CPU, NCCL on GPU).
+- `WeightSync` coordinators, picked by the config string through `make_weight_sync`, used by the
+  driver with Ray actor handles: `setup(learners, workers)`, `sync(learners, workers, version)`,
+  `resync(learners, worker, version)`, `shutdown()`.
+
+Protocol with ZeRO-3 (parameters partitioned across learner ranks): `broadcast_weights`,
+`export_weights_bytes` and `weights_checksum` are collective over the learner group: EVERY
+learner rank must call them at the same time (the coordinator does). Each bucket's parameters are
+gathered with `deepspeed.zero.GatheredParameters` on all ranks, rank 0 packs and broadcasts that
+bucket, and the gathered copies are released before the next bucket: the whole model is never
+gathered at once. Without ZeRO-3 the gathers are no-ops and ranks other than 0 return at once.
+
+Names: the learner module's parameter names (HF names for the reasoner, diffusers names for the
+transformer) are what the receivers load: vLLM maps HF checkpoint names itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from rollout.weight_buckets import bucket_meta_for, dtype_from_name, plan_buckets, standalone_group
+
+__all__ = [
+    "WeightSenderMixin",
+    "WeightSync",
+    "BroadcastWeightSync",
+    "ObjectStoreWeightSync",
+    "SyncReport",
+    "make_weight_sync",
+    "WEIGHT_SYNCS",
+]
+
+logger = logging.getLogger(__name__)
+_MODES = ("bucketed", "per_param")
+
+
+class WeightSenderMixin:
+    """Sender side, mixed into the learner actors. Needs `self.engine` and `self.rank`."""
+
+    engine: Any
+    rank: int
+    _weight_group: Any = None
+    _weight_plan_cache: dict | None = None
+
+    # ---- group ------------------------------------------------------------------------------
+    def weight_group_address(self) -> tuple[str, int]:
+        """(this node's address, a free port) for the group; call on learner rank 0."""
+        import ray
+
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        return ray.util.get_node_ip_address(), port
+
+    def init_weight_group(self, master_addr: str, port: int, world_size: int, backend: str = "gloo") -> None:
+        """Create the broadcast group as its rank 0 (learner rank 0 only); a rendezvous with the
+        workers' `join_weight_group`."""
+        if self.rank != 0:
+            raise ValueError(f"init_weight_group on learner rank {self.rank}; only rank 0 sends weights")
+        self._weight_group = standalone_group(master_addr, port, 0, world_size, backend)
+
+    def leave_weight_group(self) -> None:
+        self._weight_group = None
+
+    # ---- plan -------------------------------------------------------------------------------
+    def weight_sync_module(self) -> torch.nn.Module:
+        """The module whose parameters the workers hold (override if the engine wraps more)."""
+        return self.engine.module
+
+    def weight_bucket_meta(self, bucket_mb: float = 50.0, buffer_dtype: str = "float32") -> list[dict[str, Any]]:
+        """Wire metadata of every bucket, identical on every rank (full shapes, not shards)."""
+        return [meta.to_wire() for _, meta in self._weight_plan(bucket_mb, buffer_dtype)]
+
+    # ---- transfer ---------------------------------------------------------------------------
+    def broadcast_weights(
+        self, version: int, bucket_mb: float = 50.0, mode: str = "bucketed", buffer_dtype: str = "float32"
+    ) -> dict[str, float]:
+        """Collective over learner ranks: gather bucket by bucket; rank 0 broadcasts each bucket.
+
+        Returns:
+            dict(seconds, bytes, buckets, version) (bytes 0 on ranks other than 0).
+        """
+        if mode not in _MODES:
+            raise ValueError(f"unknown weight transfer mode {mode!r}; known: {list(_MODES)}")
+        if self.rank == 0 and self._weight_group is None:
+            raise ValueError("broadcast_weights before init_weight_group on learner rank 0")
+        start = time.perf_counter()
+        dtype = dtype_from_name(buffer_dtype)
+        plan = self._weight_plan(bucket_mb, buffer_dtype)
+        largest = max((meta.numel for _, meta in plan), default=0)
+        buffers = [torch.empty(largest, dtype=dtype, device=self._weight_device()) for _ in range(2)]
+        pending: list[Any] = [None, None]
+        sent = 0
+        for i, (params, meta) in enumerate(plan):
+            slot = i % 2
+            if pending[slot] is not None:
+                pending[slot].wait()  # double buffering: reuse a buffer once its send is done
+                pending[slot] = None
+            with _gathered(params):
+                if self.rank != 0:
+                    continue
+                if mode == "per_param":
+                    for p in params:
+                        self._weight_group.broadcast(p.data.detach().to(dtype).contiguous(), 0).wait()
+                else:
+                    flat = buffers[slot][: meta.numel]
+                    for p, spec in zip(params, meta.tensors, strict=True):
+                        flat[spec.offset : spec.offset + spec.numel].copy_(p.data.reshape(-1))
+                    pending[slot] = self._weight_group.broadcast(flat, 0)
+            sent += meta.nbytes
+        for work in pending:
+            if work is not None:
+                work.wait()
+        seconds = time.perf_counter() - start
+        return {"seconds": seconds, "bytes": float(sent if self.rank == 0 else 0), "buckets": float(len(plan)),
+                "version": float(version)}
+
+    def export_weights_bytes(self) -> bytes | None:
+        """Collective over learner ranks: the whole module as safetensors bytes on rank 0 (None
+        elsewhere). Gathers bucket by bucket (50 MB) but holds the full copy on rank 0's CPU."""
+        from safetensors.torch import save
+
+        state: dict[str, torch.Tensor] = {}
+        for params, meta in self._weight_plan(50.0, "float32"):
+            with _gathered(params):
+                if self.rank == 0:
+                    for p, spec in zip(params, meta.tensors, strict=True):
+                        state[spec.name] = p.data.detach().to("cpu").clone()
+        return save(state) if self.rank == 0 else None
+
+    def weights_checksum(self) -> float | None:
+        """Collective over learner ranks: sum of float64 sums of the full parameters (rank 0)."""
+        total = torch.zeros((), dtype=torch.float64)
+        for params, _ in self._weight_plan(50.0, "float32"):
+            with _gathered(params):
+                for p in params:
+                    total += p.data.detach().to(torch.float64).sum().cpu()
+        return float(total) if self.rank == 0 else None
+
+    def raw_broadcast(self, numel: int) -> float:
+        """Benchmark only: broadcast `numel` fp32 elements with no packing (rank 0)."""
+        buf = torch.ones(int(numel), dtype=torch.float32, device=self._weight_device())
+        start = time.perf_counter()
+        self._weight_group.broadcast(buf, 0).wait()
+        return time.perf_counter() - start
+
+    # ---- helpers ----------------------------------------------------------------------------
+    def _weight_device(self) -> torch.device:
+        return next(self.weight_sync_module().parameters()).device
+
+    def _weight_plan(self, bucket_mb: float, buffer_dtype: str) -> list[tuple[list[torch.nn.Parameter], Any]]:
+        key = (float(bucket_mb), buffer_dtype)
+        if self._weight_plan_cache is None:
+            self._weight_plan_cache = {}
+        if key not in self._weight_plan_cache:
+            dtype = dtype_from_name(buffer_dtype)
+            named = list(self.weight_sync_module().named_parameters())
+            by_name = {n: p for n, p in named}
+            sizes = [(n, _full_numel(p)) for n, p in named]
+            element = torch.empty((), dtype=dtype).element_size()
+            plan = []
+            for names in plan_buckets(sizes, int(bucket_mb * 2**20), element):
+                params = [by_name[n] for n in names]
+                meta = bucket_meta_for([(n, _full_shape(p), p.dtype) for n, p in zip(names, params, strict=True)], dtype)
+                plan.append((params, meta))
+            self._weight_plan_cache[key] = plan
+        return self._weight_plan_cache[key]
+
+
+def _full_shape(p: torch.nn.Parameter) -> tuple[int, ...]:
+    return tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape)
+
+
+def _full_numel(p: torch.nn.Parameter) -> int:
+    return int(p.ds_numel) if hasattr(p, "ds_numel") else p.numel()
+
+
+def _gathered(params: Sequence[torch.nn.Parameter]) -> Any:
+    """ZeRO-3 gather of one bucket on every rank (a no-op context without ZeRO-3)."""
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(params), modifier_rank=None)
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def safetensors_bytes(named: dict[str, torch.Tensor]) -> bytes:
+    """Helper for tests and benchmarks: a module state as safetensors bytes."""
+    from safetensors.torch import save
+
+    return save({k: v.detach().cpu().contiguous() for k, v in named.items()})
+
+
+
+# ---- coordinators (driver side) -----------------------------------------------------------------
+@dataclass(frozen=True)
+class SyncReport:
+    """What one sync did: the version every worker now holds, wall seconds, bytes, buckets."""
+
+    version: int
+    seconds: float
+    bytes: int
+    buckets: int
+    workers: int
+
+
+class WeightSync(ABC):
+    """Pushes learner weights into every rollout worker of one model.
+
+    Lifecycle: `sync` after each update (the first call sets up whatever transport it needs) ->
+    `resync(worker)` for a worker that joined late or was restarted, before it serves ->
+    `shutdown()`. Invariant: when `sync` returns, every worker reports `version`.
+    `learners` are all learner ranks of the model (a list of Ray actor handles, one handle, or an
+    object with `.actors`); every rank is called because ZeRO-3 gathers are collective.
+
+    Raises:
+        RuntimeError: a worker reports a version other than the one pushed.
+    """
+
+    def __init__(self, *, bucket_mb: float = 50.0, backend: str = "gloo") -> None:
+        if bucket_mb <= 0:
+            raise ValueError(f"weight_sync bucket_mb must be > 0, got {bucket_mb}")
+        self.bucket_mb = float(bucket_mb)
+        self.backend = backend
+        self._learners: list[Any] = []
+        self._version: int | None = None
+
+    @abstractmethod
+    def sync(self, learners: Any, workers: Sequence[Any], version: int) -> SyncReport: ...
+
+    def resync(self, worker: Any, version: int | None = None) -> int:
+        """Give one (new or restarted) worker the current weights through the object store.
+
+        Uses the learners of the last `sync`; the broadcast group is rebuilt at the next `sync`
+        because its member list changed. Returns the version the worker now holds.
+        """
+        import ray
+
+        if not self._learners:
+            raise ValueError("resync before any sync: no learners known yet")
+        version = self._version if version is None else int(version)
+        refs = [learner.export_weights_bytes.remote() for learner in self._learners]
+        got = ray.get(worker.load_weights_bytes.remote(version, refs[0]))
+        ray.get(refs)
+        _check_versions([got], version)
+        return got
+
+    def shutdown(self) -> None:
+        self._learners = []
+
+
+class BroadcastWeightSync(WeightSync):
+    """Bucketed broadcast over a standalone `torch.distributed` group (learner rank 0 = rank 0).
+
+    The group is (re)built whenever the worker list changes (first sync, after a restart)."""
+
+    def __init__(self, *, bucket_mb: float = 50.0, backend: str = "gloo", mode: str = "bucketed") -> None:
+        super().__init__(bucket_mb=bucket_mb, backend=backend)
+        if mode not in _MODES:
+            raise ValueError(f"unknown weight transfer mode {mode!r}; known: {list(_MODES)}")
+        self.mode = mode
+        self._members: tuple[Any, ...] | None = None
+        self._meta: list[dict[str, Any]] | None = None
+
+    def setup(self, learners: Any, workers: Sequence[Any]) -> None:
+        """Form the group: learner rank 0 plus every worker, concurrently (a rendezvous)."""
+        import ray
+
+        self._learners = _as_actor_list(learners)
+        sender = self._learners[0]
+        addr, port = ray.get(sender.weight_group_address.remote())
+        world = len(workers) + 1
+        ray.get([sender.init_weight_group.remote(addr, port, world, self.backend)]
+                + [w.join_weight_group.remote(addr, port, i + 1, world, self.backend) for i, w in enumerate(workers)])
+        self._members = _actor_keys(workers)
+        self._meta = ray.get(sender.weight_bucket_meta.remote(self.bucket_mb))
+        logger.info("weight group ready: %d workers, %d buckets of <= %.0f MB at %s:%d",
+                    len(workers), len(self._meta), self.bucket_mb, addr, port)
+
+    def sync(self, learners: Any, workers: Sequence[Any], version: int) -> SyncReport:
+        import ray
+
+        if self._members != _actor_keys(workers) or self._learners != _as_actor_list(learners):
+            self.setup(learners, workers)
+        start = time.perf_counter()
+        send = [learner.broadcast_weights.remote(version, self.bucket_mb, self.mode) for learner in self._learners]
+        recv = [w.receive_weights.remote(version, self._meta, self.mode) for w in workers]
+        versions = ray.get(recv)
+        stats = ray.get(send)[0]
+        _check_versions(versions, version)
+        self._version = int(version)
+        return SyncReport(version=int(version), seconds=time.perf_counter() - start, bytes=int(stats["bytes"]),
+                          buckets=int(stats["buckets"]), workers=len(workers))
+
+    def shutdown(self) -> None:
+        self._members, self._meta = None, None
+        super().shutdown()
+
+
+class ObjectStoreWeightSync(WeightSync):
+    """Fallback: rank 0 puts one safetensors blob in the Ray object store; every worker loads it."""
+
+    def sync(self, learners: Any, workers: Sequence[Any], version: int) -> SyncReport:
+        import ray
+
+        self._learners = _as_actor_list(learners)
+        start = time.perf_counter()
+        refs = [learner.export_weights_bytes.remote() for learner in self._learners]
+        versions = ray.get([w.load_weights_bytes.remote(version, refs[0]) for w in workers])
+        ray.get(refs[1:])
+        _check_versions(versions, version)
+        self._version = int(version)
+        nbytes = len(ray.get(refs[0]))
+        return SyncReport(version=int(version), seconds=time.perf_counter() - start, bytes=nbytes, buckets=1,
+                          workers=len(workers))
+
+
+WEIGHT_SYNCS: dict[str, type[WeightSync]] = {"broadcast": BroadcastWeightSync, "object_store": ObjectStoreWeightSync}
+
+
+def make_weight_sync(kind: str, *, bucket_mb: float = 50.0, backend: str = "gloo") -> WeightSync:
+    """Factory keyed by the config string (`weight_sync.kind`: 'broadcast' | 'object_store')."""
+    if kind not in WEIGHT_SYNCS:
+        raise ValueError(f"unknown weight sync {kind!r} (config weight_sync kind); known: {sorted(WEIGHT_SYNCS)}")
+    return WEIGHT_SYNCS[kind](bucket_mb=bucket_mb, backend=backend)
+
+
+def _as_actor_list(learners: Any) -> list[Any]:
+    if hasattr(learners, "actors"):
+        learners = learners.actors
+    if isinstance(learners, (list, tuple)):
+        if not learners:
+            raise ValueError("weight sync needs at least one learner actor, got an empty list")
+        return list(learners)
+    return [learners]
+
+
+def _actor_keys(actors: Sequence[Any]) -> tuple[Any, ...]:
+    return tuple(getattr(a, "_actor_id", id(a)) for a in actors)
+
+
+def _check_versions(versions: Sequence[int], version: int) -> None:
+    bad = [(i, v) for i, v in enumerate(versions) if int(v) != int(version)]
+    if bad:
+        raise RuntimeError(f"weight sync to version {version}: workers (index, version) {bad} hold another version")
