@@ -30,6 +30,7 @@ __all__ = [
     "pack_bucket",
     "unpack_bucket",
     "dtype_from_name",
+    "WeightGroup",
     "standalone_group",
     "receive_buckets",
     "tensors_checksum",
@@ -199,13 +200,27 @@ def unpack_bucket(
     return out
 
 
+@dataclass
+class WeightGroup:
+    """A standalone process group plus its store (kept alive together)."""
+
+    pg: Any
+    store: Any
+    rank: int
+    world_size: int
+
+    def broadcast(self, tensor: torch.Tensor, root: int = 0) -> Any:
+        """Async in-place broadcast from `root`; returns a Work to `wait()` on."""
+        return self.pg.broadcast(tensor, root)
+
+
 def standalone_group(
     master_addr: str, port: int, rank: int, world_size: int, backend: str = "gloo", timeout_s: float = 300.0
-) -> Any:
+) -> WeightGroup:
     """A process group outside the default one (vLLM and DeepSpeed already own theirs).
 
     Rank 0 hosts the TCPStore. Every member must call this concurrently: construction is a
-    rendezvous. Returns a ProcessGroup whose `broadcast(tensor, root)` returns a Work.
+    rendezvous. The group's `broadcast(tensor, root)` returns a Work.
     """
     import torch.distributed as dist
 
@@ -221,8 +236,7 @@ def standalone_group(
         pg = dist.ProcessGroupNCCL(store, rank, world_size, opts)
     else:
         raise ValueError(f"unknown weight-sync backend {backend!r}; known: ['gloo', 'nccl']")
-    pg._r3rl_store = store  # keep the store alive as long as the group
-    return pg
+    return WeightGroup(pg=pg, store=store, rank=rank, world_size=world_size)
 
 
 def receive_buckets(
