@@ -11,11 +11,19 @@ Loading goes through the worker's `reload_weights(weights_iterator=..., is_check
 per bucket: it maps HF checkpoint names to vLLM's fused layers and redoes the CPU repacking
 (`model.load_weights` directly breaks after the first load on CPU). Buckets hold whole layers, so
 every fused layer sees all its parts in one reload. Caches are reset by the caller (driver side).
+
+Checksum: on CPU vLLM repacks linear weights into opaque oneDNN handles (the `weight` parameters
+become empty), so the model's parameters cannot be summed. The extension instead records the
+float64 sum of every tensor it handed to `reload_weights`, per checkpoint name; names never
+reloaded count with their value in the checkpoint files the engine started from. That is the
+fingerprint of the weights the engine was given; that they took effect is checked by tests that
+compare vLLM's greedy output with transformers' on the same weights.
 """
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,6 +39,7 @@ class WeightSyncExtension:
     """Mixed into vLLM's worker class. Thin: receive tensors, hand them to `reload_weights`."""
 
     _r3rl_group: Any = None
+    _r3rl_sums: dict[str, float] | None = None
 
     def r3rl_join_weight_group(self, master_addr: str, port: int, rank: int, world_size: int, backend: str) -> None:
         self._r3rl_group = standalone_group(master_addr, port, rank, world_size, backend)
@@ -45,18 +54,41 @@ class WeightSyncExtension:
         count = 0
         for named in receive_buckets(self._r3rl_group, bucket_meta, device=self.device,
                                      per_param=mode == "per_param"):
-            self.reload_weights(weights_iterator=iter(named), is_checkpoint_format=True)
+            self._r3rl_reload(named)
             count += 1
         return count
 
     def r3rl_load_safetensors(self, data: bytes) -> None:
         from safetensors.torch import load
 
-        state = load(bytes(data))
-        self.reload_weights(weights_iterator=iter(state.items()), is_checkpoint_format=True)
+        self._r3rl_reload(list(load(bytes(data)).items()))
 
     def r3rl_weights_checksum(self) -> float:
-        return tensors_checksum(self.model_runner.get_model().parameters())
+        """Sum over checkpoint names of the float64 sums of the weights this engine was given."""
+        if self._r3rl_sums is None:
+            self._r3rl_sums = self._r3rl_checkpoint_sums()
+        return float(sum(self._r3rl_sums.values()))
+
+    def _r3rl_reload(self, named: list[tuple[str, torch.Tensor]]) -> None:
+        self.reload_weights(weights_iterator=iter(named), is_checkpoint_format=True)
+        if self._r3rl_sums is None:
+            self._r3rl_sums = self._r3rl_checkpoint_sums()
+        for name, tensor in named:
+            self._r3rl_sums[name] = tensors_checksum([tensor])
+
+    def _r3rl_checkpoint_sums(self) -> dict[str, float]:
+        from safetensors import safe_open
+
+        folder = Path(self.vllm_config.model_config.model)
+        files = sorted(folder.glob("*.safetensors"))
+        if not files:
+            raise ValueError(f"no *.safetensors in {folder}: cannot fingerprint the starting weights")
+        sums: dict[str, float] = {}
+        for path in files:
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():
+                    sums[name] = tensors_checksum([f.get_tensor(name)])
+        return sums
 
     def r3rl_raw_broadcast(self, numel: int) -> float:
         buf = torch.empty(int(numel), dtype=torch.float32, device=self.device)
