@@ -1,0 +1,94 @@
+"""Where a step's numbers go: `metrics.jsonl`, TensorBoard, the Ray dashboard (Prometheus), wandb.
+
+One flat dict per step (`stage/name` keys). Rows are written and flushed before the next step
+starts, so a killed run loses at most the step in flight.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+__all__ = ["MetricsLogger", "flatten", "RayGauges"]
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}/{k}" if prefix else str(k)
+        if isinstance(v, dict):
+            out.update(flatten(v, key))
+        else:
+            out[key] = v
+    return out
+
+
+class RayGauges:
+    """Step metrics as `ray.util.metrics` gauges (tag `role`), visible in the dashboard's Prometheus."""
+
+    def __init__(self, prefix: str = "r3rl"):
+        self.prefix = prefix
+        self._gauges: dict[str, Any] = {}
+
+    def set(self, row: dict[str, Any]) -> None:
+        from ray.util.metrics import Gauge
+
+        for key, value in row.items():
+            if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+                continue
+            role, _, name = key.partition("/")
+            metric = re.sub(r"[^a-zA-Z0-9_]", "_", f"{self.prefix}_{name or role}")
+            if metric not in self._gauges:
+                self._gauges[metric] = Gauge(metric, description=f"R3RL {name or role}", tag_keys=("role",))
+            self._gauges[metric].set(float(value), tags={"role": role if name else "driver"})
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: Path, *, tensorboard: bool = True, wandb_project: str | None = None, ray_gauges: bool = True):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self._file = self.path.open("a")
+        self._tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+        self._wandb = None
+        if wandb_project:
+            import wandb  # optional dependency: a clear ImportError names it
+
+            self._wandb = wandb.init(project=wandb_project, dir=str(run_dir))
+        self._gauges = RayGauges() if ray_gauges else None
+
+    def log(self, step: int, row: dict[str, Any]) -> dict[str, Any]:
+        flat = {"step": step, **flatten(row)}
+        self._file.write(json.dumps(flat, sort_keys=True, default=_jsonable) + "\n")
+        self._file.flush()
+        numeric = {k: v for k, v in flat.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+        if self._tb is not None:
+            for k, v in numeric.items():
+                if k != "step" and math.isfinite(v):
+                    self._tb.add_scalar(k, v, step)
+            self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log(numeric, step=step)
+        if self._gauges is not None:
+            self._gauges.set(numeric)
+        return flat
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def _jsonable(x: Any) -> Any:
+    if hasattr(x, "item"):
+        return x.item()
+    if hasattr(x, "tolist"):
+        return x.tolist()
+    return str(x)
