@@ -78,7 +78,11 @@ class WeightSenderMixin:
     # ---- plan -------------------------------------------------------------------------------
     def weight_sync_module(self) -> torch.nn.Module:
         """The module whose parameters the workers hold (override if the engine wraps more)."""
-        return self.engine.module
+        module = self.engine.module
+        if hasattr(module, "peft_config"):
+            raise ValueError("weight sync of a LoRA-wrapped learner is not supported: the workers need "
+                             "merged weights; use lora_rank=0 or override weight_sync_module")
+        return module
 
     def weight_bucket_meta(self, bucket_mb: float = 50.0, buffer_dtype: str = "float32") -> list[dict[str, Any]]:
         """Wire metadata of every bucket, identical on every rank (full shapes, not shards)."""
@@ -91,7 +95,9 @@ class WeightSenderMixin:
         """Collective over learner ranks: gather bucket by bucket; rank 0 broadcasts each bucket.
 
         Returns:
-            dict(seconds, bytes, buckets, version) (bytes 0 on ranks other than 0).
+            dict(seconds, bytes, buckets, version, peak_gathered_numel, total_numel): bytes is 0
+            on ranks other than 0; peak_gathered_numel is the most parameter elements held in full
+            at once under ZeRO-3 (the largest bucket, never the whole model), 0 without ZeRO-3.
         """
         if mode not in _MODES:
             raise ValueError(f"unknown weight transfer mode {mode!r}; known: {list(_MODES)}")
@@ -103,13 +109,15 @@ class WeightSenderMixin:
         largest = max((meta.numel for _, meta in plan), default=0)
         buffers = [torch.empty(largest, dtype=dtype, device=self._weight_device()) for _ in range(2)]
         pending: list[Any] = [None, None]
-        sent = 0
+        sent, peak = 0, 0
+        all_params = [p for params, _ in plan for p in params]
         for i, (params, meta) in enumerate(plan):
             slot = i % 2
             if pending[slot] is not None:
                 pending[slot].wait()  # double buffering: reuse a buffer once its send is done
                 pending[slot] = None
             with _gathered(params):
+                peak = max(peak, _gathered_numel(all_params))
                 if self.rank != 0:
                     continue
                 if mode == "per_param":
@@ -126,7 +134,8 @@ class WeightSenderMixin:
                 work.wait()
         seconds = time.perf_counter() - start
         return {"seconds": seconds, "bytes": float(sent if self.rank == 0 else 0), "buckets": float(len(plan)),
-                "version": float(version)}
+                "version": float(version), "peak_gathered_numel": float(peak),
+                "total_numel": float(sum(_full_numel(p) for p in all_params))}
 
     def export_weights_bytes(self) -> bytes | None:
         """Collective over learner ranks: the whole module as safetensors bytes on rank 0 (None
@@ -186,6 +195,11 @@ def _full_shape(p: torch.nn.Parameter) -> tuple[int, ...]:
 
 def _full_numel(p: torch.nn.Parameter) -> int:
     return int(p.ds_numel) if hasattr(p, "ds_numel") else p.numel()
+
+
+def _gathered_numel(params: Sequence[torch.nn.Parameter]) -> int:
+    """Elements of ZeRO-3 parameters currently materialised in full on this rank."""
+    return sum(int(p.ds_numel) for p in params if hasattr(p, "ds_numel") and p.data.numel() == p.ds_numel)
 
 
 def _gathered(params: Sequence[torch.nn.Parameter]) -> Any:
