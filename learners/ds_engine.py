@@ -1,0 +1,266 @@
+"""Shared DeepSpeed setup of the learner actors: process group, ZeRO config, AdamW + warm-up.
+
+Why one module: the text and the diffusion learner differ only in their model and loss; the
+distributed plumbing (env, `init_distributed` with gloo on CPU / NCCL on GPU, the ZeRO stage,
+optimizer, schedule, clipping, bf16 vs fp32, gathering ZeRO-3 parameters, saving) is the same.
+DeepSpeed is imported lazily inside the functions so importing this module stays cheap.
+
+Gradient accumulation is sized per `train_step` from the batch (`set_micro_batches`): every rank
+runs the same number of micro-batches, and the caller scales each micro-batch loss so that after
+DeepSpeed's 1/gas scaling and its data-parallel gradient averaging the gradient equals that of
+the full-batch objective (`micro_loss_scale`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+
+__all__ = [
+    "DistInfo",
+    "free_port",
+    "set_dist_env",
+    "dist_info_from_env",
+    "on_gpu",
+    "resolve_dtype",
+    "init_distributed",
+    "build_ds_config",
+    "warmup_lambda",
+    "initialize_engine",
+    "set_micro_batches",
+    "micro_loss_scale",
+    "all_reduce_sum",
+    "all_reduce_max",
+    "gathered",
+    "full_state_dict",
+    "save_hf_module",
+    "apply_lora",
+]
+
+log = logging.getLogger(__name__)
+
+
+class DistInfo(NamedTuple):
+    """Where this process sits in its learner group."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+
+
+def free_port() -> int:
+    """A currently free TCP port on this host (for MASTER_PORT)."""
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def set_dist_env(rank: int, world_size: int, master_addr: str, master_port: int, local_rank: int = 0) -> None:
+    """Write the torch.distributed rendezvous variables for this process."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world of size {world_size}")
+    os.environ.update(
+        MASTER_ADDR=master_addr,
+        MASTER_PORT=str(master_port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(local_rank),
+    )
+
+
+def dist_info_from_env() -> DistInfo:
+    """Read RANK/WORLD_SIZE/...; a process without them becomes a group of one on a free port."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        set_dist_env(0, 1, "127.0.0.1", free_port())
+    return DistInfo(
+        rank=int(os.environ["RANK"]),
+        world_size=int(os.environ["WORLD_SIZE"]),
+        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+        master_addr=os.environ.get("MASTER_ADDR", "127.0.0.1"),
+        master_port=int(os.environ.get("MASTER_PORT", "0")),
+    )
+
+
+def on_gpu() -> bool:
+    return os.environ.get("DS_ACCELERATOR", "") != "cpu" and torch.cuda.is_available()
+
+
+def resolve_dtype(dtype: str) -> torch.dtype:
+    """"auto" = bf16 on GPU, fp32 on CPU; or "float32" / "bfloat16" explicitly."""
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+    if dtype == "auto":
+        return torch.bfloat16 if on_gpu() else torch.float32
+    if dtype not in table:
+        raise ValueError(f"unknown learner dtype {dtype!r}; known: ['auto', 'bfloat16', 'float32']")
+    return table[dtype]
+
+
+def init_distributed(backend: str | None = None) -> str:
+    """Join the default process group (idempotent). backend: None = NCCL on GPU, gloo on CPU."""
+    import deepspeed
+
+    backend = backend or ("nccl" if on_gpu() else "gloo")
+    if backend not in ("gloo", "nccl"):
+        raise ValueError(f"unknown process-group backend {backend!r}; known: ['gloo', 'nccl']")
+    deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    return backend
+
+
+def build_ds_config(
+    *,
+    zero_stage: int,
+    lr: float,
+    betas: tuple[float, float],
+    weight_decay: float,
+    adam_eps: float,
+    grad_clip: float,
+    micro_batch_size: int,
+    world_size: int,
+    dtype: torch.dtype,
+) -> dict[str, Any]:
+    """The DeepSpeed config dict. Gradient accumulation starts at 1 and is set per step."""
+    if zero_stage not in (0, 1, 2, 3):
+        raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {zero_stage}")
+    if micro_batch_size < 1:
+        raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": micro_batch_size * world_size,
+        "gradient_clipping": grad_clip if grad_clip > 0 else 0.0,
+        "zero_optimization": {"stage": zero_stage},
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": lr,
+                "betas": list(betas),
+                "eps": adam_eps,
+                "weight_decay": weight_decay,
+                "torch_adam": not on_gpu(),
+            },
+        },
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def warmup_lambda(warmup_steps: int):
+    """LR factor: linear from 1/warmup to 1 over the first `warmup_steps` updates, then 1.
+
+    (DeepSpeed's WarmupLR starts at exactly 0, wasting the first update.)
+    """
+    if warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+
+    def factor(step: int) -> float:
+        return 1.0 if warmup_steps == 0 else min(1.0, (step + 1) / warmup_steps)
+
+    return factor
+
+
+def initialize_engine(model: torch.nn.Module, ds_config: dict[str, Any], warmup_steps: int):
+    """`deepspeed.initialize` over the trainable parameters with a warm-up schedule."""
+    import deepspeed
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters")
+
+    def scheduler(optimizer):
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lambda(warmup_steps))
+
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config=ds_config,
+                                      lr_scheduler=scheduler)
+    return engine
+
+
+def set_micro_batches(engine, num_micro: int) -> None:
+    """Make the next optimizer step happen after `num_micro` backward calls on every rank."""
+    if num_micro < 1:
+        raise ValueError(f"need at least one micro-batch per rank, got {num_micro}")
+    engine.set_train_batch_size(engine.train_micro_batch_size_per_gpu() * engine.dp_world_size * num_micro)
+
+
+def micro_loss_scale(engine, num_micro: int) -> float:
+    """Factor undoing DeepSpeed's 1/gas loss scaling and 1/world gradient averaging.
+
+    A micro-batch loss already divided by the *global* normalizer (tokens, sequences or samples
+    over all ranks) times this factor gives the gradient of the full-batch objective.
+    """
+    return float(num_micro * engine.dp_world_size)
+
+
+def all_reduce_sum(value: float) -> float:
+    return _all_reduce(value, "sum")
+
+
+def all_reduce_max(value: float) -> float:
+    return _all_reduce(value, "max")
+
+
+@contextlib.contextmanager
+def gathered(params: list[torch.nn.Parameter]) -> Iterator[None]:
+    """Full ZeRO-3 parameters inside the block (collective: every rank must enter); else no-op."""
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            yield
+    else:
+        yield
+
+
+def full_state_dict(module: torch.nn.Module, dtype: torch.dtype | None = torch.float32) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer as a full CPU tensor (collective under ZeRO-3), layer by layer."""
+    out: dict[str, torch.Tensor] = {}
+    for name, p in module.named_parameters():
+        with gathered([p]):
+            out[name] = p.detach().to("cpu", dtype or p.dtype).clone()
+    for name, b in module.named_buffers():
+        out[name] = b.detach().to("cpu").clone()
+    return out
+
+
+def save_hf_module(module: torch.nn.Module, out_dir: str | Path, rank: int) -> Path | None:
+    """Save as safetensors in HF/diffusers format (collective; rank 0 writes). Returns the dir."""
+    state = full_state_dict(module, dtype=None)
+    if rank != 0:
+        return None
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if hasattr(module, "peft_config"):
+        raise ValueError("save of a LoRA-wrapped model: merge the adapter first (merge_and_unload)")
+    module.save_pretrained(str(out), state_dict=state, safe_serialization=True)
+    return out
+
+
+def apply_lora(model: torch.nn.Module, rank: int, alpha: float, target_modules: list[str] | str):
+    """Wrap `model` with a peft LoRA adapter; the frozen base (adapter disabled) is the reference."""
+    try:
+        import peft
+    except ImportError as err:
+        raise ValueError(f"lora_rank={rank} needs the `peft` package, which is not installed; "
+                         "install peft or set lora_rank=0") from err
+    cfg = peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=target_modules, lora_dropout=0.0)
+    return peft.get_peft_model(model, cfg)
+
+
+def _all_reduce(value: float, op: str) -> float:
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return float(value)
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return float(t.item())

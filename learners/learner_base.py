@@ -1,0 +1,127 @@
+"""What the text and diffusion learners share: rank setup, engine access, checksums, saving.
+
+A learner is a plain class (usable in-process; `learners.group` wraps it with `ray.remote`).
+Lifecycle: construct (joins the process group, builds the DeepSpeed engine) -> `train_step` /
+`compute_*` calls, identical in number and order on every rank (they are collective) -> the
+weight sender methods of `WeightSenderMixin` -> process exit. Invariant: every rank holds the same
+logical weights after each `train_step`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from learners import ds_engine
+from learners.weight_sync import WeightSenderMixin
+
+__all__ = ["LearnerBase", "split_even"]
+
+log = logging.getLogger(__name__)
+
+
+class LearnerBase(WeightSenderMixin):
+    """Holds `self.engine` (DeepSpeed), `self.rank`, `self.world_size`, `self.dtype`, `self.device`."""
+
+    engine: Any
+    rank: int
+    world_size: int
+
+    def _setup_dist(self, rank: int | None, world_size: int | None, master_addr: str | None,
+                    master_port: int | None, backend: str | None, seed: int) -> None:
+        if rank is not None or world_size is not None:
+            if rank is None or world_size is None:
+                raise ValueError(f"give both rank and world_size (got rank={rank}, world_size={world_size})")
+            ds_engine.set_dist_env(rank, world_size, master_addr or "127.0.0.1",
+                                   master_port or ds_engine.free_port())
+        info = ds_engine.dist_info_from_env()
+        self.rank, self.world_size = info.rank, info.world_size
+        self.backend = ds_engine.init_distributed(backend)
+        self.device = torch.device(f"cuda:{info.local_rank}") if ds_engine.on_gpu() else torch.device("cpu")
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        torch.manual_seed(seed)
+        self.version = 0
+
+    # ---- plumbing ---------------------------------------------------------------------------
+    def ready(self) -> dict[str, Any]:
+        """Cheap liveness probe; also tells the group where this rank runs."""
+        return {"rank": self.rank, "world_size": self.world_size, "pid": os.getpid(),
+                "zero_stage": self.engine.zero_optimization_stage(), "backend": self.backend}
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """All trained parameters as full fp32 CPU tensors (collective under ZeRO-3)."""
+        return ds_engine.full_state_dict(self.engine.module)
+
+    def state_dict_checksum(self) -> float:
+        """Sum of float64 sums of all trained parameters (collective under ZeRO-3)."""
+        from rollout.weight_buckets import tensors_checksum
+
+        return tensors_checksum(self.full_state_dict().values())
+
+    def save(self, out_dir: str) -> str | None:
+        """Safetensors in HF / diffusers format plus the source folder's side files (rank 0 writes).
+
+        Collective under ZeRO-3. Returns the folder on rank 0, None elsewhere.
+        """
+        out = ds_engine.save_hf_module(self.engine.module, out_dir, self.rank)
+        if out is not None:
+            self._copy_side_files(Path(out))
+        return str(out) if out is not None else None
+
+    def _copy_side_files(self, out: Path) -> None:
+        """Tokenizer / processor files next to the weights, so the folder loads on its own."""
+        import shutil
+
+        src = Path(self.model_path)
+        for f in src.iterdir():
+            if f.is_file() and f.suffix not in (".safetensors", ".bin") and not (out / f.name).exists():
+                shutil.copy2(f, out / f.name)
+
+    # ---- step helpers -----------------------------------------------------------------------
+    def _plan_micro_batches(self, n_local: int) -> list[slice]:
+        """Split n_local samples into the same number of micro-batches as every other rank."""
+        if n_local < 1:
+            raise ValueError("train_step needs at least one sample on every rank")
+        num_micro = int(ds_engine.all_reduce_max(math.ceil(n_local / self.micro_batch_size)))
+        if num_micro > n_local:
+            raise ValueError(f"rank {self.rank} has {n_local} samples but the group needs {num_micro} "
+                             "micro-batches; shard the batch evenly across ranks")
+        return split_even(n_local, num_micro)
+
+    def _finish_step(self, sums: dict[str, float], mins: dict[str, float], maxs: dict[str, float],
+                     start: float, unit: str) -> dict[str, float]:
+        """Optimizer bookkeeping after the boundary step + metrics reduced over all ranks."""
+        keys = sorted(sums)
+        totals = [ds_engine.all_reduce_sum(sums[k]) for k in keys]
+        metrics = dict(zip(keys, totals, strict=True))
+        for k, v in mins.items():
+            metrics[k] = -ds_engine.all_reduce_max(-v)
+        for k, v in maxs.items():
+            metrics[k] = ds_engine.all_reduce_max(v)
+        grad_norm = self.engine.get_global_grad_norm()
+        metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        metrics["lr"] = float(self._lr_used)
+        elapsed = time.perf_counter() - start
+        metrics["step_seconds"] = elapsed
+        metrics[f"{unit}_per_s"] = metrics.get(f"num_{unit}", 0.0) / max(elapsed, 1e-9)
+        self.version += 1
+        metrics["version"] = float(self.version)
+        return metrics
+
+
+def split_even(n: int, parts: int) -> list[slice]:
+    """Contiguous slices of sizes differing by at most one (first ones larger)."""
+    base, extra = divmod(n, parts)
+    out, start = [], 0
+    for i in range(parts):
+        size = base + (1 if i < extra else 0)
+        out.append(slice(start, start + size))
+        start += size
+    return out

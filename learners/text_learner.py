@@ -1,0 +1,295 @@
+"""GRPO learner for the reasoner (causal LM or Idefics3-style VLM) on DeepSpeed (DESIGN.md §5).
+
+Log-probs of the answer tokens are recomputed from logits / T (the sampling temperature, so the
+first update's ratio is 1), the loss is `grpo_loss` + β·KL(k1|k2|k3) to a frozen reference copy,
+aggregated with one global normalizer over all ranks and micro-batches so data parallelism and
+gradient accumulation give the full-batch gradient. Only the temperature is replayed: a sampler
+using top-p/top-k must report log-probs of the untruncated tempered distribution.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from learners import algos, ds_engine
+from learners.learner_base import LearnerBase
+from rollout.trajectory import TextSample
+
+__all__ = ["TextLearner"]
+
+log = logging.getLogger(__name__)
+
+_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class TextLearner(LearnerBase):
+    """One rank of the reasoner's learner group; every public call is collective over ranks."""
+
+    def __init__(
+        self,
+        *,
+        model_path: str,
+        zero_stage: int = 1,
+        lr: float = 1e-6,
+        betas: tuple[float, float] = (0.9, 0.95),
+        weight_decay: float = 0.0,
+        adam_eps: float = 1e-8,
+        warmup_steps: int = 0,
+        grad_clip: float = 1.0,
+        micro_batch_size: int = 4,
+        dtype: str = "auto",
+        temperature: float = 1.0,
+        kl_coef: float = 0.0,
+        kl_kind: str = "k3",
+        clip_low: float = 0.2,
+        clip_high: float = 0.2,
+        loss_agg: str = "token-mean",
+        max_len: int | None = None,
+        lora_rank: int = 0,
+        lora_alpha: float = 16.0,
+        gradient_checkpointing: bool = False,
+        seed: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+        master_addr: str | None = None,
+        master_port: int | None = None,
+        backend: str | None = None,
+    ) -> None:
+        """Load the model from HF format and build the DeepSpeed engine.
+
+        rank/world_size/master_*: the rendezvous; when omitted they are read from the environment
+        (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), and a lone process is a group of one.
+        max_len: divisor of `seq-mean-token-sum-norm` (default: longest answer in the batch).
+        """
+        algos.get_agg(loss_agg)
+        algos.get_kl(kl_kind)
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self._setup_dist(rank, world_size, master_addr, master_port, backend, seed)
+        self.model_path = str(model_path)
+        self.micro_batch_size = micro_batch_size
+        self.temperature = temperature
+        self.kl_coef, self.kl_kind = kl_coef, kl_kind
+        self.clip_low, self.clip_high = clip_low, clip_high
+        self.loss_agg, self.max_len = loss_agg, max_len
+        self.dtype = ds_engine.resolve_dtype(dtype)
+        self.lora = lora_rank > 0
+
+        model = self._load_model()
+        if gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        self.ref_model = None
+        if self.lora:
+            model = ds_engine.apply_lora(model, lora_rank, lora_alpha, _LORA_TARGETS)
+        elif kl_coef > 0:
+            self.ref_model = self._load_model().to(self.device, self.dtype).eval().requires_grad_(False)
+        config = ds_engine.build_ds_config(
+            zero_stage=zero_stage, lr=lr, betas=betas, weight_decay=weight_decay, adam_eps=adam_eps,
+            grad_clip=grad_clip, micro_batch_size=micro_batch_size, world_size=self.world_size,
+            dtype=self.dtype)
+        self.engine = ds_engine.initialize_engine(model, config, warmup_steps)
+        self.engine.eval()  # no dropout: the recomputed log-probs must equal the sampler's
+        self.processor = self._load_processor() if self.is_vlm else None
+        cfg = self.engine.module.config
+        self.pad_id = int(getattr(cfg, "pad_token_id", None) or getattr(
+            getattr(cfg, "text_config", None), "pad_token_id", None) or 0)
+
+    # ---- public -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def compute_logprobs(self, samples: Sequence[TextSample], images: Sequence[Any] | None = None,
+                         temperature: float | None = None, reference: bool = False) -> list[list[float]]:
+        """Answer-token log-probs under the current (or reference) model, one list per sample.
+
+        Collective under ZeRO-3 (parameters are gathered in the forward).
+        """
+        if reference and self.ref_model is None and not self.lora:
+            raise ValueError("reference log-probs need kl_coef > 0 (no reference model was loaded)")
+        temp = self.temperature if temperature is None else temperature
+        out: list[list[float]] = []
+        for sl in self._plan_micro_batches(len(samples)):
+            batch = list(samples[sl])
+            imgs = None if images is None else list(images[sl])
+            lp, mask = self._answer_logprobs(batch, imgs, temp, reference)
+            out += [lp[i, : int(mask[i].sum())].tolist() for i in range(len(batch))]
+        return out
+
+    def train_step(self, samples: Sequence[TextSample], advantages: Sequence[float],
+                   images: Sequence[Any] | None = None, temperature: float | None = None) -> dict[str, float]:
+        """One GRPO update on this rank's shard (collective: every rank calls it together).
+
+        samples: this rank's TextSamples (behaviour log-probs in `logprobs`); advantages: one per
+        sample; images: one (H, W, 3) uint8 array or None per sample (VLM only).
+        Returns metrics reduced over all ranks.
+        """
+        if len(samples) != len(advantages):
+            raise ValueError(f"{len(samples)} samples but {len(advantages)} advantages")
+        if images is not None and len(images) != len(samples):
+            raise ValueError(f"{len(samples)} samples but {len(images)} images")
+        for s in samples:
+            if len(s.logprobs) != len(s.answer_ids):
+                raise ValueError(f"sample has {len(s.answer_ids)} answer tokens but {len(s.logprobs)} logprobs")
+        start = time.perf_counter()
+        temp = self.temperature if temperature is None else temperature
+        micro = self._plan_micro_batches(len(samples))
+        lengths = [len(s.answer_ids) for s in samples]
+        mask_all = _length_mask(lengths)
+        normalizer = ds_engine.all_reduce_sum(algos.agg_normalizer(mask_all, self.loss_agg))
+        max_len = self.max_len or int(ds_engine.all_reduce_max(max(lengths)))
+        ds_engine.set_micro_batches(self.engine, len(micro))
+        scale = ds_engine.micro_loss_scale(self.engine, len(micro))
+        self._lr_used = self.engine.get_lr()[0]
+        adv_all = torch.tensor(list(advantages), dtype=torch.float32)
+
+        sums = dict.fromkeys(["pg_loss", "kl_loss", "kl", "clip_frac_low", "clip_frac_high",
+                              "ratio_mean", "num_tokens", "num_samples"], 0.0)
+        mins, maxs = {"ratio_min": float("inf")}, {"ratio_max": float("-inf")}
+        for sl in micro:
+            batch = list(samples[sl])
+            imgs = None if images is None else list(images[sl])
+            lp, mask = self._answer_logprobs(batch, imgs, temp, reference=False, grad=True)
+            old = _pad([s.logprobs for s in batch], lp.shape[1]).to(lp.device)
+            adv = adv_all[sl].to(lp.device)
+            terms = algos.grpo_loss_terms(lp, old, adv, mask, self.clip_low, self.clip_high,
+                                          self.loss_agg, max_len, normalizer)
+            loss = terms.loss
+            ntok = float(mask.sum())
+            if self.kl_coef > 0:
+                with torch.no_grad():
+                    ref, _ = self._answer_logprobs(batch, imgs, temp, reference=True)
+                kl_mat = algos.kl_estimate(lp, ref, self.kl_kind)
+                kl_loss = algos.aggregate(kl_mat, mask, self.loss_agg, max_len, normalizer)
+                loss = loss + self.kl_coef * kl_loss
+                sums["kl_loss"] += float(kl_loss.detach())
+                sums["kl"] += float((kl_mat.detach() * mask).sum())
+            self.engine.backward(loss * scale)
+            self.engine.step()
+            sums["pg_loss"] += float(terms.loss.detach())
+            sums["clip_frac_low"] += float(terms.clip_frac_low) * ntok
+            sums["clip_frac_high"] += float(terms.clip_frac_high) * ntok
+            sums["ratio_mean"] += float(terms.ratio_mean) * ntok
+            sums["num_tokens"] += ntok
+            sums["num_samples"] += len(batch)
+            mins["ratio_min"] = min(mins["ratio_min"], float(terms.ratio_min))
+            maxs["ratio_max"] = max(maxs["ratio_max"], float(terms.ratio_max))
+        m = self._finish_step(sums, mins, maxs, start, unit="tokens")
+        ntok = max(m["num_tokens"], 1.0)
+        for k in ("kl", "clip_frac_low", "clip_frac_high", "ratio_mean"):
+            m[k] /= ntok
+        m["loss"] = m["pg_loss"] + self.kl_coef * m["kl_loss"]
+        return m
+
+    # ---- model ------------------------------------------------------------------------------
+    @property
+    def is_vlm(self) -> bool:
+        from transformers import AutoConfig
+
+        if not hasattr(self, "_is_vlm"):
+            cfg = AutoConfig.from_pretrained(self.model_path)
+            self._is_vlm = getattr(cfg, "vision_config", None) is not None
+        return self._is_vlm
+
+    def _load_model(self) -> torch.nn.Module:
+        from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+        cls = AutoModelForImageTextToText if self.is_vlm else AutoModelForCausalLM
+        return cls.from_pretrained(self.model_path, dtype=torch.float32)
+
+    def _load_processor(self):
+        from transformers import AutoProcessor
+
+        return AutoProcessor.from_pretrained(self.model_path)
+
+    def _answer_logprobs(self, batch: list[TextSample], images: list[Any] | None, temperature: float,
+                         reference: bool, grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T_answer) log-probs of the answer tokens and their (B, T_answer) mask."""
+        has_img = [images is not None and images[i] is not None for i in range(len(batch))]
+        if any(has_img) and not self.is_vlm:
+            raise ValueError(f"images given but {self.model_path} is a text-only model")
+        t_ans = max(len(s.answer_ids) for s in batch)
+        lp = torch.zeros(len(batch), t_ans, device=self.device)
+        # Samples with and without an image are run as two sub-batches of one micro-batch.
+        rows_out = []
+        for flag in (False, True):
+            rows = [i for i in range(len(batch)) if has_img[i] == flag]
+            if rows:
+                sub = self._forward_logprobs([batch[i] for i in rows],
+                                             [images[i] for i in rows] if flag else None,
+                                             temperature, reference, grad, t_ans)
+                rows_out.append((rows, sub))
+        if len(rows_out) == 1:
+            lp = rows_out[0][1]
+        else:
+            for rows, sub in rows_out:
+                lp = lp.index_copy(0, torch.tensor(rows, device=lp.device), sub)
+        return lp, _length_mask([len(s.answer_ids) for s in batch]).to(lp.device)
+
+    def _forward_logprobs(self, batch: list[TextSample], images: list[Any] | None, temperature: float,
+                          reference: bool, grad: bool, t_ans: int) -> torch.Tensor:
+        ids = [list(s.prompt_ids) + list(s.answer_ids) for s in batch]
+        length = max(len(x) for x in ids)
+        input_ids = torch.full((len(ids), length), self.pad_id, dtype=torch.long)
+        attn = torch.zeros((len(ids), length), dtype=torch.long)
+        for i, x in enumerate(ids):  # right padding keeps default position ids correct
+            input_ids[i, : len(x)] = torch.tensor(x)
+            attn[i, : len(x)] = 1
+        kwargs: dict[str, Any] = {"input_ids": input_ids.to(self.device), "attention_mask": attn.to(self.device)}
+        if images is not None:
+            pix = self.processor.image_processor(images=[[_pil(im)] for im in images], return_tensors="pt")
+            kwargs["pixel_values"] = pix["pixel_values"].to(self.device, self.dtype)
+            if "pixel_attention_mask" in pix:
+                kwargs["pixel_attention_mask"] = pix["pixel_attention_mask"].to(self.device)
+        # logits at position p-1+j predict answer token j of a prompt of length p
+        idx = torch.zeros((len(batch), t_ans), dtype=torch.long)
+        tgt = torch.zeros((len(batch), t_ans), dtype=torch.long)
+        for i, s in enumerate(batch):
+            p, a = len(s.prompt_ids), len(s.answer_ids)
+            idx[i, :a] = torch.arange(p - 1, p - 1 + a)
+            tgt[i, :a] = torch.tensor(s.answer_ids)
+        with torch.set_grad_enabled(grad):
+            logits = self._model(reference)(**kwargs).logits  # (B, L, V)
+            picked = logits.gather(1, idx.to(self.device).unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
+            return algos.token_logprobs(picked, tgt.to(self.device), temperature)  # (B, T_answer)
+
+    def _model(self, reference: bool):
+        if not reference:
+            return self.engine
+        if self.lora:
+            return _AdapterDisabled(self.engine.module)
+        return self.ref_model
+
+
+class _AdapterDisabled:
+    """Call a peft model with its adapter switched off: the frozen base is the reference."""
+
+    def __init__(self, peft_model) -> None:
+        self.peft_model = peft_model
+
+    def __call__(self, **kwargs):
+        with self.peft_model.disable_adapter():
+            return self.peft_model(**kwargs)
+
+
+def _length_mask(lengths: list[int]) -> torch.Tensor:
+    t = max(lengths)
+    return (torch.arange(t).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)).float()  # (B, T)
+
+
+def _pad(rows: list[list[float]], width: int) -> torch.Tensor:
+    out = torch.zeros(len(rows), width)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.tensor(r, dtype=torch.float32)
+    return out
+
+
+def _pil(image: Any):
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    return Image.fromarray(np.asarray(image, dtype=np.uint8)).convert("RGB")
