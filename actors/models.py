@@ -41,7 +41,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 # Bump when any recipe below changes, so stale caches are never reused.
-TINY_VERSION = "tiny-v1"
+TINY_VERSION = "tiny-v2"
 
 
 class TinyModels(NamedTuple):
@@ -137,6 +137,8 @@ def build_tiny_lm(out: Path, seed: int = 0) -> Path:
     )
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(cfg).eval()
+    # An answer ends with `<|im_end|>` (the template's turn end) or eos.
+    model.generation_config.eos_token_id = [tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")]
     out = Path(out)
     model.save_pretrained(out)
     tok.save_pretrained(out)
