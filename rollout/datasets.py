@@ -1,0 +1,224 @@
+"""Prompt data: GenEval-format and TIIF-format JSONL loaders, the test-overlap filter, and a
+seeded, checkpointable prompt iterator (DESIGN.md §10).
+
+GenEval line: {"tag": str, "include": [{"class": str, "count": int, "color"?: str,
+"position"?: [relation, index], ...}], "exclude"?: [...], "prompt": str}; extra fields (e.g.
+GenEval++'s "size" / "region") are kept. TIIF line: {"type", "short_description",
+"long_description", "yn_question_list", "yn_answer_list", ...}. Malformed lines raise a
+`ValueError` naming the file and the line number. Files are read where they lie (never copied).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+__all__ = [
+    "PromptRecord",
+    "load_geneval",
+    "load_tiif",
+    "load_prompts",
+    "normalize_prompt",
+    "remove_overlap",
+    "PromptIterator",
+]
+
+
+@dataclass(frozen=True)
+class PromptRecord:
+    """One prompt with the metadata the judge needs; `category` groups evaluation reports."""
+
+    prompt: str
+    metadata: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+    category: str = ""
+    source: str = ""  # "file:line" it came from
+
+
+def load_geneval(path: str | Path) -> list[PromptRecord]:
+    """GenEval-format JSONL -> records (metadata = the whole line, category = tag)."""
+    out = []
+    for lineno, obj in _read_jsonl(path):
+        where = f"{path}:{lineno}"
+        _check_geneval(obj, where)
+        out.append(PromptRecord(obj["prompt"], obj, obj["tag"], where))
+    return out
+
+
+def load_tiif(path: str | Path, description: Literal["short", "long"] = "short") -> list[PromptRecord]:
+    """TIIF-format JSONL -> records; the prompt is the short or long description, category = type."""
+    if description not in ("short", "long"):
+        raise ValueError(f"description={description!r}; allowed: 'short', 'long'")
+    out = []
+    for lineno, obj in _read_jsonl(path):
+        where = f"{path}:{lineno}"
+        for key in ("type", "short_description", "long_description"):
+            if not isinstance(obj.get(key), str) or not obj[key].strip():
+                raise ValueError(f"{where}: field {key!r} must be a non-empty string, got {obj.get(key)!r}")
+        qs, ans = obj.get("yn_question_list"), obj.get("yn_answer_list")
+        if not isinstance(qs, list) or not isinstance(ans, list) or len(qs) != len(ans) or not qs:
+            raise ValueError(
+                f"{where}: yn_question_list and yn_answer_list must be non-empty lists of equal length"
+            )
+        if not all(isinstance(a, str) and a.strip().lower() in ("yes", "no") for a in ans):
+            raise ValueError(f"{where}: yn_answer_list entries must be 'yes' or 'no', got {ans!r}")
+        if not all(isinstance(q, str) and q.strip() for q in qs):
+            raise ValueError(f"{where}: yn_question_list entries must be non-empty strings")
+        out.append(PromptRecord(obj[f"{description}_description"], obj, obj["type"], where))
+    return out
+
+
+def load_prompts(path: str | Path, fmt: Literal["auto", "geneval", "tiif"] = "auto") -> list[PromptRecord]:
+    """Load either format; "auto" decides from the first non-empty line's keys."""
+    if fmt == "geneval":
+        return load_geneval(path)
+    if fmt == "tiif":
+        return load_tiif(path)
+    if fmt != "auto":
+        raise ValueError(f"fmt={fmt!r}; allowed: 'auto', 'geneval', 'tiif'")
+    for lineno, obj in _read_jsonl(path):
+        if "tag" in obj or "include" in obj:
+            return load_geneval(path)
+        if "yn_question_list" in obj:
+            return load_tiif(path)
+        raise ValueError(f"{path}:{lineno}: neither GenEval (tag/include) nor TIIF (yn_question_list) format")
+    raise ValueError(f"{path}: no prompts in the file")
+
+
+def normalize_prompt(prompt: str) -> str:
+    """The key of the overlap filter: lower case, single spaces, no trailing period."""
+    return " ".join(prompt.lower().split()).rstrip(".")
+
+
+def remove_overlap(records: Iterable[PromptRecord], test: Iterable[PromptRecord | str]) -> list[PromptRecord]:
+    """Drop the records whose prompt appears in the test set (R3's GenEval train set holds 370 of
+    GenEval's 553 test prompts verbatim: remove them before reporting GenEval scores)."""
+    banned = {normalize_prompt(t if isinstance(t, str) else t.prompt) for t in test}
+    return [r for r in records if normalize_prompt(r.prompt) not in banned]
+
+
+class PromptIterator:
+    """Endless seeded shuffled epochs over a prompt list with an exact-resume cursor.
+
+    Epoch e visits the records in the order `random.Random(seed + e).shuffle(range(n))`, so the
+    state is just (epoch, position): `state_dict()` is JSON-able and `load_state_dict` resumes at
+    exactly the next prompt.
+    """
+
+    def __init__(self, records: Sequence[PromptRecord], seed: int = 0, shuffle: bool = True) -> None:
+        if not records:
+            raise ValueError("PromptIterator needs at least one prompt record")
+        self._records = list(records)
+        self._seed = int(seed)
+        self._shuffle = bool(shuffle)
+        self._epoch = 0
+        self._pos = 0
+        self._order = self._epoch_order(0)
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    def next_batch(self, n: int) -> list[PromptRecord]:
+        """The next `n` prompts (crossing into the next epoch when needed)."""
+        if n < 1:
+            raise ValueError(f"batch size must be >= 1, got {n}")
+        out = []
+        while len(out) < n:
+            if self._pos == len(self._order):
+                self._epoch += 1
+                self._pos = 0
+                self._order = self._epoch_order(self._epoch)
+            out.append(self._records[self._order[self._pos]])
+            self._pos += 1
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "seed": self._seed,
+            "shuffle": self._shuffle,
+            "epoch": self._epoch,
+            "position": self._pos,
+            "num_records": len(self._records),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume; refuses a state saved over a different prompt list size, seed or shuffle flag."""
+        for key, mine in (
+            ("num_records", len(self._records)),
+            ("seed", self._seed),
+            ("shuffle", self._shuffle),
+        ):
+            if state.get(key) != mine:
+                raise ValueError(f"iterator state has {key}={state.get(key)!r}, this iterator has {mine!r}")
+        pos = int(state["position"])
+        if not 0 <= pos <= len(self._records):
+            raise ValueError(f"iterator state position={pos} outside [0, {len(self._records)}]")
+        self._epoch = int(state["epoch"])
+        self._pos = pos
+        self._order = self._epoch_order(self._epoch)
+
+    def _epoch_order(self, epoch: int) -> list[int]:
+        order = list(range(len(self._records)))
+        if self._shuffle:
+            random.Random(self._seed * 1_000_003 + epoch).shuffle(order)
+        return order
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def _read_jsonl(path: str | Path) -> Iterable[tuple[int, dict[str, Any]]]:
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from exc
+            if not isinstance(obj, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            yield lineno, obj
+
+
+def _check_geneval(obj: dict[str, Any], where: str) -> None:
+    if not isinstance(obj.get("prompt"), str) or not obj["prompt"].strip():
+        raise ValueError(f"{where}: field 'prompt' must be a non-empty string, got {obj.get('prompt')!r}")
+    if not isinstance(obj.get("tag"), str) or not obj["tag"]:
+        raise ValueError(f"{where}: field 'tag' must be a non-empty string, got {obj.get('tag')!r}")
+    if not isinstance(obj.get("include"), list) or not obj["include"]:
+        raise ValueError(f"{where}: field 'include' must be a non-empty list, got {obj.get('include')!r}")
+    if not isinstance(obj.get("exclude", []), list):
+        raise ValueError(f"{where}: field 'exclude' must be a list, got {obj['exclude']!r}")
+    for key in ("include", "exclude"):
+        for i, item in enumerate(obj.get(key, [])):
+            _check_object(item, f"{where}: {key}[{i}]")
+    n = len(obj["include"])
+    for i, item in enumerate(obj["include"]):
+        ref = item["position"][1] if item.get("position") is not None else None
+        if ref is not None and (not 0 <= ref < n or ref == i):
+            raise ValueError(f"{where}: include[{i}].position index {ref} must name another include entry")
+
+
+def _check_object(item: Any, where: str) -> None:
+    if not isinstance(item, dict):
+        raise ValueError(f"{where} must be an object, got {item!r}")
+    if not isinstance(item.get("class"), str) or not item["class"]:
+        raise ValueError(f"{where}.class must be a non-empty string, got {item.get('class')!r}")
+    count = item.get("count")
+    if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+        raise ValueError(f"{where}.count must be an integer >= 0, got {count!r}")
+    if "color" in item and not isinstance(item["color"], str):
+        raise ValueError(f"{where}.color must be a string, got {item['color']!r}")
+    pos = item.get("position")
+    if pos is not None and not (
+        isinstance(pos, list) and len(pos) == 2 and isinstance(pos[0], str) and isinstance(pos[1], int)
+    ):
+        raise ValueError(f"{where}.position must be [relation, index], got {pos!r}")

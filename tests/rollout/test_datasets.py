@@ -1,0 +1,168 @@
+"""GenEval / TIIF loaders, the test-overlap filter and the checkpointable prompt iterator (§10)."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from rollout.datasets import (
+    PromptIterator,
+    PromptRecord,
+    load_geneval,
+    load_prompts,
+    load_tiif,
+    normalize_prompt,
+    remove_overlap,
+)
+
+DATA = Path("/work/shared/data")
+GENEVAL = DATA / "geneval" / "evaluation_metadata.jsonl"
+R3 = DATA / "r3-prompts"
+needs_data = pytest.mark.skipif(not GENEVAL.exists(), reason="shared prompt data not present")
+
+GOOD = {
+    "tag": "position",
+    "include": [{"class": "cup", "count": 1}, {"class": "dog", "count": 1, "position": ["left of", 0]}],
+    "prompt": "a dog left of a cup",
+}
+
+
+def _write(tmp_path, lines):
+    p = tmp_path / "m.jsonl"
+    p.write_text("\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines) + "\n")
+    return p
+
+
+@needs_data
+def test_geneval_metadata_loads_with_tags():
+    recs = load_geneval(GENEVAL)
+    assert len(recs) == 553
+    counts = {}
+    for r in recs:
+        counts[r.category] = counts.get(r.category, 0) + 1
+    assert counts == {
+        "single_object": 80,
+        "two_object": 99,
+        "counting": 80,
+        "colors": 94,
+        "position": 100,
+        "color_attr": 100,
+    }
+    assert recs[0].prompt == "a photo of a bench" and recs[0].metadata["include"] == [
+        {"class": "bench", "count": 1}
+    ]
+    assert recs[0].source.endswith("evaluation_metadata.jsonl:1")
+
+
+@needs_data
+def test_geneval_plus_plus_keeps_extra_fields_and_auto_detects():
+    recs = load_prompts(R3 / "test_geneval++.jsonl")
+    assert len(recs) == 280  # 279 newlines, no trailing one
+    assert any("size" in inc for r in recs for inc in r.metadata["include"])
+    assert any("region" in inc for r in recs for inc in r.metadata["include"])
+
+
+@needs_data
+def test_train_set_overlap_with_geneval_is_removed():
+    train = load_geneval(R3 / "train_geneval.jsonl")
+    test = load_geneval(GENEVAL)
+    kept = remove_overlap(train, test)
+    assert len(train) - len(kept) == 370
+    assert not {normalize_prompt(r.prompt) for r in kept} & {normalize_prompt(r.prompt) for r in test}
+
+
+@needs_data
+def test_tiif_loader_short_and_long():
+    short = load_tiif(R3 / "test_TIIF.jsonl")
+    long = load_prompts(R3 / "test_TIIF.jsonl", "tiif")
+    assert len(short) == 277 and short[0].category == "2d_spatial_relation"
+    assert short[0].prompt == short[0].metadata["short_description"]
+    assert len(short[0].metadata["yn_question_list"]) == len(short[0].metadata["yn_answer_list"])
+    assert load_tiif(R3 / "test_TIIF.jsonl", "long")[0].prompt == long[0].metadata["long_description"]
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ("{not json", "invalid JSON"),
+        ("[1, 2]", "expected a JSON object"),
+        ({"tag": "x", "include": [{"class": "cup", "count": 1}]}, "'prompt'"),
+        ({"tag": "x", "include": [], "prompt": "p"}, "'include'"),
+        ({"tag": "x", "include": [{"count": 1}], "prompt": "p"}, r"include\[0\].class"),
+        ({"tag": "x", "include": [{"class": "cup", "count": "two"}], "prompt": "p"}, "count"),
+        (
+            {"tag": "x", "include": [{"class": "cup", "count": 1, "position": ["left of"]}], "prompt": "p"},
+            "position",
+        ),
+        (
+            {
+                "tag": "x",
+                "include": [{"class": "cup", "count": 1, "position": ["left of", 5]}],
+                "prompt": "p",
+            },
+            "another include",
+        ),
+        (
+            {"tag": "x", "include": [{"class": "cup", "count": 1}], "exclude": {"a": 1}, "prompt": "p"},
+            "'exclude'",
+        ),
+        ({"include": [{"class": "cup", "count": 1}], "prompt": "p"}, "'tag'"),
+    ],
+)
+def test_malformed_geneval_line_names_file_and_line(tmp_path, bad, message):
+    path = _write(tmp_path, [GOOD, "", GOOD, bad])
+    with pytest.raises(ValueError, match=message) as err:
+        load_geneval(path)
+    assert f"{path}:4" in str(err.value)
+
+
+def test_malformed_tiif_lines(tmp_path):
+    row = {
+        "type": "t",
+        "short_description": "s",
+        "long_description": "l",
+        "yn_question_list": ["q?"],
+        "yn_answer_list": ["yes"],
+    }
+    assert load_tiif(_write(tmp_path, [row]))[0].prompt == "s"
+    for bad in (
+        {**row, "yn_answer_list": ["maybe"]},
+        {**row, "yn_answer_list": []},
+        {**row, "short_description": ""},
+    ):
+        with pytest.raises(ValueError, match=":2:"):
+            load_tiif(_write(tmp_path, [row, bad]))
+    with pytest.raises(ValueError, match="description"):
+        load_tiif(_write(tmp_path, [row]), "medium")
+
+
+def test_overlap_filter_normalises_case_space_and_period():
+    recs = [PromptRecord("A photo of  a Cat."), PromptRecord("a photo of a dog")]
+    assert [r.prompt for r in remove_overlap(recs, ["a photo of a cat"])] == ["a photo of a dog"]
+
+
+def test_iterator_is_seeded_and_covers_each_epoch():
+    recs = [PromptRecord(f"p{i}") for i in range(7)]
+    a, b = PromptIterator(recs, seed=3), PromptIterator(recs, seed=3)
+    first = a.next_batch(7)
+    assert sorted(r.prompt for r in first) == sorted(r.prompt for r in recs)
+    assert first == b.next_batch(7)
+    assert [r.prompt for r in PromptIterator(recs, seed=4).next_batch(7)] != [r.prompt for r in first]
+    assert [r.prompt for r in PromptIterator(recs, shuffle=False).next_batch(3)] == ["p0", "p1", "p2"]
+    a.next_batch(1)
+    assert a.epoch == 1
+
+
+def test_iterator_state_dict_resumes_exactly():
+    recs = [PromptRecord(f"p{i}") for i in range(5)]
+    it = PromptIterator(recs, seed=11)
+    it.next_batch(3)
+    state = json.loads(json.dumps(it.state_dict()))
+    expected = [r.prompt for r in it.next_batch(9)]
+    resumed = PromptIterator(recs, seed=11)
+    resumed.load_state_dict(state)
+    assert [r.prompt for r in resumed.next_batch(9)] == expected
+    with pytest.raises(ValueError, match="num_records"):
+        PromptIterator(recs[:4], seed=11).load_state_dict(state)
+    with pytest.raises(ValueError, match="seed"):
+        PromptIterator(recs, seed=12).load_state_dict(state)
