@@ -97,6 +97,7 @@ class ClusterConfig(_Section):
         "PACK", description="Ray placement-group strategy per role"
     )
     colocate: bool = Field(False, description="GPU only: learners and workers share GPUs (sleep/wake)")
+    dashboard: bool = Field(False, description="start the dashboard with a local cluster (costs ~1.6 GB RAM)")
     dashboard_host: str = Field("127.0.0.1", description="bind address of a locally started dashboard")
 
     _coerce = field_validator(

@@ -1,0 +1,108 @@
+"""A learner rank's full training state, saved and restored without pickle, for exact resume.
+
+Runs inside each learner actor (the driver calls these through `actor.__ray_call__`): every rank
+writes its own optimizer partition; rank 0 also writes the full module weights in HF / diffusers
+safetensors format. State: module weights, fp32 master partitions, the inner AdamW state, the LR
+schedule, DeepSpeed's step counters, the learner's version and the torch RNG.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rollout.state_io import load_tree, save_tree
+
+__all__ = ["save_learner_state", "load_learner_state"]
+
+_COUNTERS = ("global_steps", "global_samples", "micro_steps", "skipped_steps")
+
+
+def save_learner_state(learner: Any, directory: str) -> str:
+    """Collective (ZeRO-3 gathers): call on every rank with the same `directory`."""
+    root = Path(directory)
+    rank_dir = root / f"rank-{learner.rank}"
+    rank_dir.mkdir(parents=True, exist_ok=True)
+    learner.save(str(root / "weights"))  # rank 0 writes, all ranks join the gathers
+    engine = learner.engine
+    opt = engine.optimizer
+    state: dict[str, Any] = {
+        "master": [t.detach().clone() for t in _master_partitions(opt)],
+        "inner": _inner_optimizer(opt).state_dict(),
+        "scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None,
+        "counters": {k: int(getattr(engine, k, 0) or 0) for k in _COUNTERS},
+        "version": int(learner.version),
+        "torch_rng": torch.get_rng_state(),
+    }
+    save_tree(_drop_callables(state), rank_dir)
+    return str(rank_dir)
+
+
+def load_learner_state(learner: Any, directory: str) -> int:
+    """Restore what `save_learner_state` wrote into an engine built with the same config; returns the version."""
+    root = Path(directory)
+    state = load_tree(root / f"rank-{learner.rank}")
+    engine = learner.engine
+    _load_module_weights(engine.module, root / "weights")
+    opt = engine.optimizer
+    for dst, src in zip(_master_partitions(opt), state["master"], strict=True):
+        if dst.shape != src.shape:
+            raise ValueError(f"checkpoint partition shape {tuple(src.shape)} != engine's {tuple(dst.shape)}: "
+                             "resume with the same learner count and ZeRO stage")
+        dst.data.copy_(src)
+    _inner_optimizer(opt).load_state_dict(state["inner"])
+    if state["scheduler"] is not None:
+        sched = state["scheduler"]
+        sched.pop("lr_lambdas", None)
+        engine.lr_scheduler.load_state_dict({**engine.lr_scheduler.state_dict(), **sched})
+    for k, v in state["counters"].items():
+        setattr(engine, k, v)
+    learner.version = int(state["version"])
+    torch.set_rng_state(state["torch_rng"])
+    return learner.version
+
+
+def _master_partitions(opt: Any) -> list[torch.Tensor]:
+    """fp32 master weights: ZeRO-1/2 and ZeRO-3 keep flat partitions; plain optimizers have none."""
+    for attr in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"):
+        if hasattr(opt, attr):
+            return list(getattr(opt, attr))
+    return []
+
+
+def _inner_optimizer(opt: Any) -> Any:
+    return getattr(opt, "optimizer", opt) if _master_partitions(opt) else opt
+
+
+def _load_module_weights(module: torch.nn.Module, weights_dir: Path) -> None:
+    from safetensors.torch import load_file
+
+    files = sorted(weights_dir.rglob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no safetensors weights under {weights_dir}")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    params = dict(module.named_parameters())
+    missing = [n for n in params if n not in state]
+    if missing:
+        raise ValueError(f"checkpoint {weights_dir} lacks {len(missing)} parameters, e.g. {missing[:3]}")
+    with torch.no_grad():
+        for name, p in params.items():
+            if getattr(p, "ds_numel", None) is not None and p.numel() == 0:  # ZeRO-3 partition
+                import deepspeed
+
+                with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                    p.data.copy_(state[name].to(p.dtype))
+            else:
+                p.data.copy_(state[name].to(p.dtype))
+
+
+def _drop_callables(tree: Any) -> Any:
+    if isinstance(tree, dict):
+        return {k: _drop_callables(v) for k, v in tree.items() if not callable(v)}
+    if isinstance(tree, list):
+        return [None if callable(v) else _drop_callables(v) for v in tree]
+    return tree
