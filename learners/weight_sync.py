@@ -231,6 +231,7 @@ class SyncReport:
     bytes: int
     buckets: int
     workers: int
+    sender: dict[str, float] | None = None  # rank 0's `broadcast_weights` stats (broadcast only)
 
 
 class WeightSync(ABC):
@@ -319,7 +320,7 @@ class BroadcastWeightSync(WeightSync):
         _check_versions(versions, version)
         self._version = int(version)
         return SyncReport(version=int(version), seconds=time.perf_counter() - start, bytes=int(stats["bytes"]),
-                          buckets=int(stats["buckets"]), workers=len(workers))
+                          buckets=int(stats["buckets"]), workers=len(workers), sender=stats)
 
     def shutdown(self) -> None:
         self._members, self._meta = None, None
