@@ -1,0 +1,384 @@
+"""One R3 training step as pure composition (no Ray): rollout -> judge -> shaping -> advantages.
+
+The driver passes Ray-backed `Reasoner` / `Generator` / `Judge` implementations; this module only
+calls the `rollout` stages, `reward.shaping` and `learners.algos.group_advantages`, and returns the
+trajectories (rewards and advantages filled in) plus flat learner batches and metrics.
+
+- tree mode (paper, DESIGN.md §3): `tree_stages` picks the stage(s) of a step: "alternate" runs the
+  generate stage on even steps and the refine stage on odd ones (generate while the buffer is
+  empty); "both" runs generate then refine every step. Generate results enter the buffer.
+- chain mode: G trajectories of up to K rounds per prompt; advantages per (group, round) over the
+  members that reached that round.
+
+Advantages: A = R − group mean (optionally / std), text and image separately; stopped attempts get
+image advantage 0 and never enter the image batch. With `drop_zero_variance`, groups whose rewards
+are all equal are left out of the batch of that side.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+
+from learners.algos import group_advantages
+from reward.shaping import chain_rewards, generate_rewards, refine_rewards
+from rollout.buffer import BufferEntry, RolloutBuffer
+from rollout.chain import run_chain
+from rollout.datasets import PromptRecord
+from rollout.interfaces import Generator, Judge, Reasoner
+from rollout.stages import StageSettings, run_generate_stage, run_refine_stage
+from rollout.trajectory import ImageSample, Round, TextSample, Trajectory
+
+__all__ = [
+    "R3StepSettings",
+    "TextItem",
+    "ImageItem",
+    "StepResult",
+    "tree_stages",
+    "run_tree_step",
+    "run_chain_step",
+    "run_r3_step",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class R3StepSettings:
+    """What one step does. `stage` holds the sampling settings and the group size G."""
+
+    mode: Literal["tree", "chain"] = "tree"
+    stage: StageSettings = field(default_factory=StageSettings)
+    refine_groups: int = 2
+    tree_schedule: Literal["alternate", "both"] = "alternate"
+    max_rounds: int = 4
+    discount: float | None = None
+    format_weight: float = 1.0
+    perfect_score: float = 1.0
+    adv_std: Literal["none", "group", "global"] = "none"
+    adv_eps: float = 1e-6
+    drop_zero_variance: bool = False
+    buffer_refined: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("tree", "chain"):
+            raise ValueError(f"mode={self.mode!r}; allowed: 'tree', 'chain'")
+        if self.tree_schedule not in ("alternate", "both"):
+            raise ValueError(f"tree_schedule={self.tree_schedule!r}; allowed: 'alternate', 'both'")
+        if self.adv_std not in ("none", "group", "global"):
+            raise ValueError(f"adv_std={self.adv_std!r}; allowed: 'none', 'group', 'global'")
+        if self.refine_groups < 1 or self.max_rounds < 1:
+            raise ValueError(
+                f"refine_groups and max_rounds must be >= 1, got {self.refine_groups}, {self.max_rounds}"
+            )
+
+
+@dataclass
+class TextItem:
+    """One reasoner answer to train on; `images` are those shown in its prompt (reflect rounds)."""
+
+    sample: TextSample
+    advantage: float
+    reward: float
+    images: tuple[np.ndarray, ...] = ()
+    stage: str = ""
+    group: int = 0
+
+
+@dataclass
+class ImageItem:
+    sample: ImageSample
+    advantage: float
+    reward: float
+    stage: str = ""
+    group: int = 0
+
+
+@dataclass
+class StepResult:
+    step_index: int
+    stages: list[str]
+    trajectories: list[Trajectory]
+    text_batch: list[TextItem]
+    image_batch: list[ImageItem]
+    metrics: dict[str, float]
+
+
+def tree_stages(step_index: int, settings: R3StepSettings, buffer: RolloutBuffer) -> list[str]:
+    """The stage(s) a tree-mode step runs (the driver draws prompts only when "generate" is in it)."""
+    if settings.tree_schedule == "both":
+        return ["generate", "refine"]
+    if step_index % 2 == 0:
+        return ["generate"]
+    if not len(buffer):
+        log.warning("step %d: refine stage due but the rollout buffer is empty; running generate", step_index)
+        return ["generate"]
+    return ["refine"]
+
+
+def run_r3_step(
+    step_index, prompts, reasoner, generator, judge, buffer, settings: R3StepSettings
+) -> StepResult:
+    """Dispatch on `settings.mode`."""
+    if settings.mode == "tree":
+        return run_tree_step(step_index, prompts, reasoner, generator, judge, buffer, settings)
+    return run_chain_step(step_index, prompts, reasoner, generator, judge, settings)
+
+
+def run_tree_step(
+    step_index: int,
+    prompts: Sequence[PromptRecord],
+    reasoner: Reasoner,
+    generator: Generator,
+    judge: Judge,
+    buffer: RolloutBuffer,
+    settings: R3StepSettings,
+) -> StepResult:
+    """One tree-mode step. `prompts` feed the generate stage (a refine-only step does not use them)."""
+    rng = _step_rng(settings.seed, step_index)
+    stages = tree_stages(step_index, settings, buffer)
+    G = settings.stage.group_size
+    trajs: list[Trajectory] = []
+    texts: list[TextItem] = []
+    images: list[ImageItem] = []
+    metrics: dict[str, float] = {}
+    if "generate" in stages:
+        if not prompts:
+            raise ValueError(f"step {step_index} runs the generate stage but got no prompts")
+        gen = run_generate_stage(prompts, reasoner, generator, judge, settings.stage, rng)
+        rounds = [t.rounds[0] for t in gen]
+        shaped = generate_rewards(
+            [r.score for r in rounds], [r.well_formed for r in rounds], format_weight=settings.format_weight
+        )
+        m = _assign(
+            rounds,
+            shaped.text,
+            shaped.image,
+            [True] * len(rounds),
+            G,
+            settings,
+            "generate",
+            texts,
+            images,
+            [()] * len(rounds),
+            [t.group_id for t in gen],
+        )
+        metrics.update(_stage_metrics("generate", rounds, m))
+        buffer.extend([_entry(t, t.rounds[0], step_index) for t in gen])
+        trajs += gen
+    if "refine" in stages:
+        starts = buffer.sample(settings.refine_groups)
+        ref = run_refine_stage(
+            starts,
+            reasoner,
+            generator,
+            judge,
+            settings.stage,
+            rng,
+            group_offset=len(prompts) if "generate" in stages else 0,
+        )
+        rounds = [t.rounds[1] for t in ref]
+        prev = [t.rounds[0].score for t in ref]
+        shaped = refine_rewards(
+            prev,
+            [r.score for r in rounds],
+            [r.well_formed for r in rounds],
+            [r.stopped for r in rounds],
+            format_weight=settings.format_weight,
+            perfect_score=settings.perfect_score,
+        )
+        shown = [(t.rounds[0].image.image,) for t in ref]
+        m = _assign(
+            rounds,
+            shaped.text,
+            shaped.image,
+            shaped.image_trainable,
+            G,
+            settings,
+            "refine",
+            texts,
+            images,
+            shown,
+            [t.group_id for t in ref],
+        )
+        metrics.update(_stage_metrics("refine", rounds, m))
+        metrics["refine/delta_mean"] = _mean(shaped.delta)
+        if settings.buffer_refined:
+            buffer.extend([_entry(t, t.rounds[1], step_index) for t in ref if not t.rounds[1].stopped])
+        trajs += ref
+    metrics.update(_batch_metrics(texts, images, metrics, stages))
+    metrics.update({"buffer/size": float(len(buffer)), "buffer/perfect": float(buffer.num_perfect)})
+    return StepResult(step_index, stages, trajs, texts, images, metrics)
+
+
+def run_chain_step(
+    step_index: int,
+    prompts: Sequence[PromptRecord],
+    reasoner: Reasoner,
+    generator: Generator,
+    judge: Judge,
+    settings: R3StepSettings,
+) -> StepResult:
+    """One chain-mode step: G trajectories of up to `max_rounds` rounds per prompt."""
+    if not prompts:
+        raise ValueError(f"chain step {step_index} got no prompts")
+    rng = _step_rng(settings.seed, step_index)
+    trajs = run_chain(prompts, reasoner, generator, judge, settings.stage, rng, settings.max_rounds)
+    # cells[(group, round)] -> list of (trajectory, round, text credit, image reward, trainable)
+    cells: dict[tuple[int, int], list] = {}
+    for t in trajs:
+        rs = t.rounds
+        cr = chain_rewards(
+            [r.score for r in rs],
+            [r.well_formed for r in rs],
+            [r.stopped for r in rs],
+            format_weight=settings.format_weight,
+            discount=settings.discount,
+            perfect_score=settings.perfect_score,
+        )
+        for k, r in enumerate(rs):
+            r.text_reward, r.image_reward = cr.text[k], cr.image[k]  # the advantage uses the credit
+            cells.setdefault((t.group_id, k), []).append(
+                (t, r, cr.text_credit[k], cr.image[k], cr.image_trainable[k])
+            )
+    keys = sorted(cells, key=lambda x: (x[1], x[0]))
+    text_adv = _cell_advantages([[c[2] for c in cells[k]] for k in keys], settings)
+    image_adv = _cell_advantages([[c[3] for c in cells[k]] for k in keys], settings)
+    texts: list[TextItem] = []
+    images: list[ImageItem] = []
+    zero = {"text": 0, "image": 0}
+    for key, ta, ia in zip(keys, text_adv, image_adv, strict=True):
+        members = cells[key]
+        flat_t = _all_equal([c[2] for c in members])  # a one-member cell counts: its advantage is 0
+        flat_i = _all_equal([c[3] for c in members])
+        zero["text"] += flat_t
+        zero["image"] += flat_i
+        for (t, r, tr, ir, trainable), a_t, a_i in zip(members, ta, ia, strict=True):
+            r.text_advantage, r.image_advantage = a_t, (a_i if trainable else 0.0)
+            shown = () if key[1] == 0 else (_image_before(t, key[1]),)
+            if r.text is not None and not (settings.drop_zero_variance and flat_t):
+                texts.append(TextItem(r.text, a_t, tr, shown, "chain", t.group_id))
+            if trainable and r.image is not None and not (settings.drop_zero_variance and flat_i):
+                images.append(ImageItem(r.image, a_i, ir, "chain", t.group_id))
+    rounds = [r for t in trajs for r in t.rounds]
+    metrics = _stage_metrics(
+        "chain",
+        rounds,
+        {"text_zero_var_groups": zero["text"], "image_zero_var_groups": zero["image"], "groups": len(keys)},
+    )
+    metrics["chain/rounds_mean"] = _mean([len(t.rounds) for t in trajs])
+    metrics.update(_batch_metrics(texts, images, metrics, ["chain"]))
+    return StepResult(step_index, ["chain"], trajs, texts, images, metrics)
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def _step_rng(seed: int, step_index: int) -> random.Random:
+    """Each step's seeds depend only on (seed, step): resuming at step s redraws the same seeds."""
+    return random.Random(seed * 1_000_003 + step_index)
+
+
+def _assign(
+    rounds: list[Round], text_r, image_r, trainable, G, settings, stage, texts, images, shown, groups
+) -> dict:
+    """Group advantages of one tree stage (rounds laid out group after group); fills the batches."""
+    t_adv = group_advantages(
+        torch.tensor(text_r, dtype=torch.float64), G, settings.adv_std, settings.adv_eps
+    ).tolist()
+    i_adv = group_advantages(
+        torch.tensor(image_r, dtype=torch.float64), G, settings.adv_std, settings.adv_eps
+    ).tolist()
+    n_groups = len(rounds) // G
+    flat_t = [_all_equal(text_r[g * G : (g + 1) * G]) for g in range(n_groups)]
+    flat_i = [_all_equal(image_r[g * G : (g + 1) * G]) for g in range(n_groups)]
+    for k, r in enumerate(rounds):
+        g = k // G
+        r.text_reward, r.image_reward = float(text_r[k]), float(image_r[k])
+        r.text_advantage = float(t_adv[k])
+        r.image_advantage = float(i_adv[k]) if trainable[k] else 0.0
+        if r.text is not None and not (settings.drop_zero_variance and flat_t[g]):
+            texts.append(TextItem(r.text, r.text_advantage, r.text_reward, shown[k], stage, groups[k]))
+        if trainable[k] and r.image is not None and not (settings.drop_zero_variance and flat_i[g]):
+            images.append(ImageItem(r.image, r.image_advantage, r.image_reward, stage, groups[k]))
+    return {"text_zero_var_groups": sum(flat_t), "image_zero_var_groups": sum(flat_i), "groups": n_groups}
+
+
+def _cell_advantages(cells: list[list[float]], settings: R3StepSettings) -> list[list[float]]:
+    """Group advantages over cells of varying size; "global" divides by the std of all values."""
+    std = "none" if settings.adv_std == "global" else settings.adv_std
+    out = [
+        group_advantages(torch.tensor(c, dtype=torch.float64), len(c), std, settings.adv_eps).tolist()
+        for c in cells
+    ]
+    if settings.adv_std == "global":
+        scale = (
+            torch.tensor([v for c in cells for v in c], dtype=torch.float64).std(unbiased=False).item()
+            + settings.adv_eps
+        )
+        out = [[a / scale for a in c] for c in out]
+    return out
+
+
+def _image_before(t: Trajectory, k: int) -> np.ndarray:
+    for r in reversed(t.rounds[:k]):
+        if r.image is not None:
+            return r.image.image
+    raise ValueError(f"trajectory of {t.prompt!r} has no image before round {k}")
+
+
+def _entry(t: Trajectory, r: Round, step: int) -> BufferEntry:
+    return BufferEntry(t.prompt, r.image.image, r.score, r.correct, t.metadata, step, r.index)
+
+
+def _stage_metrics(stage: str, rounds: list[Round], counts: dict) -> dict[str, float]:
+    reflect = [r for r in rounds if r.stage != "generate" and r.index > 0]
+    return {
+        f"{stage}/score_mean": _mean([r.score for r in rounds]),
+        f"{stage}/accuracy": _mean([float(r.correct) for r in rounds]),
+        f"{stage}/text_reward_mean": _mean([r.text_reward for r in rounds]),
+        f"{stage}/image_reward_mean": _mean([r.image_reward for r in rounds]),
+        f"{stage}/format_rate": _mean([float(r.well_formed) for r in rounds]),
+        f"{stage}/stop_rate": _mean([float(r.stopped) for r in reflect]),
+        f"{stage}/judge_errors": float(sum("error" in r.judge_details for r in rounds)),
+        f"{stage}/samples": float(len(rounds)),
+        **{f"{stage}/{k}": float(v) for k, v in counts.items()},
+    }
+
+
+def _batch_metrics(
+    texts: list[TextItem], images: list[ImageItem], m: dict, stages: list[str]
+) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for side, items in (("text", texts), ("image", images)):
+        adv = [i.advantage for i in items]
+        out[f"{side}_adv/mean"] = _mean(adv)
+        out[f"{side}_adv/std"] = float(np.std(adv)) if adv else 0.0
+        out[f"{side}_adv/abs_max"] = max((abs(a) for a in adv), default=0.0)
+        out[f"{side}_batch/size"] = float(len(items))
+        out[f"{side}_zero_var_groups"] = float(sum(m.get(f"{s}/{side}_zero_var_groups", 0.0) for s in stages))
+    n = sum(m[f"{s}/samples"] for s in stages)
+    for key in ("score_mean", "format_rate", "text_reward_mean", "image_reward_mean"):
+        out[key] = sum(m[f"{s}/{key}"] * m[f"{s}/samples"] for s in stages) / n
+    out["stop_rate"] = _mean([m[f"{s}/stop_rate"] for s in stages if s != "generate"])
+    return out
+
+
+def _all_equal(values: Sequence[float]) -> bool:
+    return max(values) - min(values) <= 0.0 if values else True
+
+
+def _mean(values: Sequence[float]) -> float:
+    vals = list(values)
+    out = sum(vals) / len(vals) if vals else 0.0
+    if not math.isfinite(out):
+        raise ValueError(f"non-finite metric from values {vals[:8]}")
+    return out
