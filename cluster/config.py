@@ -195,13 +195,17 @@ class JudgeConfig(_Section):
 
     @model_validator(mode="after")
     def _remote(self) -> JudgeConfig:
-        if self.kind == "remote" and not self.url:
-            raise ValueError("judge.kind=remote needs judge.url")
+        if self.kind == "remote" and not (self.url and self.remote_model):
+            raise ValueError("judge.kind=remote needs judge.url and judge.remote_model")
         return self
 
 
 class DataConfig(_Section):
-    train: str = Field("geneval", description="JSONL of prompts (GenEval format), or 'geneval' / 'shapes'")
+    train: str = Field(
+        "geneval",
+        description="JSONL of prompts (GenEval/TIIF format): a path, 'shared:<path under shared/data>', "
+        "'geneval' (the 553 GenEval prompts), or 'shapes-train' / 'shapes-test' (ShapesWorld)",
+    )
     test: str = Field("geneval", description="evaluation prompts")
     exclude_test_overlap: bool = Field(True, description="drop train prompts that appear in the test set")
     limit: int | None = Field(None, ge=1, description="use only the first N train prompts")

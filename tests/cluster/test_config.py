@@ -57,7 +57,7 @@ BAD = [
     (["r3.mode=forest"], "r3.mode"),
     (["flow_grpo.window=[5,2]"], "flow_grpo"),
     (["grpo.betas=[0.9,1.5]"], "grpo.betas"),
-    (["judge.kind=remote"], "judge.url"),
+    (["judge.kind=remote"], "judge.url and judge.remote_model"),
     (["cluster.judge_replicas.min_replicas=3", "cluster.judge_replicas.max_replicas=1"], "min_replicas"),
     (["flow_grpo.noise_level=-0.1"], "flow_grpo.noise_level"),
     (["train.steps=0"], "train.steps"),

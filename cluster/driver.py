@@ -1,0 +1,274 @@
+"""The training driver: each step runs rollout -> judge -> advantages -> learners (in parallel) -> weight sync.
+
+It holds no algorithm code: the step's R3 logic is `cluster.r3_step`, the math is in `learners.algos`
+and `rollout.flow_sde`, the roles are built by `cluster.roles`. It times every phase, logs one metrics
+row per step, writes trajectories as parquet, checkpoints, and evaluates at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cluster.config import R3Config
+
+__all__ = ["run_training", "make_run_dir", "step_settings", "eval_settings", "Trainer"]
+
+log = logging.getLogger(__name__)
+
+
+def make_run_dir(cfg: R3Config) -> Path:
+    name = cfg.train.run_name or datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(cfg.train.run_dir).resolve() / name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    return run_dir
+
+
+def step_settings(cfg: R3Config) -> Any:
+    from cluster.r3_step import R3StepSettings
+    from rollout.interfaces import SamplerSettings
+    from rollout.stages import StageSettings
+
+    f, g, m = cfg.flow_grpo, cfg.grpo, cfg.models.generator
+    common = dict(guidance=f.guidance, height=m.height, width=m.width)
+    stage = StageSettings(
+        group_size=cfg.r3.group_size, temperature=g.temperature, top_p=g.top_p, max_tokens=g.max_tokens,
+        generate_sampler=SamplerSettings(num_steps=f.num_steps, noise_level=f.noise_level, stochastic=f.stochastic,
+                                         window_lo=f.window[0], window_hi=f.window[1], **common),
+        edit_sampler=SamplerSettings(num_steps=f.edit_num_steps, noise_level=f.edit_noise_level, stochastic=f.stochastic,
+                                     window_lo=f.edit_window[0], window_hi=f.edit_window[1], **common),
+    )
+    return R3StepSettings(
+        mode=cfg.r3.mode, stage=stage, refine_groups=cfg.r3.prompts_per_step, max_rounds=cfg.r3.max_rounds,
+        discount=cfg.r3.discount, format_weight=cfg.r3.format_weight, adv_std=cfg.r3.adv_std, seed=cfg.train.seed,
+    )
+
+
+def eval_settings(cfg: R3Config) -> Any:
+    from rollout.evaluation import EvalSettings
+    from rollout.interfaces import SamplerSettings
+
+    f, m = cfg.flow_grpo, cfg.models.generator
+    common = dict(guidance=f.guidance, height=m.height, width=m.width, stochastic="none", keep_training_data=False)
+    return EvalSettings(
+        max_rounds=cfg.train.eval_rounds, temperature=cfg.grpo.eval_temperature, max_tokens=cfg.grpo.max_tokens,
+        generate_sampler=SamplerSettings(num_steps=f.eval_num_steps, noise_level=0.0, **common),
+        edit_sampler=SamplerSettings(num_steps=f.edit_num_steps, noise_level=0.0, **common),
+        seed=cfg.train.seed,
+    )
+
+
+class Trainer:
+    """Owns the roles, data and buffer of one run; `step()` is one full R3 RL step."""
+
+    def __init__(self, cfg: R3Config, run_dir: Path):
+        from cluster.metrics import MetricsLogger
+        from cluster.roles import build_roles, resolve_paths
+        from rollout.buffer import RolloutBuffer
+        from rollout.datasets import PromptIterator
+
+        self.cfg, self.run_dir = cfg, run_dir
+        self.train_prompts, self.test_prompts = load_prompt_sets(cfg)
+        self.prompts = PromptIterator(self.train_prompts, seed=cfg.train.seed, shuffle=cfg.data.shuffle)
+        self.buffer = RolloutBuffer(cfg.r3.buffer_size, p_perfect=cfg.r3.p_perfect, seed=cfg.train.seed)
+        self.settings = step_settings(cfg)
+        self.paths = resolve_paths(cfg)
+        self.roles = build_roles(cfg, self.paths)
+        self.step_index = 0
+        self.metrics = MetricsLogger(run_dir, tensorboard=cfg.logging.tensorboard,
+                                     wandb_project=cfg.logging.wandb_project if cfg.logging.wandb else None)
+        self.phase_log: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------------------- one step
+
+    def step(self) -> dict[str, Any]:
+        from cluster.r3_step import run_r3_step
+
+        cfg, roles, i = self.cfg, self.roles, self.step_index
+        phases: dict[str, float] = {}
+        with _timed(phases, "rollout", self.phase_log, i):
+            prompts = self.prompts.next_batch(cfg.r3.prompts_per_step)
+            result = run_r3_step(i, prompts, roles.reasoner, roles.generator, roles.judge, self.buffer, self.settings)
+        with _timed(phases, "learn", self.phase_log, i):
+            text_m, image_m = self._learn(result)
+        with _timed(phases, "sync", self.phase_log, i):
+            roles.version += 1
+            text_sync = roles.text_sync.sync(roles.text_learners, roles.text_pool.actors, roles.version)
+            image_sync = roles.diffusion_sync.sync(roles.diffusion_learners, roles.diffusion_pool.actors, roles.version)
+        versions = {
+            "text_workers": roles.text_pool.call_all("version"),
+            "diffusion_workers": roles.diffusion_pool.call_all("version"),
+        }
+        row = {
+            **result.metrics,
+            "stages": "+".join(result.stages),
+            "text_learner": text_m,
+            "diffusion_learner": image_m,
+            "sync": {"text_seconds": text_sync.seconds, "text_bytes": text_sync.bytes,
+                     "image_seconds": image_sync.seconds, "image_bytes": image_sync.bytes},
+            "time": {**phases, "step": sum(phases.values())},
+            "version": {"policy": roles.version, "text_workers_min": min(versions["text_workers"]),
+                        "diffusion_workers_min": min(versions["diffusion_workers"])},
+            "samples": {"trajectories": len(result.trajectories), "text": len(result.text_batch),
+                        "image": len(result.image_batch)},
+            "workers": {"text_replacements": roles.text_pool.replacements,
+                        "diffusion_replacements": roles.diffusion_pool.replacements},
+        }
+        flat = self.metrics.log(i, row)
+        self._write_trajectories(result.trajectories)
+        self.step_index += 1
+        return flat
+
+    def _learn(self, result: Any) -> tuple[dict[str, float], dict[str, float]]:
+        """Text and diffusion learners train at the same time (two threads waiting on Ray)."""
+        roles = self.roles
+        text = _trim(result.text_batch, roles.text_learners.num_learners)
+        image = _trim(result.image_batch, roles.diffusion_learners.num_learners)
+
+        def train_text() -> dict[str, float]:
+            if not text:
+                return {"skipped": 1.0}
+            images = [it.images[0] if it.images else None for it in text]
+            return roles.text_learners.train_step(
+                [it.sample for it in text], [it.advantage for it in text],
+                images=images if any(x is not None for x in images) else None,
+            )
+
+        def train_image() -> dict[str, float]:
+            if not image:
+                return {"skipped": 1.0}
+            return roles.diffusion_learners.train_step([it.sample for it in image], [it.advantage for it in image])
+
+        with ThreadPoolExecutor(2) as pool:
+            t, m = pool.submit(train_text), pool.submit(train_image)
+            return t.result(timeout=self.cfg.train.remote_timeout_s), m.result(timeout=self.cfg.train.remote_timeout_s)
+
+    def _write_trajectories(self, trajectories: list[Any]) -> None:
+        from rollout.trajectory import write_trajectories
+
+        keep = trajectories[: self.cfg.logging.trajectories_per_step]
+        if keep:
+            out = self.run_dir / "trajectories"
+            out.mkdir(exist_ok=True)
+            write_trajectories(out / f"step-{self.step_index:06d}.parquet", keep)
+
+    # ------------------------------------------------------------------------------- evaluation
+
+    def evaluate(self, tag: str = "final") -> Any:
+        from cluster.gallery import write_gallery
+        from rollout.evaluation import evaluate
+        from rollout.trajectory import write_trajectories
+
+        report = evaluate(self.test_prompts, self.roles.reasoner, self.roles.generator, self.roles.judge,
+                          eval_settings(self.cfg))
+        out = self.run_dir / f"eval-{tag}"
+        out.mkdir(exist_ok=True)
+        (out / "eval.json").write_text(report.to_json())
+        (out / "eval.md").write_text(report.to_markdown())
+        write_trajectories(out / "trajectories.parquet", report.trajectories)
+        if self.cfg.logging.gallery:
+            write_gallery(out / "gallery.html", report.trajectories, title=f"R3RL evaluation ({tag})")
+        return report
+
+    def close(self) -> None:
+        self.metrics.close()
+        (self.run_dir / "phases.json").write_text(json.dumps(self.phase_log, indent=1))
+        self.roles.shutdown()
+
+
+def load_prompt_sets(cfg: R3Config) -> tuple[list[Any], list[Any]]:
+    from rollout.datasets import load_prompts, remove_overlap
+
+    def load(spec: str) -> list[Any]:
+        if spec == "geneval":
+            return load_prompts(shared_data_dir() / "geneval" / "evaluation_metadata.jsonl")
+        if spec.startswith("shared:"):
+            return load_prompts(shared_data_dir() / spec.removeprefix("shared:"))
+        if spec == "shapes-train" or spec == "shapes-test":
+            from rollout.shapesworld.tasks import shapes_split
+
+            return shapes_split(spec.split("-")[1], seed=cfg.train.seed)
+        return load_prompts(spec)
+
+    train, test = load(cfg.data.train), load(cfg.data.test)
+    if cfg.data.exclude_test_overlap:
+        before = len(train)
+        train = remove_overlap(train, test)
+        log.info("removed %d train prompts that appear in the test set", before - len(train))
+    if cfg.data.limit:
+        train = train[: cfg.data.limit]
+    if cfg.data.eval_limit:
+        test = test[: cfg.data.eval_limit]
+    if not train:
+        raise ValueError(f"data.train={cfg.data.train!r} leaves no prompts (after overlap removal and data.limit)")
+    return train, test
+
+
+def run_training(cfg: R3Config) -> Path:
+    """The whole job: connect, build roles, train `train.steps` steps, evaluate, shut down."""
+    from tqdm import tqdm
+
+    from cluster.session import connect_ray
+
+    run_dir = make_run_dir(cfg)
+    log.info("run directory: %s", run_dir)
+    started = connect_ray(cfg)
+    trainer = None
+    try:
+        trainer = Trainer(cfg, run_dir)
+        bar = tqdm(total=cfg.train.steps, desc="R3RL", unit="step", disable=not cfg.logging.progress)
+        while trainer.step_index < cfg.train.steps:
+            row = trainer.step()
+            bar.update(1)
+            bar.set_postfix({k.split("/")[-1]: f"{row[k]:.3g}" for k in
+                             ("generate/score_mean", "refine/score_mean", "time/rollout", "time/learn", "time/sync")
+                             if isinstance(row.get(k), float)})
+            if cfg.train.eval_every and trainer.step_index % cfg.train.eval_every == 0 < cfg.train.steps - trainer.step_index:
+                trainer.evaluate(tag=f"step-{trainer.step_index:06d}")
+        bar.close()
+        report = trainer.evaluate()
+        print(report.to_markdown())
+    finally:
+        if trainer is not None:
+            trainer.close()
+        if started:
+            import ray
+
+            ray.shutdown()
+    return run_dir
+
+
+def _trim(batch: list[Any], ranks: int) -> list[Any]:
+    """Learner groups need a batch divisible by their rank count: drop the remainder (logged)."""
+    keep = len(batch) - len(batch) % ranks
+    if keep != len(batch):
+        log.info("dropping %d of %d samples so the batch splits over %d learner ranks", len(batch) - keep, len(batch), ranks)
+    return batch[:keep]
+
+
+def shared_data_dir() -> Path:
+    """$R3RL_DATA, else the `shared/data` folder beside the checkout."""
+    import os
+
+    return Path(os.environ.get("R3RL_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+@contextmanager
+def _timed(phases: dict[str, float], name: str, timeline: list[dict[str, Any]], step: int):
+    start = time.time()
+    try:
+        yield
+    finally:
+        end = time.time()
+        phases[name] = end - start
+        timeline.append({"step": step, "phase": name, "start": start, "end": end})
+

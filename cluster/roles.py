@@ -1,0 +1,175 @@
+"""Build every role of a run from the config: worker pools, the judge service, learner groups, weight sync.
+
+This is the only place that maps config fields to actor constructor arguments.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from cluster.config import R3Config
+from cluster.pools import PoolGenerator, PoolReasoner, WorkerPool
+from cluster.session import resolve_model_path
+
+__all__ = ["Roles", "build_roles", "ModelPaths", "resolve_paths"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelPaths:
+    reasoner: str
+    generator: str
+    judge: str | None
+
+
+def resolve_paths(cfg: R3Config) -> ModelPaths:
+    judge = resolve_model_path(cfg.judge.path) if cfg.judge.kind == "vlm" else None
+    return ModelPaths(resolve_model_path(cfg.models.reasoner.path), resolve_model_path(cfg.models.generator.path), judge)
+
+
+@dataclass
+class Roles:
+    text_pool: WorkerPool
+    diffusion_pool: WorkerPool
+    judge: Any
+    text_learners: Any
+    diffusion_learners: Any
+    text_sync: Any
+    diffusion_sync: Any
+    version: int = 0
+
+    @property
+    def reasoner(self) -> PoolReasoner:
+        return PoolReasoner(self.text_pool)
+
+    @property
+    def generator(self) -> PoolGenerator:
+        return PoolGenerator(self.diffusion_pool)
+
+    def shutdown(self) -> None:
+        for closer in (
+            lambda: self.text_sync.shutdown(),
+            lambda: self.diffusion_sync.shutdown(),
+            lambda: self.text_pool.call_all("shutdown"),
+            lambda: self.diffusion_pool.call_all("shutdown"),
+            lambda: self.text_learners.shutdown(),
+            lambda: self.diffusion_learners.shutdown(),
+            lambda: self.judge.shutdown(),
+        ):
+            try:
+                closer()
+            except Exception as e:  # best effort: the cluster may already be going down
+                log.warning("shutdown: %s", e)
+
+
+def build_roles(cfg: R3Config, paths: ModelPaths) -> Roles:
+    from actors.diffusion_worker import remote_diffusion_worker
+    from actors.text_worker import remote_text_worker
+    from learners.group import LearnerGroup
+    from learners.weight_sync import make_weight_sync
+
+    c, seed = cfg.cluster, cfg.train.seed
+    backend = "nccl" if c.text_learners.num_gpus > 0 else "gloo"
+    text_sync = make_weight_sync(cfg.sync.method, bucket_mb=cfg.sync.bucket_mb, backend=backend)
+    diffusion_sync = make_weight_sync(cfg.sync.method, bucket_mb=cfg.sync.bucket_mb, backend=backend)
+    roles_box: dict[str, Roles] = {}
+
+    def text_worker(i: int) -> Any:
+        return remote_text_worker(
+            i, c.text_workers.num_cpus, c.text_workers.num_gpus * c.text_workers.tensor_parallel_size,
+            model_path=paths.reasoner, max_model_len=cfg.models.reasoner.max_model_len,
+            tensor_parallel_size=c.text_workers.tensor_parallel_size, dtype=cfg.models.reasoner.dtype,
+            seed=seed + i, enable_sleep_mode=c.colocate,
+        )
+
+    def diffusion_worker(i: int) -> Any:
+        device = "cuda" if c.diffusion_workers.num_gpus > 0 else "cpu"
+        return remote_diffusion_worker(
+            i, c.diffusion_workers.num_cpus, c.diffusion_workers.num_gpus,
+            model_path=paths.generator, device=device, dtype=cfg.models.generator.dtype, seed=seed + i,
+        )
+
+    def resync(sync: Any) -> Any:
+        def hook(index: int, actor: Any) -> None:
+            roles = roles_box.get("roles")
+            if roles is not None and roles.version > 0:  # version 0 = the weights the worker loaded itself
+                sync.resync(actor, roles.version)
+                log.info("replacement worker %d received weights version %d", index, roles.version)
+
+        return hook
+
+    timeout, retries = cfg.train.remote_timeout_s, cfg.train.retries
+    text_pool = WorkerPool("text_workers", text_worker, c.text_workers.count, timeout_s=timeout, retries=retries,
+                           on_replace=resync(text_sync))
+    diffusion_pool = WorkerPool("diffusion_workers", diffusion_worker, c.diffusion_workers.count, timeout_s=timeout,
+                                retries=retries, on_replace=resync(diffusion_sync))
+    judge = build_judge_client(cfg, paths)
+    g, f = cfg.grpo, cfg.flow_grpo
+    text_learners = LearnerGroup(
+        "text", c.text_learners.count, c.text_learners.num_cpus, c.text_learners.num_gpus,
+        model_path=paths.reasoner, zero_stage=g.zero_stage, lr=g.lr, betas=tuple(g.betas), weight_decay=g.weight_decay,
+        warmup_steps=g.warmup_steps, grad_clip=g.grad_clip, micro_batch_size=g.micro_batch_size,
+        temperature=g.temperature, kl_coef=g.kl_coef, kl_kind=g.kl_kind, clip_low=g.clip_low,
+        clip_high=g.clip_high, loss_agg=g.loss_agg, seed=seed,
+    )
+    diffusion_learners = LearnerGroup(
+        "diffusion", c.diffusion_learners.count, c.diffusion_learners.num_cpus, c.diffusion_learners.num_gpus,
+        **diffusion_learner_kwargs(cfg, paths),
+    )
+    roles = Roles(text_pool, diffusion_pool, judge, text_learners, diffusion_learners, text_sync, diffusion_sync)
+    roles_box["roles"] = roles
+    return roles
+
+
+def diffusion_learner_kwargs(cfg: R3Config, paths: ModelPaths) -> dict[str, Any]:
+    f = cfg.flow_grpo
+    return dict(
+        model_path=paths.generator, zero_stage=f.zero_stage, lr=f.lr, betas=tuple(f.betas),
+        warmup_steps=f.warmup_steps, grad_clip=f.grad_clip, micro_batch_size=f.micro_batch_size,
+        clip_range=f.clip_range, adv_clip=f.adv_clip, kl_coef=f.kl_coef, image_loss_weight=f.image_loss_weight,
+        train_cfg=f.train_cfg, velocity_kl=f.velocity_kl, seed=cfg.train.seed,
+    )
+
+
+def build_judge_client(cfg: R3Config, paths: ModelPaths) -> Any:
+    """The judge behind Ray Serve (replicas or autoscaling from the config), as a `Judge`.
+
+    Serve's HTTP proxy binds 127.0.0.1 (port `judge.http_port`, or a free one), so outside tools can
+    `POST /judge` on loopback only.
+    """
+    from reward.service import ServeJudgeClient, deploy_judge, start_serve
+
+    j, r = cfg.judge, cfg.cluster.judge_replicas
+    if r.num_gpus:
+        raise ValueError("cluster.judge_replicas.num_gpus > 0 is not wired into the Serve deployment yet; "
+                         "use a remote judge (judge.kind=remote) for GPU judges")
+    spec: dict[str, Any] = {"kind": j.kind}
+    if j.kind == "vlm":
+        spec.update(model_path=paths.judge, mode=j.mode, max_model_len=cfg.models.reasoner.max_model_len)
+    elif j.kind == "remote":
+        spec.update(base_url=j.url, model=j.remote_model, mode=j.mode)
+    start_serve(host="127.0.0.1", port=j.http_port)
+    autoscaling = {"min_replicas": r.min_replicas, "max_replicas": r.max_replicas} if r.min_replicas else None
+    deploy_judge(
+        spec, name="judge", num_replicas=None if autoscaling else r.count, autoscaling=autoscaling,
+        max_batch_size=j.max_batch_size, batch_wait_timeout_s=j.batch_wait_s, num_cpus=r.num_cpus,
+    )
+    return _ServeJudge(ServeJudgeClient("judge", timeout_s=j.timeout_s, max_retries=j.retries))
+
+
+class _ServeJudge:
+    """The Serve client plus a shutdown that removes the app."""
+
+    def __init__(self, client: Any):
+        self.client = client
+
+    def score(self, items: list[Any]) -> list[Any]:
+        return self.client.score(items)
+
+    def shutdown(self) -> None:
+        from ray import serve
+
+        serve.delete("judge")
