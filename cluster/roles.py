@@ -107,7 +107,7 @@ def build_roles(cfg: R3Config, paths: ModelPaths) -> Roles:
     diffusion_pool = WorkerPool("diffusion_workers", diffusion_worker, c.diffusion_workers.count, timeout_s=timeout,
                                 retries=retries, on_replace=resync(diffusion_sync))
     judge = build_judge_client(cfg, paths)
-    g, f = cfg.grpo, cfg.flow_grpo
+    g = cfg.grpo
     text_learners = LearnerGroup(
         "text", c.text_learners.count, c.text_learners.num_cpus, c.text_learners.num_gpus,
         model_path=paths.reasoner, zero_stage=g.zero_stage, lr=g.lr, betas=tuple(g.betas), weight_decay=g.weight_decay,
