@@ -161,6 +161,54 @@ class Trainer:
             out.mkdir(exist_ok=True)
             write_trajectories(out / f"step-{self.step_index:06d}.parquet", keep)
 
+    # ------------------------------------------------------------------------------- checkpoints
+
+    def save_checkpoint(self) -> Path:
+        """Weights + optimizer + schedule + RNG of every learner rank, data cursor, buffer, versions."""
+        from cluster.checkpoint import CheckpointDir
+        from learners.checkpointing import save_learner_state
+
+        ck = CheckpointDir(self.run_dir / "checkpoints", self.step_index)
+        import ray
+
+        refs = []
+        for kind, group in (("text_learner", self.roles.text_learners), ("diffusion_learner", self.roles.diffusion_learners)):
+            refs += [a.__ray_call__.remote(save_learner_state, str(ck.path / kind)) for a in group.actors]
+        ray.get(refs, timeout=self.cfg.train.remote_timeout_s)
+        driver = {"prompts": self.prompts.state_dict(), "buffer": self.buffer.state_dict()}
+        (ck.path / "driver.json").write_text(json.dumps(driver))
+        meta = {"step": self.step_index, "version": self.roles.version, "saved_at": time.time(),
+                "learners": {"text": self.roles.text_learners.num_learners,
+                             "diffusion": self.roles.diffusion_learners.num_learners}}
+        final = ck.commit(meta, keep=self.cfg.checkpoint.keep)
+        log.info("checkpoint saved: %s", final)
+        return final
+
+    def load_checkpoint(self, path: Path) -> None:
+        """Continue exactly where `path` left off; workers get the checkpoint's weights before serving."""
+        import ray
+
+        from learners.checkpointing import load_learner_state
+
+        meta = json.loads((path / "meta.json").read_text())
+        for kind, group in (("text", self.roles.text_learners), ("diffusion", self.roles.diffusion_learners)):
+            if meta["learners"][kind] != group.num_learners:
+                raise ValueError(f"checkpoint {path} has {meta['learners'][kind]} {kind} learners, this run "
+                                 f"{group.num_learners}: resume with the same cluster.{kind}_learners")
+        refs = []
+        for kind, group in (("text_learner", self.roles.text_learners), ("diffusion_learner", self.roles.diffusion_learners)):
+            refs += [a.__ray_call__.remote(load_learner_state, str(path / kind)) for a in group.actors]
+        ray.get(refs, timeout=self.cfg.train.remote_timeout_s)
+        driver = json.loads((path / "driver.json").read_text())
+        self.prompts.load_state_dict(driver["prompts"])
+        self.buffer.load_state_dict(driver["buffer"])
+        self.step_index, self.roles.version = int(meta["step"]), int(meta["version"])
+        if self.roles.version > 0:
+            self.roles.text_sync.sync(self.roles.text_learners, self.roles.text_pool.actors, self.roles.version)
+            self.roles.diffusion_sync.sync(self.roles.diffusion_learners, self.roles.diffusion_pool.actors,
+                                           self.roles.version)
+        log.info("resumed from %s at step %d (weights version %d)", path, self.step_index, self.roles.version)
+
     # ------------------------------------------------------------------------------- evaluation
 
     def evaluate(self, tag: str = "final") -> Any:
@@ -224,10 +272,20 @@ def run_training(cfg: R3Config) -> Path:
     started = connect_ray(cfg)
     trainer = None
     try:
+        from cluster.checkpoint import resolve_resume
+
+        resume = resolve_resume(cfg.checkpoint.resume, Path(cfg.train.run_dir).resolve())
         trainer = Trainer(cfg, run_dir)
-        bar = tqdm(total=cfg.train.steps, desc="R3RL", unit="step", disable=not cfg.logging.progress)
+        if resume is not None:
+            trainer.load_checkpoint(resume)
+        elif cfg.checkpoint.resume == "auto":
+            log.info("checkpoint.resume=auto: no complete checkpoint under %s; starting fresh", cfg.train.run_dir)
+        bar = tqdm(total=cfg.train.steps, initial=trainer.step_index, desc="R3RL", unit="step",
+                   disable=not cfg.logging.progress)
         while trainer.step_index < cfg.train.steps:
             row = trainer.step()
+            if cfg.checkpoint.every and trainer.step_index % cfg.checkpoint.every == 0:
+                trainer.save_checkpoint()
             bar.update(1)
             bar.set_postfix({k.split("/")[-1]: f"{row[k]:.3g}" for k in
                              ("generate/score_mean", "refine/score_mean", "time/rollout", "time/learn", "time/sync")
@@ -235,6 +293,8 @@ def run_training(cfg: R3Config) -> Path:
             if cfg.train.eval_every and trainer.step_index % cfg.train.eval_every == 0 < cfg.train.steps - trainer.step_index:
                 trainer.evaluate(tag=f"step-{trainer.step_index:06d}")
         bar.close()
+        if not cfg.checkpoint.every or trainer.step_index % cfg.checkpoint.every:
+            trainer.save_checkpoint()  # a clean stop always leaves a checkpoint
         report = trainer.evaluate()
         print(report.to_markdown())
     finally:
