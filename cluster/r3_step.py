@@ -125,9 +125,15 @@ def tree_stages(step_index: int, settings: R3StepSettings, buffer: RolloutBuffer
 
 
 def run_r3_step(
-    step_index, prompts, reasoner, generator, judge, buffer, settings: R3StepSettings
+    step_index: int,
+    prompts: Sequence[PromptRecord],
+    reasoner: Reasoner,
+    generator: Generator,
+    judge: Judge,
+    buffer: RolloutBuffer,
+    settings: R3StepSettings,
 ) -> StepResult:
-    """Dispatch on `settings.mode`."""
+    """Dispatch on `settings.mode` (chain mode does not use the buffer)."""
     if settings.mode == "tree":
         return run_tree_step(step_index, prompts, reasoner, generator, judge, buffer, settings)
     return run_chain_step(step_index, prompts, reasoner, generator, judge, settings)
@@ -145,7 +151,6 @@ def run_tree_step(
     """One tree-mode step. `prompts` feed the generate stage (a refine-only step does not use them)."""
     rng = _step_rng(settings.seed, step_index)
     stages = tree_stages(step_index, settings, buffer)
-    G = settings.stage.group_size
     trajs: list[Trajectory] = []
     texts: list[TextItem] = []
     images: list[ImageItem] = []
@@ -158,19 +163,7 @@ def run_tree_step(
         shaped = generate_rewards(
             [r.score for r in rounds], [r.well_formed for r in rounds], format_weight=settings.format_weight
         )
-        m = _assign(
-            rounds,
-            shaped.text,
-            shaped.image,
-            [True] * len(rounds),
-            G,
-            settings,
-            "generate",
-            texts,
-            images,
-            [()] * len(rounds),
-            [t.group_id for t in gen],
-        )
+        m = _assign(gen, 0, shaped.text, shaped.image, [True] * len(gen), settings, "generate", texts, images)
         metrics.update(_stage_metrics("generate", rounds, m))
         buffer.extend([_entry(t, t.rounds[0], step_index) for t in gen])
         trajs += gen
@@ -195,19 +188,8 @@ def run_tree_step(
             format_weight=settings.format_weight,
             perfect_score=settings.perfect_score,
         )
-        shown = [(t.rounds[0].image.image,) for t in ref]
         m = _assign(
-            rounds,
-            shaped.text,
-            shaped.image,
-            shaped.image_trainable,
-            G,
-            settings,
-            "refine",
-            texts,
-            images,
-            shown,
-            [t.group_id for t in ref],
+            ref, 1, shaped.text, shaped.image, shaped.image_trainable, settings, "refine", texts, images
         )
         metrics.update(_stage_metrics("refine", rounds, m))
         metrics["refine/delta_mean"] = _mean(shaped.delta)
@@ -288,27 +270,39 @@ def _step_rng(seed: int, step_index: int) -> random.Random:
 
 
 def _assign(
-    rounds: list[Round], text_r, image_r, trainable, G, settings, stage, texts, images, shown, groups
-) -> dict:
-    """Group advantages of one tree stage (rounds laid out group after group); fills the batches."""
+    trajs: list[Trajectory],
+    pos: int,
+    text_r: list[float],
+    image_r: list[float],
+    trainable: list[bool],
+    settings: R3StepSettings,
+    stage: str,
+    texts: list[TextItem],
+    images: list[ImageItem],
+) -> dict[str, int]:
+    """Group advantages of round `pos` of one tree stage's trajectories (laid out group after
+    group); fills the rounds' reward/advantage fields and the batches. A refine round (pos 1)
+    was prompted with the input image of round 0."""
+    G = settings.stage.group_size
     t_adv = group_advantages(
         torch.tensor(text_r, dtype=torch.float64), G, settings.adv_std, settings.adv_eps
     ).tolist()
     i_adv = group_advantages(
         torch.tensor(image_r, dtype=torch.float64), G, settings.adv_std, settings.adv_eps
     ).tolist()
-    n_groups = len(rounds) // G
+    n_groups = len(trajs) // G
     flat_t = [_all_equal(text_r[g * G : (g + 1) * G]) for g in range(n_groups)]
     flat_i = [_all_equal(image_r[g * G : (g + 1) * G]) for g in range(n_groups)]
-    for k, r in enumerate(rounds):
-        g = k // G
+    for k, t in enumerate(trajs):
+        g, r = k // G, t.rounds[pos]
+        shown = (t.rounds[0].image.image,) if pos == 1 else ()
         r.text_reward, r.image_reward = float(text_r[k]), float(image_r[k])
         r.text_advantage = float(t_adv[k])
         r.image_advantage = float(i_adv[k]) if trainable[k] else 0.0
         if r.text is not None and not (settings.drop_zero_variance and flat_t[g]):
-            texts.append(TextItem(r.text, r.text_advantage, r.text_reward, shown[k], stage, groups[k]))
+            texts.append(TextItem(r.text, r.text_advantage, r.text_reward, shown, stage, t.group_id))
         if trainable[k] and r.image is not None and not (settings.drop_zero_variance and flat_i[g]):
-            images.append(ImageItem(r.image, r.image_advantage, r.image_reward, stage, groups[k]))
+            images.append(ImageItem(r.image, r.image_advantage, r.image_reward, stage, t.group_id))
     return {"text_zero_var_groups": sum(flat_t), "image_zero_var_groups": sum(flat_i), "groups": n_groups}
 
 
