@@ -98,6 +98,9 @@ class ClusterConfig(_Section):
     )
     colocate: bool = Field(False, description="GPU only: learners and workers share GPUs (sleep/wake)")
     dashboard: bool = Field(False, description="start the dashboard with a local cluster (costs ~1.6 GB RAM)")
+    metrics_export_port: int | None = Field(
+        None, ge=1, le=65535, description="Prometheus port of a locally started cluster (default: Ray's choice)"
+    )
     dashboard_host: str = Field("127.0.0.1", description="bind address of a locally started dashboard")
 
     _coerce = field_validator(

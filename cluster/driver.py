@@ -104,10 +104,13 @@ class Trainer:
             roles.version += 1
             text_sync = roles.text_sync.sync(roles.text_learners, roles.text_pool.actors, roles.version)
             image_sync = roles.diffusion_sync.sync(roles.diffusion_learners, roles.diffusion_pool.actors, roles.version)
-        versions = {
-            "text_workers": roles.text_pool.call_all("version"),
-            "diffusion_workers": roles.diffusion_pool.call_all("version"),
-        }
+        versions = {}
+        for role, pool in (("text_workers", roles.text_pool), ("diffusion_workers", roles.diffusion_pool)):
+            versions[role] = pool.call_all("version")
+            stats = pool.call_all("stats")
+            for k, (st, v) in enumerate(zip(stats, versions[role], strict=True)):
+                st.update(name=f"{role.removesuffix('s').replace('_', '-')}-{k}", weight_version=v)
+            self.metrics.log_workers(role, stats)
         row = {
             **result.metrics,
             "stages": "+".join(result.stages),

@@ -27,23 +27,35 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 class RayGauges:
-    """Step metrics as `ray.util.metrics` gauges (tag `role`), visible in the dashboard's Prometheus."""
+    """Numbers as `ray.util.metrics` gauges, visible in the dashboard's Prometheus/Grafana.
+
+    A step row key `section/name` becomes the gauge `r3rl_section_name` tagged `role=section`;
+    per-worker numbers (`set_worker`) become `r3rl_worker_name` tagged with role and worker.
+    """
 
     def __init__(self, prefix: str = "r3rl"):
         self.prefix = prefix
         self._gauges: dict[str, Any] = {}
 
     def set(self, row: dict[str, Any]) -> None:
+        for key, value in row.items():
+            section, _, name = key.partition("/")
+            self._set(f"{section}_{name}" if name else section, value, {"role": section if name else "driver"})
+
+    def set_worker(self, role: str, worker: str, stats: dict[str, Any]) -> None:
+        for key, value in stats.items():
+            self._set(f"worker_{key}", value, {"role": role, "worker": worker})
+
+    def _set(self, name: str, value: Any, tags: dict[str, str]) -> None:
         from ray.util.metrics import Gauge
 
-        for key, value in row.items():
-            if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
-                continue
-            role, _, name = key.partition("/")
-            metric = re.sub(r"[^a-zA-Z0-9_]", "_", f"{self.prefix}_{name or role}")
-            if metric not in self._gauges:
-                self._gauges[metric] = Gauge(metric, description=f"R3RL {name or role}", tag_keys=("role",))
-            self._gauges[metric].set(float(value), tags={"role": role if name else "driver"})
+        if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+            return
+        metric = re.sub(r"[^a-zA-Z0-9_]", "_", f"{self.prefix}_{name}")
+        key = (metric, tuple(sorted(tags)))
+        if key not in self._gauges:
+            self._gauges[key] = Gauge(metric, description=f"R3RL {name}", tag_keys=tuple(sorted(tags)))
+        self._gauges[key].set(float(value), tags=tags)
 
 
 class MetricsLogger:
@@ -77,6 +89,13 @@ class MetricsLogger:
         if self._gauges is not None:
             self._gauges.set(numeric)
         return flat
+
+    def log_workers(self, role: str, stats: list[dict[str, Any]]) -> None:
+        """Per-worker numbers (tokens/s, images/s, weight version, ...) tagged by role and worker."""
+        if self._gauges is None:
+            return
+        for i, st in enumerate(stats):
+            self._gauges.set_worker(role, str(st.get("name", i)), flatten(st))
 
     def close(self) -> None:
         self._file.close()

@@ -56,6 +56,7 @@ def connect_ray(cfg: R3Config) -> bool:
         include_dashboard=cfg.cluster.dashboard,
         dashboard_host=cfg.cluster.dashboard_host,
         runtime_env={"env_vars": env},
+        _metrics_export_port=cfg.cluster.metrics_export_port,
     )
     return True
 

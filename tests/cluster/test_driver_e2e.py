@@ -28,7 +28,7 @@ def trainer(tmp_path_factory):
     import ray
 
     run_root = tmp_path_factory.mktemp("runs")
-    cfg = load_config("configs/cpu_tiny.yaml", [
+    cfg = load_config("configs/cpu_tiny.yaml", [f"cluster.metrics_export_port={_free_port()}",
         "cluster.text_workers=2", "cluster.diffusion_workers=2", f"train.run_dir={run_root}", "train.run_name=e2e",
         "r3.group_size=4", "r3.prompts_per_step=2", "r3.max_rounds=2", "data.eval_limit=4", "train.eval_rounds=2",
         "logging.progress=false",
@@ -40,6 +40,14 @@ def trainer(tmp_path_factory):
     yield t
     t.close()
     ray.shutdown()
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _finite_numbers(row):
@@ -78,3 +86,21 @@ def test_multi_round_evaluation_writes_tables(trainer):
     assert "| overall | 0 |" in (out / "eval.md").read_text()
     assert (out / "gallery.html").read_text().count("data:image/png;base64,") >= 4
     assert len(report.trajectories) == 4
+
+
+def test_metrics_reach_prometheus_with_role_and_worker_tags(trainer):
+    """The node's Prometheus endpoint serves the driver's per-role and per-worker gauges."""
+    import time
+    import urllib.request
+
+    port = trainer.cfg.cluster.metrics_export_port
+    wanted = ["r3rl_time_rollout", "r3rl_text_learner_loss", 'r3rl_worker_images_per_s', 'worker="diffusion-worker-1"',
+              "r3rl_worker_weight_version", 'worker="text-worker-0"']
+    body = ""
+    for _ in range(60):  # Ray exports metrics every few seconds
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        if all(w in body for w in wanted):
+            break
+        time.sleep(1)
+    missing = [w for w in wanted if w not in body]
+    assert not missing, missing
