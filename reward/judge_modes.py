@@ -31,6 +31,7 @@ __all__ = [
     "result_from_answers",
     "result_from_yes_probability",
     "error_result",
+    "failure_kind",
 ]
 
 JudgeMode = Literal["checklist", "questions", "vqascore"]
@@ -149,6 +150,28 @@ def result_from_yes_probability(p_yes: float | None, raw: str = "", threshold: f
 def error_result(reason: str, raw: str = "") -> JudgeResult:
     """The defined result of a judge that could not score: 0, not correct, `error` = reason."""
     return JudgeResult(score=0.0, correct=False, details={}, raw=raw, error=reason)
+
+
+def failure_kind(error: str) -> str:
+    """Coarse, low-cardinality class of an error text, used as a metric tag."""
+    e = error.lower()
+    for prefix, kind in (
+        ("serve timeout", "timeout"),
+        ("timeout", "timeout"),
+        ("engine error", "engine"),
+        ("ocr error", "engine"),
+        ("judge raised", "exception"),
+        ("serve error", "exception"),
+        ("http", "transport"),
+        ("connection", "transport"),
+        ("bad response", "transport"),
+        ("bad geneval metadata", "input"),
+        ("metadata", "input"),
+        ("no quoted target", "input"),
+    ):
+        if e.startswith(prefix):
+            return kind
+    return "model_output"
 
 
 def _questions(item: JudgeItem) -> tuple[list[str] | str, list[bool] | str]:

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from reward.judge_modes import JudgePrompts, queries_for
+from reward.judge_modes import JudgePrompts, failure_kind, queries_for
 from reward.registry import build_judge, known_judges, register_judge
 from reward.simple_judges import CallLogJudge, ConstantJudge, read_call_log
 from rollout.interfaces import Judge, JudgeItem, JudgeResult
@@ -65,3 +65,11 @@ def test_registry_builds_constant_and_rejects_unknown_and_duplicates(tmp_path):
         register_judge("constant")(lambda: ConstantJudge())
     with pytest.raises(ValueError, match="outside"):
         ConstantJudge(score=2.0)
+
+
+def test_failure_kind_tags():
+    assert failure_kind("serve timeout after 1s (2 attempts)") == "timeout"
+    assert failure_kind("engine error: RuntimeError: x") == "engine"
+    assert failure_kind("no JSON object in output") == "model_output"
+    assert failure_kind("http 503: busy (after 3 attempts)") == "transport"
+    assert failure_kind("bad GenEval metadata: ...") == "input"
