@@ -124,7 +124,7 @@ def test_flux_loads_with_diffusers_and_generates_and_edits(tiny_models: TinyMode
     from diffusers import FluxKontextPipeline
     from PIL import Image
 
-    pipe = FluxKontextPipeline.from_pretrained(tiny_models.flux, torch_dtype=torch.float32)
+    pipe = FluxKontextPipeline.from_pretrained(tiny_models.flux, dtype=torch.float32)
     common = dict(height=64, width=64, max_area=64 * 64, _auto_resize=False, num_inference_steps=2,
                   guidance_scale=3.5, output_type="np")
     gen = pipe(prompt="a red circle", generator=torch.Generator().manual_seed(0), **common).images
