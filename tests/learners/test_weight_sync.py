@@ -178,12 +178,12 @@ def test_restarted_worker_gets_current_weights_then_rejoins_broadcast(text_learn
 
     sync = broadcast_sync
     train_once(text_learners, text_workers, seed=4)
-    sync.sync(text_learners, text_workers, version=2)  # forms the group if run alone
+    sync.sync(text_learners, text_workers, version=3)  # (re)forms the group if run alone
     ray.kill(text_workers[1])
     text_workers[1] = remote_text_worker(1, num_cpus=0.5, num_gpus=0, model_path=str(lm_dir), max_model_len=256)
     assert ray.get(text_workers[1].version.remote()) == 0
-    assert sync.resync(text_workers[1], version=2) == 2
-    assert_workers_hold(text_workers, text_learners, version=2)
-    train_once(text_learners, text_workers, seed=3)
-    sync.sync(text_learners, text_workers, version=3)  # the group is rebuilt with the new member
+    assert sync.resync(text_workers[1]) == 3  # before it serves: the current version
     assert_workers_hold(text_workers, text_learners, version=3)
+    train_once(text_learners, text_workers, seed=3)
+    sync.sync(text_learners, text_workers, version=4)  # the group is rebuilt with the new member
+    assert_workers_hold(text_workers, text_learners, version=4)

@@ -1,0 +1,83 @@
+"""Learning through the whole distributed path: the project's proof that signs and plumbing are right.
+
+Real engines end to end on Ray: rollout workers sample (vLLM / diffusers), a toy reward scores,
+`group_advantages` centres per group, DeepSpeed learners (2 ranks) update with GRPO / FlowGRPO,
+and the bucketed broadcast pushes the new weights back into the workers before the next rollout.
+The toy reward must rise by a margin random noise cannot reach (seeds fixed). A sign error, a
+sync that does not land, or log-probs from the wrong distribution each keep it flat or push it down.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from rollout.interfaces import ChatMessage, TextRequest
+
+pytestmark = pytest.mark.integration
+log = logging.getLogger(__name__)
+
+TEXT_PROMPTS = ("write", "draw", "say", "tell")
+TARGET_CHAR = "e"
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[None]:
+    import ray
+
+    ray.init(num_cpus=6, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tiny_models():
+    from actors.models import build_tiny_models
+
+    return build_tiny_models()
+
+
+def char_frequency(text: str, char: str = TARGET_CHAR) -> float:
+    """Toy text reward: share of the answer's characters equal to `char` (0 for an empty answer)."""
+    return text.count(char) / len(text) if text else 0.0
+
+
+def rises_clearly(curve: list[float], margin: float) -> bool:
+    return sum(curve[-3:]) / 3 >= sum(curve[:3]) / 3 + margin
+
+
+def test_text_reward_rises_through_vllm_deepspeed_and_sync(cluster, tiny_models):
+    import ray
+
+    from actors.text_worker import remote_text_worker
+    from learners.algos import group_advantages
+    from learners.group import LearnerGroup
+    from learners.weight_sync import make_weight_sync
+
+    group_size, steps = 8, 12
+    worker = remote_text_worker(0, num_cpus=0.5, num_gpus=0, model_path=str(tiny_models.lm), max_model_len=256)
+    learners = LearnerGroup("text", 2, num_cpus_per=0.5, model_path=str(tiny_models.lm), zero_stage=1,
+                            lr=1e-2, micro_batch_size=16, temperature=1.0, seed=0)
+    sync = make_weight_sync("broadcast", bucket_mb=1.0)
+    curve = []
+    try:
+        for step in range(steps):
+            requests = [TextRequest(messages=(ChatMessage("user", p),), n=group_size, temperature=1.0,
+                                    max_tokens=16, seed=1000 * step + i) for i, p in enumerate(TEXT_PROMPTS)]
+            samples = [s for group in ray.get(worker.generate.remote(requests)) for s in group]
+            rewards = torch.tensor([char_frequency(s.text) for s in samples])
+            curve.append(float(rewards.mean()))
+            advantages = group_advantages(rewards, group_size, std="group")
+            metrics = learners.train_step(samples, advantages.tolist())
+            sync.sync(learners, [worker], version=step + 1)
+            log.info("text step %d reward %.3f ratio_mean %.4f", step, curve[-1], metrics["ratio_mean"])
+        assert ray.get(worker.version.remote()) == steps
+        print("text reward curve", [round(c, 3) for c in curve])
+        assert rises_clearly(curve, margin=0.1), curve
+    finally:
+        sync.shutdown()
+        learners.shutdown()
+        ray.get(worker.shutdown.remote())
