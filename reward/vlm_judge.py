@@ -12,6 +12,7 @@ this is VQAScore exactly; for the tiny byte-level BPE it uses the first sub-word
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from typing import Any
@@ -120,6 +121,13 @@ class VLMJudge:
                 return [r if r is not None else error_result(reason) for r in results]
             self._fill(items, results, outputs, owners)
         return [r if r is not None else error_result("no output") for r in results]
+
+    def with_mode(self, mode: str, prompts: JudgePrompts | None = None) -> VLMJudge:
+        """A judge in another mode sharing this engine (one engine, several modes)."""
+        other = copy.copy(self)
+        other.mode = check_mode(mode)
+        other.prompts = prompts or self.prompts
+        return other
 
     def shutdown(self) -> None:
         """Free the engine (tests and Serve replicas call this before exit)."""
