@@ -41,7 +41,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 # Bump when any recipe below changes, so stale caches are never reused.
-TINY_VERSION = "tiny-v2"
+TINY_VERSION = "tiny-v3"
 
 
 class TinyModels(NamedTuple):

@@ -19,8 +19,9 @@ logger = logging.getLogger(__name__)
 
 TINY_FLUX_T5_MAX_LENGTH = 512
 _CLIP_MAX_LENGTH = 77
-# A random VAE decoder maps latents to values with a tiny spread (images would be flat grey);
-# scaling its output conv gives images that use a good part of [-1, 1] before clamping.
+# A random VAE maps images to nearly identical latents and latents to nearly flat images;
+# `_calibrate_vae` rescales both output convs to these spreads.
+_TARGET_LATENT_STD = 1.0
 _TARGET_DECODE_STD = 0.5
 
 
@@ -77,7 +78,7 @@ def build_tiny_flux(out_dir: Path, seed: int = 0):
         shift_factor=0.1159,
         scaling_factor=0.3611,
     )
-    _calibrate_vae_decoder(vae)
+    _calibrate_vae(vae)
     clip = CLIPTextModel(
         CLIPTextConfig(
             hidden_size=32,
@@ -145,16 +146,43 @@ def _tokenizer(max_length: int):
     return tok
 
 
-def _calibrate_vae_decoder(vae) -> None:
-    """Scale the random decoder's output conv so decoded pixels have std ~0.5 on N(0,1) latents."""
+def _calibrate_vae(vae) -> None:
+    """Rescale the random VAE so it behaves like a trained one at the scales the pipeline uses.
+
+    Encoder: scaled latents `(z - shift) * scale` of varied images get std ~1 (random init gives
+    ~0.1, so source images would barely differ and edits would ignore them). Decoder: latents
+    drawn as the pipeline decodes them (N(0,1) / scale + shift) give pixels with std ~0.5.
+    """
     import torch
 
+    cfg = vae.config
     gen = torch.Generator().manual_seed(1234)
-    z = torch.randn(2, vae.config.latent_channels, 8, 8, generator=gen)
     with torch.no_grad():
-        out = vae.decode(z, return_dict=False)[0]
-        std = float(out.std())
-        if not std > 0:
-            raise ValueError(f"tiny VAE decoder output is degenerate (std={std})")
-        vae.decoder.conv_out.weight.mul_(_TARGET_DECODE_STD / std)
-        vae.decoder.conv_out.bias.mul_(_TARGET_DECODE_STD / std)
+        images = _calibration_images(gen)
+        z = vae.encode(images).latent_dist.mode()
+        spread = float(((z - cfg.shift_factor) * cfg.scaling_factor).std())
+        _scale_conv(vae.encoder.conv_out, _TARGET_LATENT_STD / spread, channels=cfg.latent_channels)
+        noise = torch.randn(4, cfg.latent_channels, 8, 8, generator=gen)
+        out = vae.decode(noise / cfg.scaling_factor + cfg.shift_factor, return_dict=False)[0]
+        _scale_conv(vae.decoder.conv_out, _TARGET_DECODE_STD / float(out.std()))
+
+
+def _calibration_images(gen):
+    """(8, 3, 64, 64) images in [-1, 1]: solid colours, gradients and noise."""
+    import torch
+
+    colours = torch.tensor([[1, -1, -1], [-1, 1, -1], [-1, -1, 1], [1, 1, -1]], dtype=torch.float32)
+    solid = colours[:, :, None, None].expand(4, 3, 64, 64)
+    ramp = torch.linspace(-1, 1, 64)
+    grads = torch.stack([ramp[None, None, :].expand(3, 64, 64), ramp[None, :, None].expand(3, 64, 64)])
+    noise = torch.rand(2, 3, 64, 64, generator=gen) * 2 - 1
+    return torch.cat([solid, grads, noise])
+
+
+def _scale_conv(conv, factor: float, channels: int | None = None) -> None:
+    """Multiply a conv's output (its first `channels` outputs, or all) by `factor`."""
+    if not (factor > 0 and factor < float("inf")):
+        raise ValueError(f"tiny VAE calibration failed: scale factor {factor}")
+    sl = slice(None) if channels is None else slice(0, channels)
+    conv.weight[sl].mul_(factor)
+    conv.bias[sl].mul_(factor)

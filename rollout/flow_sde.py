@@ -143,11 +143,15 @@ def sigma_schedule(num_steps: int, mu: float | None = None, shift: float = 1.0) 
     else:
         grid = grid + 1.0
     sigmas = grid.to(torch.float32)
+    # fp32 scalar tensors, not Python floats: torch evaluates `float / tensor` as a reciprocal
+    # times the float, which rounds differently from numpy's fp32 division.
+    one = torch.tensor(1.0)
     if mu is not None:
-        exp_mu = math.exp(mu)
-        sigmas = exp_mu / (exp_mu + (1 / sigmas - 1))
+        exp_mu = torch.tensor(math.exp(mu), dtype=torch.float32)
+        sigmas = exp_mu / (exp_mu + (one / sigmas - one))
     else:
-        sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
+        shift_t = torch.tensor(shift, dtype=torch.float32)
+        sigmas = shift_t * sigmas / (one + (shift_t - one) * sigmas)
     return torch.cat([sigmas, torch.zeros(1, dtype=torch.float32)])
 
 
