@@ -95,6 +95,14 @@ class LearnerBase(WeightSenderMixin):
                              "micro-batches; shard the batch evenly across ranks")
         return split_even(n_local, num_micro)
 
+    def _engine_step(self, is_last: bool) -> None:
+        """engine.step(); at the boundary of ZeRO stage 0 (which records no norm) note the grad norm."""
+        if is_last and self.engine.zero_optimization_stage() == 0:
+            grads = [p.grad.detach().float() for p in self.engine.module.parameters() if p.grad is not None]
+            self._stage0_grad_norm = float(torch.linalg.vector_norm(torch.stack(
+                [torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0
+        self.engine.step()
+
     def _finish_step(self, sums: dict[str, float], mins: dict[str, float], maxs: dict[str, float],
                      start: float, unit: str) -> dict[str, float]:
         """Optimizer bookkeeping after the boundary step + metrics reduced over all ranks."""
@@ -106,6 +114,8 @@ class LearnerBase(WeightSenderMixin):
         for k, v in maxs.items():
             metrics[k] = ds_engine.all_reduce_max(v)
         grad_norm = self.engine.get_global_grad_norm()
+        if self.engine.zero_optimization_stage() == 0:
+            grad_norm = self._stage0_grad_norm  # pre-clip norm of the all-reduced gradient
         metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         metrics["lr"] = float(self._lr_used)
         elapsed = time.perf_counter() - start

@@ -149,7 +149,7 @@ class TextLearner(LearnerBase):
         sums = dict.fromkeys(["pg_loss", "kl_loss", "kl", "clip_frac_low", "clip_frac_high",
                               "ratio_mean", "num_tokens", "num_samples"], 0.0)
         mins, maxs = {"ratio_min": float("inf")}, {"ratio_max": float("-inf")}
-        for sl in micro:
+        for j, sl in enumerate(micro):
             batch = list(samples[sl])
             imgs = None if images is None else list(images[sl])
             lp, mask = self._answer_logprobs(batch, imgs, temp, reference=False, grad=True)
@@ -168,7 +168,7 @@ class TextLearner(LearnerBase):
                 sums["kl_loss"] += float(kl_loss.detach())
                 sums["kl"] += float((kl_mat.detach() * mask).sum())
             self.engine.backward(loss * scale)
-            self.engine.step()
+            self._engine_step(is_last=j == len(micro) - 1)
             sums["pg_loss"] += float(terms.loss.detach())
             sums["clip_frac_low"] += float(terms.clip_frac_low) * ntok
             sums["clip_frac_high"] += float(terms.clip_frac_high) * ntok
