@@ -22,9 +22,12 @@ import math
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from rollout.datasets import PromptRecord
 
 __all__ = [
     "SHAPES",
@@ -43,6 +46,7 @@ __all__ = [
     "metadata_for_prompt",
     "relative_position",
     "write_splits",
+    "shapes_split",
 ]
 
 logger = logging.getLogger(__name__)
@@ -187,6 +191,26 @@ def metadata_for_prompt(prompt: str) -> dict[str, Any]:
             f"prompt {prompt!r} is not a ShapesWorld prompt (see rollout.shapesworld.tasks.all_tasks)"
         )
     return json.loads(line)
+
+
+def shapes_split(name: str, seed: int = 0, test_fraction: float = 0.25) -> list[PromptRecord]:
+    """One side of the fixed split as `rollout.datasets.PromptRecord`s (category = tag).
+
+    `seed` picks the partition: keep it fixed (0) across runs, or a model warm-started on one
+    seed's train side may be evaluated on prompts it was trained on.
+    """
+    from rollout.datasets import PromptRecord
+
+    splits = build_splits(seed, test_fraction)
+    if name == "train":
+        rows = splits.train
+    elif name == "test":
+        rows = splits.test
+    else:
+        raise ValueError(
+            f"split {name!r}; allowed: 'train', 'test' (data.train / data.test 'shapes-<split>')"
+        )
+    return [PromptRecord(r["prompt"], r, r["tag"], f"shapesworld:{name}:{i}") for i, r in enumerate(rows)]
 
 
 def write_splits(out_dir: str | Path, seed: int = 0, test_fraction: float = 0.25) -> tuple[Path, Path]:

@@ -27,6 +27,7 @@ from rollout.shapesworld.tasks import (
     metadata_for_prompt,
     relative_position,
     sample_tasks,
+    shapes_split,
     write_splits,
 )
 
@@ -236,3 +237,12 @@ def test_wrong_color_changes_exactly_one_object():
     assert len(colors) == 4 and colors.count("purple") == 3
     other = next(c for c in colors if c != "purple")
     assert r.instruction == f"change the {other} diamond to purple"
+
+
+def test_shapes_split_gives_prompt_records():
+    test = shapes_split("test")
+    assert [r.metadata for r in test] == build_splits().test
+    assert test[0].category == test[0].metadata["tag"] and test[0].prompt == test[0].metadata["prompt"]
+    assert not {r.prompt for r in shapes_split("train")} & {r.prompt for r in test}
+    with pytest.raises(ValueError, match="allowed: 'train', 'test'"):
+        shapes_split("val")
