@@ -120,7 +120,14 @@ class R3Settings(_Section):
     format_weight: float = Field(1.0, ge=0, description="w_f, weight of the format reward")
     discount: float = Field(1.0, ge=0, le=1, description="chain mode: discount of per-round returns")
     buffer_size: int = Field(256, ge=1, description="rollout buffer capacity")
-    stop_phrase: str = Field("no further edit needed", min_length=1, description="reflect answer that stops")
+    stop_phrase: str = Field("no further edit needed", min_length=1, description="the stop phrase the reflect prompt asks for")
+    stop_match: str = Field("no further edit", min_length=1, description="case-insensitive substring that makes a stop")
+    tree_schedule: Literal["alternate", "both"] = Field(
+        "alternate", description="tree mode: alternate generate/refine steps (paper) or run both every step"
+    )
+    templates: dict[str, str] = Field(
+        default_factory=dict, description="overrides of rollout.templates.Templates fields (system, plan, reflect, ...)"
+    )
     adv_std: Literal["none", "group", "global"] = Field("none", description="advantage std normalisation")
 
 
@@ -341,7 +348,7 @@ def _deep_copy(d: Any) -> Any:
     return d
 
 
-def _fields_at(parts: list[str]) -> tuple[type[BaseModel] | None, str]:
+def _fields_at(parts: list[str]) -> tuple[type[BaseModel] | type[dict] | None, str]:
     """The model class holding the last segment of `parts`, after walking the earlier ones."""
     model: type[BaseModel] = R3Config
     walked = []
@@ -350,6 +357,8 @@ def _fields_at(parts: list[str]) -> tuple[type[BaseModel] | None, str]:
         if info is None:
             return None, ".".join(walked)
         ann = info.annotation
+        if getattr(ann, "__origin__", None) is dict:  # free-form mapping: any sub-key is allowed
+            return dict, ".".join(walked + [part])
         if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
             return None, ".".join(walked + [part])
         model = ann
@@ -366,6 +375,8 @@ def _unknown_key_message(path: list[str], model: type[BaseModel]) -> str:
 
 def _check_override_path(parts: list[str]) -> None:
     model, walked = _fields_at(parts)
+    if model is dict:
+        return
     if model is None:
         raise ConfigError(f"{'.'.join(parts)}: {walked!r} has no sub-keys")
     if parts[-1] not in model.model_fields:
@@ -393,7 +404,8 @@ def _format_errors(err: ValidationError, raw: dict[str, Any]) -> str:
         field = ".".join(loc) or "<root>"
         if e["type"] == "extra_forbidden":
             model, _ = _fields_at(loc)
-            lines.append(_unknown_key_message(loc, model) if model else f"{field}: unknown key")
+            known = model is not None and model is not dict
+            lines.append(_unknown_key_message(loc, model) if known else f"{field}: unknown key")
             continue
         value = _lookup(raw, tuple(e["loc"]))
         msg = e["msg"].removeprefix("Value error, ")

@@ -39,6 +39,7 @@ def step_settings(cfg: R3Config) -> Any:
     from rollout.stages import StageSettings
 
     f, g, m = cfg.flow_grpo, cfg.grpo, cfg.models.generator
+    templates = build_templates(cfg)
     common = dict(guidance=f.guidance, height=m.height, width=m.width)
     stage = StageSettings(
         group_size=cfg.r3.group_size, temperature=g.temperature, top_p=g.top_p, max_tokens=g.max_tokens,
@@ -46,8 +47,9 @@ def step_settings(cfg: R3Config) -> Any:
                                          window_lo=f.window[0], window_hi=f.window[1], **common),
         edit_sampler=SamplerSettings(num_steps=f.edit_num_steps, noise_level=f.edit_noise_level, stochastic=f.stochastic,
                                      window_lo=f.edit_window[0], window_hi=f.edit_window[1], **common),
+        templates=templates,
     )
-    return R3StepSettings(
+    return R3StepSettings(tree_schedule=cfg.r3.tree_schedule,
         mode=cfg.r3.mode, stage=stage, refine_groups=cfg.r3.prompts_per_step, max_rounds=cfg.r3.max_rounds,
         discount=cfg.r3.discount, format_weight=cfg.r3.format_weight, adv_std=cfg.r3.adv_std, seed=cfg.train.seed,
     )
@@ -63,8 +65,21 @@ def eval_settings(cfg: R3Config) -> Any:
         max_rounds=cfg.train.eval_rounds, temperature=cfg.grpo.eval_temperature, max_tokens=cfg.grpo.max_tokens,
         generate_sampler=SamplerSettings(num_steps=f.eval_num_steps, noise_level=0.0, **common),
         edit_sampler=SamplerSettings(num_steps=f.edit_num_steps, noise_level=0.0, **common),
-        seed=cfg.train.seed,
+        templates=build_templates(cfg), seed=cfg.train.seed,
     )
+
+
+def build_templates(cfg: R3Config) -> Any:
+    """`rollout.templates.Templates` from `r3.stop_phrase`, `r3.stop_match` and `r3.templates` overrides."""
+    from dataclasses import fields
+
+    from rollout.templates import Templates
+
+    known = {f.name for f in fields(Templates)}
+    unknown = sorted(set(cfg.r3.templates) - known)
+    if unknown:
+        raise ValueError(f"r3.templates has unknown keys {unknown}; known: {sorted(known)}")
+    return Templates(**{"stop_phrase": cfg.r3.stop_phrase, "stop_match": cfg.r3.stop_match, **cfg.r3.templates})
 
 
 class Trainer:
@@ -91,12 +106,13 @@ class Trainer:
     # ------------------------------------------------------------------------------- one step
 
     def step(self) -> dict[str, Any]:
-        from cluster.r3_step import run_r3_step
+        from cluster.r3_step import run_r3_step, tree_stages
 
         cfg, roles, i = self.cfg, self.roles, self.step_index
         phases: dict[str, float] = {}
         with _timed(phases, "rollout", self.phase_log, i):
-            prompts = self.prompts.next_batch(cfg.r3.prompts_per_step)
+            needs_prompts = self.settings.mode == "chain" or "generate" in tree_stages(i, self.settings, self.buffer)
+            prompts = self.prompts.next_batch(cfg.r3.prompts_per_step) if needs_prompts else []
             result = run_r3_step(i, prompts, roles.reasoner, roles.generator, roles.judge, self.buffer, self.settings)
         with _timed(phases, "learn", self.phase_log, i):
             text_m, image_m = self._learn(result)
