@@ -19,8 +19,9 @@ from typing import Any
 import yaml
 
 from cluster.config import R3Config
+from cluster.settings import eval_settings, load_prompt_sets, step_settings
 
-__all__ = ["run_training", "make_run_dir", "step_settings", "eval_settings", "Trainer"]
+__all__ = ["run_training", "make_run_dir", "Trainer"]
 
 log = logging.getLogger(__name__)
 
@@ -31,55 +32,6 @@ def make_run_dir(cfg: R3Config) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     return run_dir
-
-
-def step_settings(cfg: R3Config) -> Any:
-    from cluster.r3_step import R3StepSettings
-    from rollout.interfaces import SamplerSettings
-    from rollout.stages import StageSettings
-
-    f, g, m = cfg.flow_grpo, cfg.grpo, cfg.models.generator
-    templates = build_templates(cfg)
-    common = dict(guidance=f.guidance, height=m.height, width=m.width)
-    stage = StageSettings(
-        group_size=cfg.r3.group_size, temperature=g.temperature, top_p=g.top_p, max_tokens=g.max_tokens,
-        generate_sampler=SamplerSettings(num_steps=f.num_steps, noise_level=f.noise_level, stochastic=f.stochastic,
-                                         window_lo=f.window[0], window_hi=f.window[1], **common),
-        edit_sampler=SamplerSettings(num_steps=f.edit_num_steps, noise_level=f.edit_noise_level, stochastic=f.stochastic,
-                                     window_lo=f.edit_window[0], window_hi=f.edit_window[1], **common),
-        templates=templates,
-    )
-    return R3StepSettings(tree_schedule=cfg.r3.tree_schedule,
-        mode=cfg.r3.mode, stage=stage, refine_groups=cfg.r3.prompts_per_step, max_rounds=cfg.r3.max_rounds,
-        discount=cfg.r3.discount, format_weight=cfg.r3.format_weight, adv_std=cfg.r3.adv_std, seed=cfg.train.seed,
-    )
-
-
-def eval_settings(cfg: R3Config) -> Any:
-    from rollout.evaluation import EvalSettings
-    from rollout.interfaces import SamplerSettings
-
-    f, m = cfg.flow_grpo, cfg.models.generator
-    common = dict(guidance=f.guidance, height=m.height, width=m.width, stochastic="none", keep_training_data=False)
-    return EvalSettings(
-        max_rounds=cfg.train.eval_rounds, temperature=cfg.grpo.eval_temperature, max_tokens=cfg.grpo.max_tokens,
-        generate_sampler=SamplerSettings(num_steps=f.eval_num_steps, noise_level=0.0, **common),
-        edit_sampler=SamplerSettings(num_steps=f.edit_num_steps, noise_level=0.0, **common),
-        templates=build_templates(cfg), seed=cfg.train.seed,
-    )
-
-
-def build_templates(cfg: R3Config) -> Any:
-    """`rollout.templates.Templates` from `r3.stop_phrase`, `r3.stop_match` and `r3.templates` overrides."""
-    from dataclasses import fields
-
-    from rollout.templates import Templates
-
-    known = {f.name for f in fields(Templates)}
-    unknown = sorted(set(cfg.r3.templates) - known)
-    if unknown:
-        raise ValueError(f"r3.templates has unknown keys {unknown}; known: {sorted(known)}")
-    return Templates(**{"stop_phrase": cfg.r3.stop_phrase, "stop_match": cfg.r3.stop_match, **cfg.r3.templates})
 
 
 class Trainer:
@@ -102,31 +54,34 @@ class Trainer:
         self.metrics = MetricsLogger(run_dir, tensorboard=cfg.logging.tensorboard,
                                      wandb_project=cfg.logging.wandb_project if cfg.logging.wandb else None)
         self.phase_log: list[dict[str, Any]] = []
+        self._pending: tuple[Any, float] | None = None  # one-step-off: the rollout already made for the next step
 
     # ------------------------------------------------------------------------------- one step
 
     def step(self) -> dict[str, Any]:
-        from cluster.r3_step import run_r3_step, tree_stages
-
+        """One step. With `train.async_one_step_off`, the rollout of step t+1 runs while the learners
+        train on step t (its samples are then one weight version stale, never more)."""
         cfg, roles, i = self.cfg, self.roles, self.step_index
         phases: dict[str, float] = {}
-        with _timed(phases, "rollout", self.phase_log, i):
-            needs_prompts = self.settings.mode == "chain" or "generate" in tree_stages(i, self.settings, self.buffer)
-            prompts = self.prompts.next_batch(cfg.r3.prompts_per_step) if needs_prompts else []
-            result = run_r3_step(i, prompts, roles.reasoner, roles.generator, roles.judge, self.buffer, self.settings)
-        with _timed(phases, "learn", self.phase_log, i):
-            text_m, image_m = self._learn(result)
+        if self._pending is not None:
+            result, phases["rollout"] = self._pending
+            self._pending = None
+        else:
+            result = self._rollout(i, phases)
+        staleness = self._staleness(result)
+        if cfg.train.async_one_step_off and i + 1 < cfg.train.steps:
+            with ThreadPoolExecutor(1) as ex:
+                ahead: dict[str, float] = {}
+                future = ex.submit(self._rollout, i + 1, ahead)
+                text_m, image_m = self._learn_timed(result, i, phases)
+                self._pending = (future.result(timeout=cfg.train.remote_timeout_s), ahead["rollout"])
+        else:
+            text_m, image_m = self._learn_timed(result, i, phases)
         with _timed(phases, "sync", self.phase_log, i):
             roles.version += 1
             text_sync = roles.text_sync.sync(roles.text_learners, roles.text_pool.actors, roles.version)
             image_sync = roles.diffusion_sync.sync(roles.diffusion_learners, roles.diffusion_pool.actors, roles.version)
-        versions = {}
-        for role, pool in (("text_workers", roles.text_pool), ("diffusion_workers", roles.diffusion_pool)):
-            versions[role] = pool.call_all("version")
-            stats = pool.call_all("stats")
-            for k, (st, v) in enumerate(zip(stats, versions[role], strict=True)):
-                st.update(name=f"{role.removesuffix('s').replace('_', '-')}-{k}", weight_version=v)
-            self.metrics.log_workers(role, stats)
+        versions = self._worker_versions()
         row = {
             **result.metrics,
             "stages": "+".join(result.stages),
@@ -136,7 +91,7 @@ class Trainer:
                      "image_seconds": image_sync.seconds, "image_bytes": image_sync.bytes},
             "time": {**phases, "step": sum(phases.values())},
             "version": {"policy": roles.version, "text_workers_min": min(versions["text_workers"]),
-                        "diffusion_workers_min": min(versions["diffusion_workers"])},
+                        "diffusion_workers_min": min(versions["diffusion_workers"]), "max_staleness": staleness},
             "samples": {"trajectories": len(result.trajectories), "text": len(result.text_batch),
                         "image": len(result.image_batch)},
             "workers": {"text_replacements": roles.text_pool.replacements,
@@ -146,6 +101,34 @@ class Trainer:
         self._write_trajectories(result.trajectories)
         self.step_index += 1
         return flat
+
+    def _rollout(self, i: int, phases: dict[str, float]) -> Any:
+        from cluster.r3_step import run_r3_step, tree_stages
+
+        roles = self.roles
+        with _timed(phases, "rollout", self.phase_log, i):
+            needs_prompts = self.settings.mode == "chain" or "generate" in tree_stages(i, self.settings, self.buffer)
+            prompts = self.prompts.next_batch(self.cfg.r3.prompts_per_step) if needs_prompts else []
+            return run_r3_step(i, prompts, roles.reasoner, roles.generator, roles.judge, self.buffer, self.settings)
+
+    def _learn_timed(self, result: Any, i: int, phases: dict[str, float]) -> tuple[dict[str, float], dict[str, float]]:
+        with _timed(phases, "learn", self.phase_log, i):
+            return self._learn(result)
+
+    def _staleness(self, result: Any) -> int:
+        """Policy version minus the oldest weight version any training sample was drawn with."""
+        versions = [it.sample.weight_version for it in result.text_batch + result.image_batch]
+        return self.roles.version - min(versions) if versions else 0
+
+    def _worker_versions(self) -> dict[str, list[int]]:
+        versions = {}
+        for role, pool in (("text_workers", self.roles.text_pool), ("diffusion_workers", self.roles.diffusion_pool)):
+            versions[role] = pool.call_all("version")
+            stats = pool.call_all("stats")
+            for k, (st, v) in enumerate(zip(stats, versions[role], strict=True)):
+                st.update(name=f"{role.removesuffix('s').replace('_', '-')}-{k}", weight_version=v)
+            self.metrics.log_workers(role, stats)
+        return versions
 
     def _learn(self, result: Any) -> tuple[dict[str, float], dict[str, float]]:
         """Text and diffusion learners train at the same time (two threads waiting on Ray)."""
@@ -187,6 +170,9 @@ class Trainer:
         from cluster.checkpoint import CheckpointDir
         from learners.checkpointing import save_learner_state
 
+        if self._pending is not None:
+            log.warning("one-step-off mode: the rollout made ahead for step %d is not saved; a resume redoes it "
+                        "with the checkpoint's weights", self.step_index)
         ck = CheckpointDir(self.run_dir / "checkpoints", self.step_index)
         import ray
 
@@ -252,34 +238,6 @@ class Trainer:
         self.roles.shutdown()
 
 
-def load_prompt_sets(cfg: R3Config) -> tuple[list[Any], list[Any]]:
-    from rollout.datasets import load_prompts, remove_overlap
-
-    def load(spec: str) -> list[Any]:
-        if spec == "geneval":
-            return load_prompts(shared_data_dir() / "geneval" / "evaluation_metadata.jsonl")
-        if spec.startswith("shared:"):
-            return load_prompts(shared_data_dir() / spec.removeprefix("shared:"))
-        if spec == "shapes-train" or spec == "shapes-test":
-            from rollout.shapesworld.tasks import shapes_split
-
-            return shapes_split(spec.split("-")[1], seed=cfg.train.seed)
-        return load_prompts(spec)
-
-    train, test = load(cfg.data.train), load(cfg.data.test)
-    if cfg.data.exclude_test_overlap:
-        before = len(train)
-        train = remove_overlap(train, test)
-        log.info("removed %d train prompts that appear in the test set", before - len(train))
-    if cfg.data.limit:
-        train = train[: cfg.data.limit]
-    if cfg.data.eval_limit:
-        test = test[: cfg.data.eval_limit]
-    if not train:
-        raise ValueError(f"data.train={cfg.data.train!r} leaves no prompts (after overlap removal and data.limit)")
-    return train, test
-
-
 def run_training(cfg: R3Config) -> Path:
     """The whole job: connect, build roles, train `train.steps` steps, evaluate, shut down."""
     from tqdm import tqdm
@@ -332,13 +290,6 @@ def _trim(batch: list[Any], ranks: int) -> list[Any]:
     if keep != len(batch):
         log.info("dropping %d of %d samples so the batch splits over %d learner ranks", len(batch) - keep, len(batch), ranks)
     return batch[:keep]
-
-
-def shared_data_dir() -> Path:
-    """$R3RL_DATA, else the `shared/data` folder beside the checkout."""
-    import os
-
-    return Path(os.environ.get("R3RL_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
 @contextmanager

@@ -1,0 +1,97 @@
+"""Config -> the settings objects of the pure R3 code, and the prompt sets of a run."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from cluster.config import R3Config
+
+__all__ = ["step_settings", "eval_settings", "build_templates", "load_prompt_sets", "shared_data_dir"]
+
+log = logging.getLogger(__name__)
+
+
+def step_settings(cfg: R3Config) -> Any:
+    from cluster.r3_step import R3StepSettings
+    from rollout.interfaces import SamplerSettings
+    from rollout.stages import StageSettings
+
+    f, g, m = cfg.flow_grpo, cfg.grpo, cfg.models.generator
+    templates = build_templates(cfg)
+    common = dict(guidance=f.guidance, height=m.height, width=m.width)
+    stage = StageSettings(
+        group_size=cfg.r3.group_size, temperature=g.temperature, top_p=g.top_p, max_tokens=g.max_tokens,
+        generate_sampler=SamplerSettings(num_steps=f.num_steps, noise_level=f.noise_level, stochastic=f.stochastic,
+                                         window_lo=f.window[0], window_hi=f.window[1], **common),
+        edit_sampler=SamplerSettings(num_steps=f.edit_num_steps, noise_level=f.edit_noise_level, stochastic=f.stochastic,
+                                     window_lo=f.edit_window[0], window_hi=f.edit_window[1], **common),
+        templates=templates,
+    )
+    return R3StepSettings(tree_schedule=cfg.r3.tree_schedule,
+        mode=cfg.r3.mode, stage=stage, refine_groups=cfg.r3.prompts_per_step, max_rounds=cfg.r3.max_rounds,
+        discount=cfg.r3.discount, format_weight=cfg.r3.format_weight, adv_std=cfg.r3.adv_std, seed=cfg.train.seed,
+    )
+
+
+def eval_settings(cfg: R3Config) -> Any:
+    from rollout.evaluation import EvalSettings
+    from rollout.interfaces import SamplerSettings
+
+    f, m = cfg.flow_grpo, cfg.models.generator
+    common = dict(guidance=f.guidance, height=m.height, width=m.width, stochastic="none", keep_training_data=False)
+    return EvalSettings(
+        max_rounds=cfg.train.eval_rounds, temperature=cfg.grpo.eval_temperature, max_tokens=cfg.grpo.max_tokens,
+        generate_sampler=SamplerSettings(num_steps=f.eval_num_steps, noise_level=0.0, **common),
+        edit_sampler=SamplerSettings(num_steps=f.edit_num_steps, noise_level=0.0, **common),
+        templates=build_templates(cfg), seed=cfg.train.seed,
+    )
+
+
+def build_templates(cfg: R3Config) -> Any:
+    """`rollout.templates.Templates` from `r3.stop_phrase`, `r3.stop_match` and `r3.templates` overrides."""
+    from dataclasses import fields
+
+    from rollout.templates import Templates
+
+    known = {f.name for f in fields(Templates)}
+    unknown = sorted(set(cfg.r3.templates) - known)
+    if unknown:
+        raise ValueError(f"r3.templates has unknown keys {unknown}; known: {sorted(known)}")
+    return Templates(**{"stop_phrase": cfg.r3.stop_phrase, "stop_match": cfg.r3.stop_match, **cfg.r3.templates})
+
+
+def load_prompt_sets(cfg: R3Config) -> tuple[list[Any], list[Any]]:
+    from rollout.datasets import load_prompts, remove_overlap
+
+    def load(spec: str) -> list[Any]:
+        if spec == "geneval":
+            return load_prompts(shared_data_dir() / "geneval" / "evaluation_metadata.jsonl")
+        if spec.startswith("shared:"):
+            return load_prompts(shared_data_dir() / spec.removeprefix("shared:"))
+        if spec == "shapes-train" or spec == "shapes-test":
+            from rollout.shapesworld.tasks import shapes_split
+
+            return shapes_split(spec.split("-")[1], seed=cfg.train.seed)
+        return load_prompts(spec)
+
+    train, test = load(cfg.data.train), load(cfg.data.test)
+    if cfg.data.exclude_test_overlap:
+        before = len(train)
+        train = remove_overlap(train, test)
+        log.info("removed %d train prompts that appear in the test set", before - len(train))
+    if cfg.data.limit:
+        train = train[: cfg.data.limit]
+    if cfg.data.eval_limit:
+        test = test[: cfg.data.eval_limit]
+    if not train:
+        raise ValueError(f"data.train={cfg.data.train!r} leaves no prompts (after overlap removal and data.limit)")
+    return train, test
+
+
+def shared_data_dir() -> Path:
+    """$R3RL_DATA, else the `shared/data` folder beside the checkout."""
+    import os
+
+    return Path(os.environ.get("R3RL_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
