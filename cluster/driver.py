@@ -163,6 +163,46 @@ class Trainer:
             out.mkdir(exist_ok=True)
             write_trajectories(out / f"step-{self.step_index:06d}.parquet", keep)
 
+    # ------------------------------------------------------------------------------- elasticity
+
+    def resize_workers(self, text_workers: int | None = None, diffusion_workers: int | None = None) -> dict[str, list[int]]:
+        """Change rollout worker counts between steps; new workers get the current weights before serving.
+
+        Learners are untouched. Returns the indices of the new workers per role.
+        """
+        new: dict[str, list[int]] = {}
+        for role, pool, count in (("text_workers", self.roles.text_pool, text_workers),
+                                  ("diffusion_workers", self.roles.diffusion_pool, diffusion_workers)):
+            if count is not None and count != len(pool):
+                log.info("resizing %s: %d -> %d", role, len(pool), count)
+                new[role] = pool.resize(count)
+        return new
+
+    def apply_control_file(self) -> dict[str, list[int]]:
+        """`<run>/control.yaml` (e.g. `text_workers: 3`) rescales workers before the next step.
+
+        The file is renamed to `control.applied-step-N.yaml` (or `.rejected-…` with the reason logged).
+        """
+        path = self.run_dir / "control.yaml"
+        if not path.is_file():
+            return {}
+        stamp = f"step-{self.step_index:06d}"
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+            allowed = {"text_workers", "diffusion_workers"}
+            if not isinstance(data, dict) or set(data) - allowed:
+                raise ValueError(f"control.yaml keys must be among {sorted(allowed)}, got {data!r}")
+            for key, value in data.items():
+                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                    raise ValueError(f"control.yaml {key}={value!r}: must be an integer >= 1")
+        except (ValueError, yaml.YAMLError) as e:
+            log.error("rejected %s: %s", path, e)
+            path.rename(self.run_dir / f"control.rejected-{stamp}.yaml")
+            return {}
+        new = self.resize_workers(**data)
+        path.rename(self.run_dir / f"control.applied-{stamp}.yaml")
+        return new
+
     # ------------------------------------------------------------------------------- checkpoints
 
     def save_checkpoint(self) -> Path:
@@ -260,6 +300,7 @@ def run_training(cfg: R3Config) -> Path:
         bar = tqdm(total=cfg.train.steps, initial=trainer.step_index, desc="R3RL", unit="step",
                    disable=not cfg.logging.progress)
         while trainer.step_index < cfg.train.steps:
+            trainer.apply_control_file()
             row = trainer.step()
             if cfg.checkpoint.every and trainer.step_index % cfg.checkpoint.every == 0:
                 trainer.save_checkpoint()
