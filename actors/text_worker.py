@@ -84,8 +84,11 @@ class TextWorker(TextWeightReceiver):
         config_file = Path(model_path) / "config.json"
         if not config_file.is_file():
             raise ValueError(f"model_path={model_path!r} has no config.json; pass an HF model folder")
-        for key, value in CPU_ENGINE_ENV.items():  # no-ops unless vLLM targets the CPU
-            os.environ.setdefault(key, value)
+        import torch
+
+        if not torch.cuda.is_available():  # must precede the vLLM import; GPUs keep vLLM defaults
+            for key, value in CPU_ENGINE_ENV.items():
+                os.environ.setdefault(key, value)
         from vllm import LLM
         from vllm.platforms import current_platform
 

@@ -195,6 +195,17 @@ def test_bad_requests_raise_and_engines_survive(text_worker_lm, text_worker_vlm,
     assert len(text_worker_vlm.generate([_ask("hi", make_image(0), max_tokens=2)])[0]) == 1
 
 
+def test_bad_constructor_arguments_raise_before_an_engine_starts(tiny_models, tmp_path: Path) -> None:
+    from actors.text_worker import TextWorker
+
+    with pytest.raises(ValueError, match="config.json"):
+        TextWorker(str(tmp_path))
+    with pytest.raises(ValueError, match="max_model_len=0"):
+        TextWorker(str(tiny_models.lm), max_model_len=0)
+    with pytest.raises(ValueError, match="enable_sleep_mode"):  # no sleep mode on CPU
+        TextWorker(str(tiny_models.lm), enable_sleep_mode=True)
+
+
 def _text_of_tokens(worker, total: int) -> str:
     """A user text whose rendered prompt has `total` text tokens, give or take 2 (no image tokens)."""
     tokenizer = worker._renderer.tokenizer
