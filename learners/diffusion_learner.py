@@ -1,0 +1,286 @@
+"""FlowGRPO learner for the generator's flow transformer on DeepSpeed (DESIGN.md §4).
+
+Only the transformer is trained and held: `ImageSample` stores the text conditioning
+(prompt_embeds, pooled_embeds) and the source-image latents, so text encoders and VAE are not
+needed here. For every stored stochastic step the velocity comes from
+`rollout.flux_forward.flux_velocity` and the step's log-prob / mean / std from
+`rollout.flow_sde.sde_step(..., prev_sample=stored_next)`: the very functions the sampler used,
+so before the first update the ratio is 1.
+
+The unit of a micro-batch is one (image, stored step) item; the loss is the mean over all items
+of all ranks of the clipped surrogate plus β·KL, times the image-loss weight. KL: "mean" =
+mean((μθ − μref)²)/(2·std²) on the step mean, or "velocity" = mean((vθ − vref)²) (the no-CFG
+variant). Optional train-time CFG: v = v_u.detach() + s·(v_c − v_u.detach()), which is only
+consistent when the sampler used the same guidance; the unconditional embeddings are passed in.
+Under ZeRO-3 every rank must run the same number of forwards: keep edits and generations in
+separate batches, and images of one size.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+
+from learners import algos, ds_engine
+from learners.learner_base import LearnerBase
+from rollout.flow_sde import sde_step
+from rollout.flux_forward import flux_velocity
+from rollout.trajectory import ImageSample
+
+__all__ = ["DiffusionLearner", "KL_MODES"]
+
+log = logging.getLogger(__name__)
+
+KL_MODES = ("mean", "velocity")
+_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+class _Item(NamedTuple):
+    """One stored stochastic step of one image."""
+
+    sample: int  # index into the step's samples
+    step: int  # index into the sample's stored steps
+
+
+class DiffusionLearner(LearnerBase):
+    """One rank of the generator's learner group; every public call is collective over ranks."""
+
+    def __init__(
+        self,
+        *,
+        model_path: str,
+        zero_stage: int = 1,
+        lr: float = 1e-5,
+        betas: tuple[float, float] = (0.9, 0.999),
+        weight_decay: float = 0.0,
+        adam_eps: float = 1e-8,
+        warmup_steps: int = 0,
+        grad_clip: float = 1.0,
+        micro_batch_size: int = 4,
+        dtype: str = "auto",
+        kl_coef: float = 0.0,
+        kl_mode: str = "mean",
+        clip_range: float = 0.2,
+        adv_clip: float = 5.0,
+        image_loss_weight: float = 1.0,
+        cfg_scale: float = 1.0,
+        lora_rank: int = 0,
+        lora_alpha: float = 16.0,
+        gradient_checkpointing: bool = False,
+        seed: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+        master_addr: str | None = None,
+        master_port: int | None = None,
+        backend: str | None = None,
+    ) -> None:
+        """Load the transformer (a pipeline folder with `transformer/`, or a transformer folder).
+
+        micro_batch_size counts (image, stored step) items. cfg_scale 1 = no train-time CFG.
+        rank/world_size/master_*: as `TextLearner`.
+        """
+        if kl_mode not in KL_MODES:
+            raise ValueError(f"unknown kl_mode {kl_mode!r}; known: {list(KL_MODES)}")
+        if clip_range <= 0:
+            raise ValueError(f"clip_range must be > 0, got {clip_range}")
+        self._setup_dist(rank, world_size, master_addr, master_port, backend, seed)
+        self.model_path = str(model_path)
+        self.micro_batch_size = micro_batch_size
+        self.kl_coef, self.kl_mode = kl_coef, kl_mode
+        self.clip_range, self.adv_clip = clip_range, adv_clip
+        self.image_loss_weight, self.cfg_scale = image_loss_weight, cfg_scale
+        self.dtype = ds_engine.resolve_dtype(dtype)
+        self.lora = lora_rank > 0
+
+        model = self._load_transformer()
+        if gradient_checkpointing:
+            model.enable_gradient_checkpointing()
+        self.ref_model = None
+        if self.lora:
+            model = ds_engine.apply_lora(model, lora_rank, lora_alpha, _LORA_TARGETS)
+        elif kl_coef > 0:
+            self.ref_model = self._load_transformer().to(self.device, self.dtype).eval().requires_grad_(False)
+        config = ds_engine.build_ds_config(
+            zero_stage=zero_stage, lr=lr, betas=betas, weight_decay=weight_decay, adam_eps=adam_eps,
+            grad_clip=grad_clip, micro_batch_size=micro_batch_size, world_size=self.world_size,
+            dtype=self.dtype)
+        self.engine = ds_engine.initialize_engine(model, config, warmup_steps)
+        self.engine.eval()
+        self.guidance_embeds = bool(self.engine.module.config.guidance_embeds)
+
+    # ---- public -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def compute_log_probs(self, samples: Sequence[ImageSample], reference: bool = False,
+                          negative_embeds: tuple[Any, Any] | None = None) -> list[list[float]]:
+        """Recomputed log-probs of every stored step, one list per sample (collective)."""
+        items = _items(samples)
+        out = [[0.0] * len(s.log_probs) for s in samples]
+        for sl in self._plan_micro_batches(len(items)):
+            chunk = items[sl]
+            res = self._score(samples, chunk, reference, negative_embeds, grad=False)
+            for it, lp in zip(chunk, res.log_prob.tolist(), strict=True):
+                out[it.sample][it.step] = lp
+        return out
+
+    def train_step(self, samples: Sequence[ImageSample], advantages: Sequence[float],
+                   negative_embeds: tuple[Any, Any] | None = None) -> dict[str, float]:
+        """One FlowGRPO update over every stored step of this rank's samples (collective).
+
+        advantages: one per sample (applied to each of its steps, clipped to ±adv_clip).
+        negative_embeds: (prompt_embeds (T, D), pooled (P,)) of the unconditional prompt, needed
+        when cfg_scale != 1. Returns metrics reduced over all ranks.
+        """
+        if len(samples) != len(advantages):
+            raise ValueError(f"{len(samples)} samples but {len(advantages)} advantages")
+        start = time.perf_counter()
+        items = _items(samples)
+        micro = self._plan_micro_batches(len(items))
+        normalizer = ds_engine.all_reduce_sum(len(items))
+        ds_engine.set_micro_batches(self.engine, len(micro))
+        scale = ds_engine.micro_loss_scale(self.engine, len(micro))
+        self._lr_used = self.engine.get_lr()[0]
+        adv_all = torch.tensor(list(advantages), dtype=torch.float32)
+        sums = dict.fromkeys(["pg_loss", "kl_loss", "clip_frac", "ratio_mean", "num_steps"], 0.0)
+        sums["num_images"] = float(len(samples))
+        mins, maxs = {"ratio_min": float("inf")}, {"ratio_max": float("-inf")}
+        for j, sl in enumerate(micro):
+            chunk = items[sl]
+            res = self._score(samples, chunk, False, negative_embeds, grad=True)
+            old = torch.tensor([float(samples[i.sample].log_probs[i.step]) for i in chunk], device=self.device)
+            adv = adv_all[[i.sample for i in chunk]].to(self.device)
+            terms = algos.flow_grpo_loss_terms(res.log_prob, old, adv, self.clip_range, self.adv_clip)
+            pg = terms.loss * (len(chunk) / normalizer)
+            loss = pg
+            if self.kl_coef > 0:
+                kl = self._kl(samples, chunk, res, negative_embeds).sum() / normalizer
+                loss = loss + self.kl_coef * kl
+                sums["kl_loss"] += float(kl.detach())
+            self.engine.backward(self.image_loss_weight * loss * scale)
+            self._engine_step(is_last=j == len(micro) - 1)
+            b = float(len(chunk))
+            sums["pg_loss"] += float(pg.detach())
+            sums["clip_frac"] += float(terms.clip_frac) * b
+            sums["ratio_mean"] += float(terms.ratio_mean) * b
+            sums["num_steps"] += b
+            mins["ratio_min"] = min(mins["ratio_min"], float(terms.ratio_min))
+            maxs["ratio_max"] = max(maxs["ratio_max"], float(terms.ratio_max))
+        m = self._finish_step(sums, mins, maxs, start, unit="images")
+        m["clip_frac"] /= max(m["num_steps"], 1.0)
+        m["ratio_mean"] /= max(m["num_steps"], 1.0)
+        m["loss"] = self.image_loss_weight * (m["pg_loss"] + self.kl_coef * m["kl_loss"])
+        return m
+
+    # ---- model ------------------------------------------------------------------------------
+    def _load_transformer(self) -> torch.nn.Module:
+        from diffusers import FluxTransformer2DModel
+
+        path = Path(self.model_path)
+        sub = "transformer" if (path / "transformer").is_dir() else None
+        return FluxTransformer2DModel.from_pretrained(str(path), subfolder=sub, torch_dtype=torch.float32)
+
+    def _copy_side_files(self, out: Path) -> None:
+        """The transformer folder is self-contained (config.json + safetensors)."""
+
+    def _module(self, reference: bool):
+        if not reference:
+            return self.engine
+        if self.lora:
+            return _AdapterDisabled(self.engine.module)
+        if self.ref_model is None:
+            raise ValueError("reference velocities need kl_coef > 0 (no reference model was loaded)")
+        return self.ref_model
+
+    class _Scored(NamedTuple):
+        log_prob: torch.Tensor  # (B,)
+        mean: torch.Tensor  # (B, L, C)
+        std: torch.Tensor  # (B, 1, 1)
+        velocity: torch.Tensor  # (B, L, C)
+
+    def _score(self, samples: Sequence[ImageSample], chunk: list[_Item], reference: bool,
+               negative_embeds: tuple[Any, Any] | None, grad: bool) -> DiffusionLearner._Scored:
+        """Velocity and SDE-step log-prob of each item; sub-batches share size and edit-ness."""
+        parts: dict[tuple, list[int]] = {}
+        for k, it in enumerate(chunk):
+            s = samples[it.sample]
+            parts.setdefault((s.image.shape[0], s.image.shape[1], s.source_latents is not None), []).append(k)
+        results: list[tuple[list[int], DiffusionLearner._Scored]] = []
+        for (height, width, _), rows in parts.items():
+            results.append((rows, self._score_uniform(samples, [chunk[k] for k in rows], height, width,
+                                                      reference, negative_embeds, grad)))
+        if len(results) == 1:
+            return results[0][1]
+        order = torch.tensor([k for rows, _ in results for k in rows], device=self.device)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(len(order), device=self.device)
+        cat = [torch.cat([r[f] for _, r in results])[inverse] for f in range(4)]
+        return DiffusionLearner._Scored(*cat)
+
+    def _score_uniform(self, samples, chunk, height, width, reference, negative_embeds, grad):
+        def stack(get) -> torch.Tensor:
+            return torch.stack([torch.as_tensor(np.asarray(get(samples[i.sample], i.step)))
+                                for i in chunk]).to(self.device, torch.float32)
+
+        x = stack(lambda s, j: s.latents[j])  # (B, L, C)
+        x_next = stack(lambda s, j: s.next_latents[j])
+        sigma = stack(lambda s, j: s.sigmas[j])  # (B,)
+        sigma_next = stack(lambda s, j: s.sigmas_next[j])
+        level = stack(lambda s, j: s.noise_level)
+        embeds = stack(lambda s, j: s.prompt_embeds)  # (B, T, D)
+        pooled = stack(lambda s, j: s.pooled_embeds)  # (B, P)
+        source = stack(lambda s, j: s.source_latents) if samples[chunk[0].sample].source_latents is not None else None
+        guidance = stack(lambda s, j: s.guidance) if self.guidance_embeds else None
+        model = self._module(reference)
+        with torch.set_grad_enabled(grad and not reference):
+            v = flux_velocity(model, x, sigma, embeds, pooled, guidance, height, width, source)
+            if self.cfg_scale != 1.0:
+                v = self._guided(model, v, x, sigma, negative_embeds, guidance, height, width, source)
+            step = sde_step(v, sigma, sigma_next, x, level, prev_sample=x_next)
+        return DiffusionLearner._Scored(step.log_prob, step.mean, step.std, v)
+
+    def _guided(self, model, v_cond, x, sigma, negative_embeds, guidance, height, width, source):
+        """Train-time CFG: the unconditional branch is computed without gradient."""
+        if negative_embeds is None:
+            raise ValueError(f"cfg_scale={self.cfg_scale} needs negative_embeds (unconditional prompt)")
+        neg, neg_pooled = (torch.as_tensor(np.asarray(t), dtype=torch.float32, device=self.device)
+                           for t in negative_embeds)
+        b = x.shape[0]
+        with torch.no_grad():
+            v_u = flux_velocity(model, x, sigma, neg.expand(b, -1, -1), neg_pooled.expand(b, -1),
+                                guidance, height, width, source)
+        return v_u + self.cfg_scale * (v_cond - v_u)
+
+    def _kl(self, samples, chunk, res: DiffusionLearner._Scored, negative_embeds) -> torch.Tensor:
+        """Per-item KL to the reference transformer, (B,)."""
+        ref = self._score(samples, chunk, True, negative_embeds, grad=False)
+        if self.kl_mode == "mean":
+            return algos.flow_kl(res.mean, ref.mean, res.std.reshape(-1))
+        return algos.velocity_kl(res.velocity, ref.velocity)
+
+
+class _AdapterDisabled(torch.nn.Module):
+    """Call a peft-wrapped transformer with its adapter off (the frozen base is the reference)."""
+
+    def __init__(self, peft_model) -> None:
+        super().__init__()
+        self.peft_model = peft_model
+
+    def forward(self, **kwargs):
+        with self.peft_model.disable_adapter():
+            return self.peft_model(**kwargs)
+
+
+def _items(samples: Sequence[ImageSample]) -> list[_Item]:
+    items = []
+    for i, s in enumerate(samples):
+        if s.latents is None or s.log_probs is None or s.prompt_embeds is None:
+            raise ValueError(f"sample {i} has no training data (sampled with keep_training_data=False?)")
+        items += [_Item(i, j) for j in range(len(s.log_probs))]
+    if not items:
+        raise ValueError("no stored stochastic steps in the batch (stochastic='none'?)")
+    return items
