@@ -1,0 +1,42 @@
+"""Pure helpers of the learners' DeepSpeed setup (no engine is started here)."""
+
+import pytest
+import torch
+
+from learners.ds_engine import build_ds_config, resolve_dtype, warmup_lambda
+from learners.learner_base import split_even
+
+
+def test_warmup_is_linear_then_flat():
+    f = warmup_lambda(4)
+    assert [f(s) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert warmup_lambda(0)(0) == 1.0  # no warm-up: the first update uses the full lr
+    with pytest.raises(ValueError):
+        warmup_lambda(-1)
+
+
+def test_ds_config_from_arguments():
+    cfg = build_ds_config(zero_stage=3, lr=5e-6, betas=(0.9, 0.95), weight_decay=0.1, adam_eps=1e-8,
+                          grad_clip=1.0, micro_batch_size=2, world_size=4, dtype=torch.float32)
+    assert cfg["zero_optimization"]["stage"] == 3
+    assert cfg["train_batch_size"] == 8 and cfg["gradient_accumulation_steps"] == 1
+    assert cfg["optimizer"]["type"] == "AdamW"
+    assert cfg["optimizer"]["params"]["betas"] == [0.9, 0.95] and cfg["optimizer"]["params"]["lr"] == 5e-6
+    assert cfg["gradient_clipping"] == 1.0 and cfg["bf16"]["enabled"] is False
+    with pytest.raises(ValueError, match="zero_stage"):
+        build_ds_config(zero_stage=4, lr=1.0, betas=(0.9, 0.9), weight_decay=0, adam_eps=1e-8, grad_clip=0,
+                        micro_batch_size=1, world_size=1, dtype=torch.float32)
+
+
+def test_resolve_dtype(monkeypatch):
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    assert resolve_dtype("auto") == torch.float32
+    assert resolve_dtype("bfloat16") == torch.bfloat16
+    with pytest.raises(ValueError, match="known"):
+        resolve_dtype("fp8")
+
+
+def test_split_even():
+    assert split_even(5, 2) == [slice(0, 3), slice(3, 5)]
+    assert split_even(4, 4) == [slice(i, i + 1) for i in range(4)]
+    assert sum(s.stop - s.start for s in split_even(17, 5)) == 17
