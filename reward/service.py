@@ -84,6 +84,10 @@ class JudgeDeployment:
         """Score one item (batched with concurrent calls)."""
         return await self.score_batch(item)
 
+    async def score_items(self, items: list[JudgeItem]) -> list[JudgeResult]:
+        """Score several items in one request; each joins the batch queue on its own."""
+        return list(await asyncio.gather(*(self.score_batch(it) for it in items)))
+
     def stats(self) -> dict[str, Any]:
         """This replica's counts: calls, items and failures by kind."""
         return {**self._stats, "failures": dict(self._stats["failures"])}
@@ -128,47 +132,64 @@ class JudgeDeployment:
 
 
 class ServeJudgeClient:
-    """A `Judge` that sends each item to the Serve app `app_name` as its own request.
+    """A `Judge` that scores items through the Serve app `app_name`.
+
+    Items go out in requests of at most `items_per_request` (each request's items join the
+    replica's batch queue one by one, so they are batched together with other callers' items;
+    several requests spread over replicas). One round trip per request instead of per item keeps
+    the service's cost low when the judge itself is fast.
 
     Args:
         app_name: the Serve application (as given to `deploy_judge`).
         timeout_s: per-request deadline, counted from submission.
         max_retries: re-submissions of a request that timed out or failed.
+        items_per_request: most items per request (1: one request per item).
     """
 
-    def __init__(self, app_name: str, *, timeout_s: float = 60.0, max_retries: int = 1) -> None:
-        if timeout_s <= 0 or max_retries < 0:
-            raise ValueError(f"need timeout_s > 0 and max_retries >= 0, got {timeout_s}, {max_retries}")
+    def __init__(
+        self, app_name: str, *, timeout_s: float = 60.0, max_retries: int = 1, items_per_request: int = 16
+    ) -> None:
+        if timeout_s <= 0 or max_retries < 0 or items_per_request < 1:
+            raise ValueError(
+                f"need timeout_s > 0, max_retries >= 0, items_per_request >= 1; got "
+                f"{timeout_s}, {max_retries}, {items_per_request}"
+            )
         self.app_name = app_name
         self._timeout_s = timeout_s
         self._max_retries = max_retries
+        self._per_request = items_per_request
         self._handle = None
         self._counter = None
         self.failures: _Tally = _Tally()
 
     def score(self, items: list[JudgeItem]) -> list[JudgeResult]:
-        """One result per item; a request that times out on every attempt gets an error result."""
+        """One result per item; a request that fails on every attempt gives its items error results."""
         results: list[JudgeResult | None] = [None] * len(items)
+        chunks = [
+            list(range(i, min(i + self._per_request, len(items))))
+            for i in range(0, len(items), self._per_request)
+        ]
         errors: dict[int, str] = {}
-        pending = list(range(len(items)))
+        pending = list(range(len(chunks)))
         for attempt in range(self._max_retries + 1):
             if not pending:
                 break
             handle = self._get_handle()
             start = time.monotonic()
-            responses = {i: handle.score.remote(items[i]) for i in pending}
+            responses = {c: handle.score_items.remote([items[i] for i in chunks[c]]) for c in pending}
             failed = []
-            for i, resp in responses.items():
+            for c, resp in responses.items():
                 remaining = max(0.0, self._timeout_s - (time.monotonic() - start))
                 try:
-                    results[i] = resp.result(timeout_s=remaining)
+                    for i, r in zip(chunks[c], resp.result(timeout_s=remaining), strict=True):
+                        results[i] = r
                 except TimeoutError:
                     resp.cancel()
-                    errors[i] = f"serve timeout after {self._timeout_s}s"
-                    failed.append(i)
+                    errors[c] = f"serve timeout after {self._timeout_s}s"
+                    failed.append(c)
                 except Exception as e:  # replica died, request cancelled, ...
-                    errors[i] = f"serve error: {type(e).__name__}: {e}"
-                    failed.append(i)
+                    errors[c] = f"serve error: {type(e).__name__}: {e}"
+                    failed.append(c)
             if failed:
                 log.warning(
                     "judge %s: %d/%d requests failed (attempt %d)",
@@ -178,10 +199,11 @@ class ServeJudgeClient:
                     attempt + 1,
                 )
             pending = failed
-        for i in pending:
-            reason = f"{errors[i]} ({self._max_retries + 1} attempts)"
-            results[i] = error_result(reason)
-            self._count_failure(failure_kind(reason))
+        for c in pending:
+            reason = f"{errors[c]} ({self._max_retries + 1} attempts)"
+            for i in chunks[c]:
+                results[i] = error_result(reason)
+                self._count_failure(failure_kind(reason))
         return [r for r in results if r is not None]
 
     def _get_handle(self):
@@ -229,12 +251,14 @@ def deploy_judge(
     batch_wait_timeout_s: float = 0.05,
     max_ongoing_requests: int | None = None,
     num_cpus: float = 1.0,
+    runtime_env: dict[str, Any] | None = None,
 ) -> Any:
     """Deploy `judge_spec` as the Serve app `name`; returns its deployment handle.
 
     Exactly one of `num_replicas` / `autoscaling` (`{"min_replicas", "max_replicas",
     "target_ongoing_requests"?}`) is used. `max_ongoing_requests` defaults to twice the batch size
-    so that a replica can fill a batch (Serve's own default of 5 would cap batches at 5). Call
+    so that a replica can fill a batch (Serve's own default of 5 would cap batches at 5).
+    `runtime_env` (e.g. `{"env_vars": {"OMP_NUM_THREADS": "1"}}`) applies to the replicas. Call
     `start_serve` first to choose the HTTP address (else Serve's default applies).
     """
     if (num_replicas is None) == (autoscaling is None):
@@ -248,7 +272,7 @@ def deploy_judge(
     options: dict[str, Any] = {
         "name": name,
         "max_ongoing_requests": max_ongoing_requests or 2 * max_batch_size,
-        "ray_actor_options": {"num_cpus": num_cpus},
+        "ray_actor_options": {"num_cpus": num_cpus, **({"runtime_env": runtime_env} if runtime_env else {})},
     }
     if autoscaling is not None:
         if not {"min_replicas", "max_replicas"} <= set(autoscaling):

@@ -42,7 +42,7 @@ def test_concurrent_requests_are_batched_across_two_replicas(serve_port, tmp_pat
     deploy_judge(
         spec, name="batching", num_replicas=2, max_batch_size=8, batch_wait_timeout_s=0.2, num_cpus=0.25
     )
-    client = ServeJudgeClient("batching", timeout_s=60)
+    client = ServeJudgeClient("batching", timeout_s=60, items_per_request=1)  # N requests
     assert isinstance(client, Judge)
     n = 24
     results = client.score([JudgeItem(IMG, f"p{i}") for i in range(n)])
