@@ -102,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from actors.models import build_tiny_models
 
+    load_start = os.getloadavg()[0]  # other jobs on the box skew the numbers: recorded
     models = build_tiny_models()
     rows = []
     for kind, path in (("lm", models.lm), ("vlm", models.vlm)):
@@ -116,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"machine": platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__,
             "device": "cuda" if torch.cuda.is_available() else "cpu",
-            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "loadavg_1m_start_end": [load_start, os.getloadavg()[0]]}
     args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     sys.stdout.write(f"wrote {args.out}\n")
     return 0
