@@ -93,7 +93,15 @@ def _post(port: int, path: str, payload) -> tuple[int, dict]:
 def test_http_score_with_ocr_judge_and_failure_counts(serve_port):
     from ray import serve
 
-    handle = deploy_judge({"kind": "ocr", "num_threads": 1}, name="ocr", max_batch_size=4, num_cpus=0.25)
+    autoscaling = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 4}
+    handle = deploy_judge(
+        {"kind": "ocr", "num_threads": 1},
+        name="ocr",
+        num_replicas=None,
+        autoscaling=autoscaling,
+        max_batch_size=4,
+        num_cpus=0.25,
+    )
     items = [
         {"image_png_b64": _png_b64("HELLO"), "prompt": 'a sign "HELLO"'},
         {"image_png_b64": "data:image/png;base64," + _png_b64(None), "prompt": 'a sign "HELLO"'},
@@ -105,7 +113,7 @@ def test_http_score_with_ocr_judge_and_failure_counts(serve_port):
     assert (ok["score"], ok["correct"], ok["error"]) == (1.0, True, None)
     assert (blank["score"], blank["error"]) == (0.0, None)
     assert bad["score"] == 0.0 and "no quoted target text" in bad["error"]
-    assert handle.stats.remote().result()["failures"] == {"input": 1}
+    assert handle.stats.remote().result()["failures"] == {"input": 1}  # one replica (min_replicas)
     status, out = _post(serve_port, "/ocr/score", b"not json")
     assert status == 400 and "bad request" in out["error"]
     status, out = _post(serve_port, "/ocr/score", {"items": [{"image_png_b64": "!!", "prompt": "x"}]})
