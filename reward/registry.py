@@ -80,3 +80,10 @@ def _constant(**kwargs: Any) -> Judge:
     from reward.simple_judges import ConstantJudge
 
     return ConstantJudge(**kwargs)
+
+
+@register_judge("shapes")
+def _shapes(**kwargs: Any) -> Judge:
+    from reward.shapes_judge import build_shapes_judge
+
+    return build_shapes_judge(**kwargs)
