@@ -171,8 +171,12 @@ class FlowGRPOConfig(_Section):
     kl_coef: float = Field(0.001, ge=0)
     image_loss_weight: float = Field(2.0, ge=0)
     guidance: float = Field(3.5, ge=0, description="distilled guidance of the Flux transformer")
-    train_cfg: bool = Field(False, description="train-time CFG (unconditional branch detached)")
-    velocity_kl: bool = Field(False, description="KL on the velocity instead of the SDE mean")
+    train_cfg_scale: float = Field(
+        1.0, ge=1.0, description="train-time CFG scale (1 = off); the unconditional branch is detached"
+    )
+    kl_mode: Literal["mean", "velocity"] = Field(
+        "mean", description="KL on the SDE step mean, or on the velocity (no-CFG variant for unified models)"
+    )
     lr: float = Field(5e-6, gt=0)
     betas: tuple[float, float] = Field((0.9, 0.95))
     warmup_steps: int = Field(10, ge=0)

@@ -54,6 +54,7 @@ class Trainer:
         self.metrics = MetricsLogger(run_dir, tensorboard=cfg.logging.tensorboard,
                                      wandb_project=cfg.logging.wandb_project if cfg.logging.wandb else None)
         self.phase_log: list[dict[str, Any]] = []
+        self._uncond: Any = None
         self._pending: tuple[Any, float] | None = None  # one-step-off: the rollout already made for the next step
 
     # ------------------------------------------------------------------------------- one step
@@ -148,11 +149,24 @@ class Trainer:
         def train_image() -> dict[str, float]:
             if not image:
                 return {"skipped": 1.0}
-            return roles.diffusion_learners.train_step([it.sample for it in image], [it.advantage for it in image])
+            return roles.diffusion_learners.train_step([it.sample for it in image], [it.advantage for it in image],
+                                                       negative_embeds=self._negative_embeds())
 
         with ThreadPoolExecutor(2) as pool:
             t, m = pool.submit(train_text), pool.submit(train_image)
             return t.result(timeout=self.cfg.train.remote_timeout_s), m.result(timeout=self.cfg.train.remote_timeout_s)
+
+    def _negative_embeds(self) -> Any:
+        """Unconditional (empty-prompt) embeddings for train-time CFG, encoded once by a diffusion worker."""
+        if self.cfg.flow_grpo.train_cfg_scale == 1.0:
+            return None
+        if self._uncond is None:
+            import ray
+
+            embeds, pooled = ray.get(self.roles.diffusion_pool.actors[0].encode.remote([""]),
+                                     timeout=self.cfg.train.remote_timeout_s)
+            self._uncond = (embeds[0], pooled[0])
+        return self._uncond
 
     def _write_trajectories(self, trajectories: list[Any]) -> None:
         from rollout.trajectory import write_trajectories

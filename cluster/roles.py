@@ -129,8 +129,8 @@ def diffusion_learner_kwargs(cfg: R3Config, paths: ModelPaths) -> dict[str, Any]
     return dict(
         model_path=paths.generator, zero_stage=f.zero_stage, lr=f.lr, betas=tuple(f.betas),
         warmup_steps=f.warmup_steps, grad_clip=f.grad_clip, micro_batch_size=f.micro_batch_size,
-        clip_range=f.clip_range, adv_clip=f.adv_clip, kl_coef=f.kl_coef, image_loss_weight=f.image_loss_weight,
-        train_cfg=f.train_cfg, velocity_kl=f.velocity_kl, seed=cfg.train.seed,
+        clip_range=f.clip_range, adv_clip=f.adv_clip, kl_coef=f.kl_coef, kl_mode=f.kl_mode,
+        image_loss_weight=f.image_loss_weight, cfg_scale=f.train_cfg_scale, seed=cfg.train.seed,
     )
 
 
