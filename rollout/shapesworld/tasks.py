@@ -194,7 +194,8 @@ def metadata_for_prompt(prompt: str) -> dict[str, Any]:
 
 
 def shapes_split(name: str, seed: int = 0, test_fraction: float = 0.25) -> list[PromptRecord]:
-    """One side of the fixed split as `rollout.datasets.PromptRecord`s (category = tag).
+    """One side of the fixed split as `rollout.datasets.PromptRecord`s (category = tag), in a
+    tag-balanced order.
 
     `seed` picks the partition: keep it fixed (0) across runs, or a model warm-started on one
     seed's train side may be evaluated on prompts it was trained on.
@@ -210,7 +211,13 @@ def shapes_split(name: str, seed: int = 0, test_fraction: float = 0.25) -> list[
         raise ValueError(
             f"split {name!r}; allowed: 'train', 'test' (data.train / data.test 'shapes-<split>')"
         )
-    return [PromptRecord(r["prompt"], r, r["tag"], f"shapesworld:{name}:{i}") for i, r in enumerate(rows)]
+    # Round-robin over tags (each tag shuffled), so that any first-N prefix (data.limit,
+    # data.eval_limit) is balanced across tags.
+    rng = np.random.default_rng([seed, 7])
+    by_tag = [[r for r in rows if r["tag"] == t] for t in TAGS]
+    by_tag = [[rs[i] for i in rng.permutation(len(rs))] for rs in by_tag if rs]
+    ordered = [rs[k] for k in range(max(map(len, by_tag))) for rs in by_tag if k < len(rs)]
+    return [PromptRecord(r["prompt"], r, r["tag"], f"shapesworld:{name}:{i}") for i, r in enumerate(ordered)]
 
 
 def write_splits(out_dir: str | Path, seed: int = 0, test_fraction: float = 0.25) -> tuple[Path, Path]:
