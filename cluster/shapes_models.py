@@ -1,0 +1,129 @@
+"""Where the warm-started ShapesWorld models live, and the untrained generator they start from.
+
+`python -m cluster.shapes_pretrain` writes `$R3RL_CACHE/<SHAPES_VERSION>/{flux,vlm}` (diffusers
+FluxKontextPipeline and HF Idefics3 folders) plus `manifest.json` with what it measured; configs
+name them `tiny:shapes-flux` and `tiny:shapes-vlm`. The generator is a larger sibling of
+`actors.tiny_flux` (same classes, tokenizers and scheduler; wider and deeper transformer, text
+encoders and VAE) so it has room to learn ShapesWorld.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+__all__ = ["SHAPES_VERSION", "SHAPES_MODELS", "shapes_cache_dir", "shapes_model_path", "build_shapes_flux"]
+
+logger = logging.getLogger(__name__)
+
+# Bump when the architecture or the training recipe changes, so stale warm starts are not reused.
+SHAPES_VERSION = "shapes-v1"
+SHAPES_MODELS = {"shapes-flux": "flux", "shapes-vlm": "vlm"}
+
+
+def shapes_cache_dir(cache_dir: Path | None = None) -> Path:
+    """`<cache root>/<SHAPES_VERSION>` (cache root: `$R3RL_CACHE`, else `~/.cache/r3rl`)."""
+    from actors.models import default_cache_dir
+
+    return Path(cache_dir if cache_dir is not None else default_cache_dir()) / SHAPES_VERSION
+
+
+def shapes_model_path(name: str, cache_dir: Path | None = None) -> Path:
+    """Folder of a warm-started model ("shapes-flux" or "shapes-vlm").
+
+    Raises:
+        ValueError: unknown name, or the warm start has not been run yet (it takes minutes, so it
+            is never started implicitly).
+    """
+    if name not in SHAPES_MODELS:
+        raise ValueError(f"unknown ShapesWorld model {name!r}; known: {sorted(SHAPES_MODELS)}")
+    path = shapes_cache_dir(cache_dir) / SHAPES_MODELS[name]
+    if not (path.is_dir() and (path.parent / "manifest.json").is_file()):
+        raise ValueError(
+            f"{path} does not exist yet: run `python -m cluster.shapes_pretrain` first "
+            "(the supervised ShapesWorld warm start, about 15 minutes on 2 cores)"
+        )
+    return path
+
+
+def build_shapes_flux(out: Path, seed: int = 0):
+    """Build an untrained FluxKontextPipeline for ShapesWorld and return it (not saved).
+
+    Transformer: 2 double + 2 single blocks, 4 heads × 32 (vs 1 + 2 blocks, 2 × 16 in the test
+    model); T5/CLIP width 64; VAE widths (16, 32, 64, 64) with 16 latent channels and 8×
+    downsampling, as the workers' packing assumes. Tokenizers and scheduler come from
+    `actors.tiny_flux`, built into `out / "tiny"`.
+    """
+    import torch
+    from diffusers import AutoencoderKL, FluxKontextPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from actors.tiny_flux import build_tiny_flux
+
+    tiny = FluxKontextPipeline.from_pretrained(str(build_tiny_flux(Path(out) / "tiny", seed=seed)))
+    tok_clip, tok_t5 = tiny.tokenizer, tiny.tokenizer_2
+    vocab = len(tok_clip)
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=64,
+        num_layers=2,
+        num_single_layers=2,
+        attention_head_dim=32,
+        num_attention_heads=4,
+        joint_attention_dim=64,
+        pooled_projection_dim=64,
+        guidance_embeds=True,
+        axes_dims_rope=[8, 12, 12],
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4,
+        block_out_channels=[16, 32, 64, 64],
+        layers_per_block=1,
+        latent_channels=16,
+        norm_num_groups=8,
+        sample_size=64,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=0.0,
+        scaling_factor=1.0,
+    )
+    clip = CLIPTextModel(
+        CLIPTextConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            projection_dim=64,
+            max_position_embeddings=77,
+            vocab_size=vocab,
+            bos_token_id=tok_clip.bos_token_id,
+            eos_token_id=tok_clip.eos_token_id,
+            pad_token_id=tok_clip.pad_token_id,
+        )
+    )
+    t5 = T5EncoderModel(
+        T5Config(
+            d_model=64,
+            d_kv=16,
+            d_ff=128,
+            num_layers=2,
+            num_heads=4,
+            vocab_size=vocab,
+            pad_token_id=tok_t5.pad_token_id,
+            eos_token_id=tok_t5.eos_token_id,
+            decoder_start_token_id=tok_t5.pad_token_id,
+        )
+    )
+    return FluxKontextPipeline(
+        scheduler=tiny.scheduler,
+        vae=vae,
+        text_encoder=clip,
+        tokenizer=tok_clip,
+        text_encoder_2=t5,
+        tokenizer_2=tok_t5,
+        transformer=transformer,
+    )

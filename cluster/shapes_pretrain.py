@@ -1,0 +1,335 @@
+"""Supervised ShapesWorld warm start: `python -m cluster.shapes_pretrain [--seed 0] [--scale 1.0]`.
+
+Trains, on rendered ShapesWorld data (train split only), on the CPU:
+1. the generator's VAE as an autoencoder (a random VAE cannot draw anything), then sets its
+   latent shift/scale so scaled latents have mean 0 and std 1;
+2. the generator's transformer and text encoders with the flow-matching loss (DESIGN.md §4
+   convention: x_σ = (1−σ)·x0 + σ·ε, target v = ε − x0), on text-to-image batches (prompt →
+   correct render) and edit batches (wrong render + fixing instruction → the fixed render);
+3. the reasoner (Idefics3 VLM) on plan answers and reflect answers (`cluster.shapes_reasoner`).
+
+The step counts stop deliberately early (the RL run is meant to improve on it). Everything is
+seeded; the result is saved in HF/diffusers format to `$R3RL_CACHE/<SHAPES_VERSION>/{flux,vlm}`
+with `manifest.json` (settings, losses, held-out judge accuracy, wall times), written to a temp
+folder and renamed into place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cluster.shapes_models import SHAPES_VERSION, build_shapes_flux, shapes_cache_dir
+from rollout.shapesworld.render import render_correct, render_wrong
+from rollout.shapesworld.tasks import build_splits, sample_tasks
+
+__all__ = ["PretrainSettings", "RenderedPool", "make_pool", "pretrain", "main"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PretrainSettings:
+    """Every knob of the warm start; `scale` multiplies all step counts (tests use ~0.02)."""
+
+    seed: int = 0
+    size: int = 64
+    pool: int = 3000  # rendered (prompt, correct, wrong, fixed, instruction) tuples
+    vae_steps: int = 500
+    vae_lr: float = 2e-3
+    flow_steps: int = 1500
+    flow_lr: float = 1e-3
+    edit_fraction: float = 0.35  # share of flow steps that train editing
+    batch: int = 32
+    max_sequence_length: int = 128  # T5 tokens; must equal the diffusion workers' setting
+    reasoner_steps: int = 500
+    reasoner_lr: float = 2e-3
+    reasoner_batch: int = 16
+    eval_prompts: int = 90  # held-out prompts for the measurements in the manifest
+    num_steps: int = 8  # sampler steps at evaluation
+    guidance: float = 3.5
+    scale: float = 1.0
+
+    def steps(self, name: str) -> int:
+        return max(1, int(round(getattr(self, name) * self.scale)))
+
+
+@dataclass
+class RenderedPool:
+    """Training data: `correct[i]` shows `prompts[i]`; `wrong[i]` + `instructions[i]` -> `fixed[i]`."""
+
+    prompts: list[str]
+    metas: list[dict[str, Any]]
+    correct: np.ndarray  # (N, H, W, 3) uint8
+    wrong: np.ndarray
+    fixed: np.ndarray
+    instructions: list[str]
+    kinds: list[str]
+
+
+def make_pool(tasks: list[dict[str, Any]], n: int, seed: int, size: int = 64) -> RenderedPool:
+    rng = np.random.default_rng(seed)
+    metas = sample_tasks(tasks, n, rng)
+    good = [render_correct(m, rng, size=size) for m in metas]
+    bad = [render_wrong(m, rng, size=size) for m in metas]
+    return RenderedPool(
+        prompts=[m["prompt"] for m in metas],
+        metas=metas,
+        correct=np.stack([g.image for g in good]),
+        wrong=np.stack([b.image for b in bad]),
+        fixed=np.stack([b.fixed_image for b in bad]),
+        instructions=[b.instruction for b in bad],
+        kinds=[b.kind for b in bad],
+    )
+
+
+def _to_tensor(images: np.ndarray):
+    import torch
+
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (B, 3, H, W) in [-1, 1]
+
+
+def train_vae(vae, pool: RenderedPool, steps: int, batch: int, lr: float, gen) -> list[float]:
+    """Autoencoder training on all rendered images: MSE on decode(mean latent + small noise), so
+    the decoder tolerates the flow model's imperfect latents; a light L2 keeps latents bounded."""
+    import torch
+
+    from cluster.shapes_reasoner import warmup_cosine
+
+    images = np.concatenate([pool.correct, pool.wrong])
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(steps))
+    losses = []
+    vae.train()
+    for _ in range(steps):
+        idx = torch.randint(0, len(images), (batch,), generator=gen)
+        x = _to_tensor(images[idx.numpy()])
+        z = vae.encode(x).latent_dist.mean
+        z_noisy = z + 0.1 * z.detach().std() * torch.randn(z.shape, generator=gen)
+        rec = vae.decode(z_noisy).sample
+        loss = torch.nn.functional.mse_loss(rec, x) + 1e-4 * z.pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(float(loss.detach()))
+        _progress("vae", len(losses), steps, losses)
+    vae.eval()
+    with torch.no_grad():
+        z = vae.encode(_to_tensor(images[:256])).latent_dist.mean
+    vae.register_to_config(shift_factor=float(z.mean()), scaling_factor=float(1.0 / z.std()))
+    return losses
+
+
+def _latents(pipe, images: np.ndarray):
+    """Packed scaled latents (B, L, 64) as the Kontext pipeline computes them (mean of q(z|x))."""
+    from rollout.flux_forward import pack_latents
+
+    vae = pipe.vae
+    z = vae.encode(_to_tensor(images)).latent_dist.mean
+    return pack_latents((z - vae.config.shift_factor) * vae.config.scaling_factor)
+
+
+def train_flow(pipe, pool: RenderedPool, s: PretrainSettings, gen) -> list[float]:
+    """Flow matching of transformer + text encoders; σ ~ logit-normal, guidance input ~ U(1, 5)."""
+    import torch
+
+    from cluster.shapes_reasoner import warmup_cosine
+    from rollout.flux_forward import flux_velocity
+
+    params = [p for m in (pipe.transformer, pipe.text_encoder, pipe.text_encoder_2) for p in m.parameters()]
+    steps = s.steps("flow_steps")
+    opt = torch.optim.AdamW(params, lr=s.flow_lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(steps))
+    for m in (pipe.transformer, pipe.text_encoder, pipe.text_encoder_2):
+        m.train()
+    pipe.vae.requires_grad_(False)
+    losses = []
+    for _ in range(steps):
+        idx = torch.randint(0, len(pool.prompts), (s.batch,), generator=gen).numpy()
+        edit = bool(torch.rand((), generator=gen) < s.edit_fraction)
+        with torch.no_grad():
+            x0 = _latents(pipe, (pool.fixed if edit else pool.correct)[idx])
+            source = _latents(pipe, pool.wrong[idx]) if edit else None
+        texts = [(pool.instructions if edit else pool.prompts)[i] for i in idx]
+        embeds, pooled, _ = pipe.encode_prompt(
+            prompt=texts, prompt_2=None, device="cpu", max_sequence_length=s.max_sequence_length
+        )
+        sigma = torch.sigmoid(torch.randn(s.batch, generator=gen))  # (B,)
+        eps = torch.randn(x0.shape, generator=gen)
+        x_t = (1 - sigma[:, None, None]) * x0 + sigma[:, None, None] * eps
+        guidance = 1.0 + 4.0 * torch.rand(s.batch, generator=gen)
+        v = flux_velocity(pipe.transformer, x_t, sigma, embeds, pooled, guidance, s.size, s.size, source)
+        loss = torch.nn.functional.mse_loss(v, eps - x0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        losses.append(float(loss.detach()))
+        _progress("flow", len(losses), steps, losses)
+    for m in (pipe.transformer, pipe.text_encoder, pipe.text_encoder_2):
+        m.eval()
+    return losses
+
+
+def evaluate_generator(path: Path, tasks: list[dict[str, Any]], s: PretrainSettings) -> dict[str, Any]:
+    """Held-out judge accuracy of the saved pipeline through the real `DiffusionWorker` (ODE):
+    text-to-image per tag, and edits of wrong renders with their fixing instructions."""
+    from actors.diffusion_worker import DiffusionWorker
+    from reward.shapes_judge import ShapesJudge
+    from rollout.interfaces import ImageRequest, JudgeItem, SamplerSettings
+
+    worker = DiffusionWorker(str(path), seed=s.seed, max_sequence_length=s.max_sequence_length)
+    judge = ShapesJudge()
+    pool = make_pool(tasks, s.eval_prompts, seed=s.seed + 10_000, size=s.size)
+    settings = SamplerSettings(
+        num_steps=s.num_steps,
+        noise_level=0.0,
+        stochastic="none",
+        guidance=s.guidance,
+        height=s.size,
+        width=s.size,
+        keep_training_data=False,
+    )
+    try:
+        t2i = worker.sample(
+            [ImageRequest(p, seed=i, noise_seed=i) for i, p in enumerate(pool.prompts)], settings
+        )
+        edits = worker.sample(
+            [
+                ImageRequest(ins, seed=i, noise_seed=i, source_image=w)
+                for i, (ins, w) in enumerate(zip(pool.instructions, pool.wrong, strict=True))
+            ],
+            settings,
+        )
+    finally:
+        worker.shutdown()
+    gen_res = judge.score(
+        [JudgeItem(x.image, p, m) for x, p, m in zip(t2i, pool.prompts, pool.metas, strict=True)]
+    )
+    edit_res = judge.score(
+        [JudgeItem(x.image, p, m) for x, p, m in zip(edits, pool.prompts, pool.metas, strict=True)]
+    )
+    by_tag: dict[str, list[bool]] = {}
+    for m, r in zip(pool.metas, gen_res, strict=True):
+        by_tag.setdefault(m["tag"], []).append(r.correct)
+    return {
+        "t2i_accuracy": float(np.mean([r.correct for r in gen_res])),
+        "t2i_score": float(np.mean([r.score for r in gen_res])),
+        "t2i_accuracy_by_tag": {t: float(np.mean(v)) for t, v in sorted(by_tag.items())},
+        "edit_accuracy": float(np.mean([r.correct for r in edit_res])),
+        "edit_score": float(np.mean([r.score for r in edit_res])),
+        "n": len(pool.prompts),
+    }
+
+
+def pretrain(s: PretrainSettings, cache_dir: Path | None = None, force: bool = False) -> Path:
+    """Run the whole warm start and return `<cache>/<SHAPES_VERSION>` (reused when complete)."""
+    import torch
+
+    from cluster.shapes_reasoner import evaluate_reasoner, train_reasoner
+
+    final = shapes_cache_dir(cache_dir)
+    if (final / "manifest.json").is_file() and not force:
+        logger.info("warm start already in %s", final)
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{SHAPES_VERSION}.tmp-", dir=final.parent))
+    try:
+        torch.manual_seed(s.seed)
+        gen = torch.Generator().manual_seed(s.seed)
+        times: dict[str, float] = {}
+        t = time.perf_counter()
+        splits = build_splits(seed=0)
+        pool = make_pool(splits.train, s.steps("pool"), seed=s.seed, size=s.size)
+        times["render_s"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        pipe = build_shapes_flux(tmp / "build", seed=s.seed)
+        vae_losses = train_vae(pipe.vae, pool, s.steps("vae_steps"), s.batch, s.vae_lr, gen)
+        times["vae_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        flow_losses = train_flow(pipe, pool, s, gen)
+        times["flow_s"] = time.perf_counter() - t
+        pipe.save_pretrained(str(tmp / "flux"), safe_serialization=True)
+        shutil.rmtree(tmp / "build")
+
+        t = time.perf_counter()
+        reasoner_losses = train_reasoner(tmp / "vlm", pool, s, gen)
+        times["reasoner_s"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        gen_eval = evaluate_generator(tmp / "flux", splits.test, s)
+        reasoner_eval = evaluate_reasoner(tmp / "vlm", splits.test, s)
+        times["eval_s"] = time.perf_counter() - t
+        manifest = {
+            "version": SHAPES_VERSION,
+            "settings": asdict(s),
+            "threads": torch.get_num_threads(),
+            "times": {k: round(v, 1) for k, v in times.items()},
+            "losses": {
+                name: _summary(v)
+                for name, v in (("vae", vae_losses), ("flow", flow_losses), ("reasoner", reasoner_losses))
+            },
+            "generator_eval": gen_eval,
+            "reasoner_eval": reasoner_eval,
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("warm start saved to %s", final)
+    return final
+
+
+def _progress(name: str, step: int, steps: int, losses: list[float]) -> None:
+    if step % max(1, steps // 10) == 0 or step == steps:
+        logger.info(
+            "%s step %d/%d loss %.4f", name, step, steps, float(np.mean(losses[-max(1, steps // 10) :]))
+        )
+
+
+def _summary(losses: list[float]) -> dict[str, float]:
+    k = max(1, len(losses) // 10)
+    return {"first": float(np.mean(losses[:k])), "last": float(np.mean(losses[-k:])), "steps": len(losses)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m cluster.shapes_pretrain", description=__doc__.split("\n")[0])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scale", type=float, default=1.0, help="multiply every step count (and the data pool)")
+    p.add_argument(
+        "--cache", type=Path, default=None, help="cache root (default $R3RL_CACHE or ~/.cache/r3rl)"
+    )
+    p.add_argument("--force", action="store_true", help="retrain even if a finished warm start exists")
+    args = p.parse_args(argv)
+    if args.scale <= 0:
+        raise ValueError(f"--scale={args.scale}; allowed: > 0")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    start = time.perf_counter()
+    out = pretrain(PretrainSettings(seed=args.seed, scale=args.scale), args.cache, args.force)
+    manifest = json.loads((out / "manifest.json").read_text())
+    sys.stdout.write(
+        json.dumps({k: manifest[k] for k in ("times", "generator_eval", "reasoner_eval")}, indent=1) + "\n"
+    )
+    logger.info("total %.1f s", time.perf_counter() - start)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
