@@ -45,15 +45,17 @@ class WeightSyncExtension:
         self._r3rl_group = standalone_group(master_addr, port, rank, world_size, backend)
 
     def r3rl_leave_weight_group(self) -> None:
-        self._r3rl_group = None
+        self._r3rl_group, self._r3rl_pool = None, None
 
     def r3rl_receive_weights(self, bucket_meta: list[dict[str, Any]], mode: str) -> int:
         """Receive every bucket of one broadcast and reload it; returns the bucket count."""
         if self._r3rl_group is None:
             raise ValueError("r3rl_receive_weights before r3rl_join_weight_group")
         count = 0
+        if getattr(self, "_r3rl_pool", None) is None:
+            self._r3rl_pool = []  # two flat receive buffers, reused across syncs
         for named in receive_buckets(self._r3rl_group, bucket_meta, device=self.device,
-                                     per_param=mode == "per_param"):
+                                     per_param=mode == "per_param", pool=self._r3rl_pool):
             self._r3rl_reload(named)
             count += 1
         return count

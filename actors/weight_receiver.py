@@ -93,7 +93,7 @@ class TorchWeightReceiver:
         self._weight_group = standalone_group(master_addr, port, rank, world_size, backend)
 
     def leave_weight_group(self) -> None:
-        self._weight_group = None
+        self._weight_group, self._weight_pool = None, None
 
     def receive_weights(self, version: int, bucket_meta: list[dict[str, Any]], mode: str = "bucketed") -> int:
         """Receive one broadcast, copy every tensor into `self.transformer`, hold `version`."""
@@ -102,7 +102,10 @@ class TorchWeightReceiver:
             raise ValueError("receive_weights before join_weight_group: this worker is in no weight group")
         device = next(self.transformer.parameters()).device
         seen: set[str] = set()
-        for named in receive_buckets(self._weight_group, bucket_meta, device=device, per_param=per_param):
+        if getattr(self, "_weight_pool", None) is None:
+            self._weight_pool = []  # two flat receive buffers, reused across syncs
+        for named in receive_buckets(self._weight_group, bucket_meta, device=device, per_param=per_param,
+                                     pool=self._weight_pool):
             seen.update(self._copy_named(named))
         self._check_complete(seen)
         self._version = int(version)

@@ -73,7 +73,7 @@ class WeightSenderMixin:
         self._weight_group = standalone_group(master_addr, port, 0, world_size, backend)
 
     def leave_weight_group(self) -> None:
-        self._weight_group = None
+        self._weight_group, self._weight_send_pool = None, None
 
     # ---- plan -------------------------------------------------------------------------------
     def weight_sync_module(self) -> torch.nn.Module:
@@ -107,7 +107,7 @@ class WeightSenderMixin:
         dtype = dtype_from_name(buffer_dtype)
         plan = self._weight_plan(bucket_mb, buffer_dtype)
         largest = max((meta.numel for _, meta in plan), default=0)
-        buffers = [torch.empty(largest, dtype=dtype, device=self._weight_device()) for _ in range(2)]
+        buffers = self._send_buffers(largest, dtype) if self.rank == 0 and mode == "bucketed" else [None, None]
         pending: list[Any] = [None, None]
         sent, peak = 0, 0
         all_params = [p for params, _ in plan for p in params]
@@ -167,6 +167,14 @@ class WeightSenderMixin:
         return time.perf_counter() - start
 
     # ---- helpers ----------------------------------------------------------------------------
+    def _send_buffers(self, numel: int, dtype: torch.dtype) -> list[torch.Tensor]:
+        """Two flat send buffers kept between syncs (2 x bucket size of memory on rank 0)."""
+        pool = getattr(self, "_weight_send_pool", None)
+        if not pool or pool[0].numel() < numel or pool[0].dtype != dtype:
+            pool = [torch.empty(numel, dtype=dtype, device=self._weight_device()) for _ in range(2)]
+            self._weight_send_pool = pool
+        return pool
+
     def _weight_device(self) -> torch.device:
         return next(self.weight_sync_module().parameters()).device
 

@@ -244,13 +244,16 @@ def receive_buckets(
     metas: Sequence[BucketMeta | dict[str, Any]],
     device: str | torch.device = "cpu",
     per_param: bool = False,
+    pool: list[torch.Tensor] | None = None,
 ) -> Iterator[list[tuple[str, torch.Tensor]]]:
     """Receive a broadcast from rank 0 bucket by bucket; yields each bucket's named tensors.
 
     Bucketed mode posts the next bucket's receive before yielding the current one, so the
     transfer of bucket i+1 overlaps the caller's loading of bucket i. `per_param` receives one
     collective per tensor (the slow baseline the benchmark compares with) and must match the
-    sender's mode.
+    sender's mode. `pool`: a list the caller keeps between syncs; two flat receive buffers
+    are allocated into it once and reused (the yielded tensors are views into them, valid until
+    the next-but-one bucket arrives: load or copy them before asking for more).
     """
     parsed = [BucketMeta.from_wire(m) for m in metas]
     if per_param:
@@ -263,16 +266,30 @@ def receive_buckets(
             yield named
         return
 
-    def post(meta: BucketMeta) -> tuple[torch.Tensor, Any]:
-        flat = torch.empty(meta.numel, dtype=dtype_from_name(meta.buffer_dtype), device=device)
+    pool = _ensure_pool(pool if pool is not None else [], parsed, device)
+
+    def post(i: int) -> tuple[torch.Tensor, Any]:
+        flat = pool[i % 2][: parsed[i].numel]
         return flat, group.broadcast(flat, 0)
 
-    pending = post(parsed[0]) if parsed else None
+    pending = post(0) if parsed else None
     for i, meta in enumerate(parsed):
         flat, work = pending
         work.wait()
-        pending = post(parsed[i + 1]) if i + 1 < len(parsed) else None
+        pending = post(i + 1) if i + 1 < len(parsed) else None
         yield unpack_bucket(flat, meta)
+
+
+def _ensure_pool(pool: list[torch.Tensor], metas: Sequence[BucketMeta], device: str | torch.device
+                 ) -> list[torch.Tensor]:
+    """Two reusable flat buffers big enough for the largest bucket (re-made if too small)."""
+    if not metas:
+        return pool
+    dtype = dtype_from_name(metas[0].buffer_dtype)
+    largest = max(m.numel for m in metas)
+    if len(pool) != 2 or pool[0].numel() < largest or pool[0].dtype != dtype or pool[0].device != torch.device(device):
+        pool[:] = [torch.empty(largest, dtype=dtype, device=device) for _ in range(2)]
+    return pool
 
 
 def tensors_checksum(tensors: Iterable[torch.Tensor]) -> float:
