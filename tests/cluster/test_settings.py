@@ -1,0 +1,35 @@
+"""Config -> settings of the pure R3 code, and the prompt sets a run uses."""
+
+from collections import Counter
+
+import pytest
+
+from cluster.config import load_config
+from cluster.settings import build_templates, eval_settings, load_prompt_sets, step_settings
+
+
+def test_step_and_eval_settings_follow_the_config():
+    cfg = load_config("configs/cpu_tiny.yaml", ["flow_grpo.num_steps=6", "flow_grpo.window=[1,3]", "r3.group_size=3",
+                                                  "r3.stop_phrase=done editing", "r3.stop_match=done"])
+    s = step_settings(cfg)
+    assert s.stage.group_size == 3 and s.stage.generate_sampler.num_steps == 6
+    assert (s.stage.generate_sampler.window_lo, s.stage.generate_sampler.window_hi) == (1, 3)
+    assert s.stage.edit_sampler.noise_level == cfg.flow_grpo.edit_noise_level
+    assert s.stage.templates.stop_phrase == "done editing" and s.stage.templates.stop_match == "done"
+    e = eval_settings(cfg)
+    assert e.stage_settings().generate_sampler.stochastic == "none" and e.temperature == cfg.grpo.eval_temperature
+
+
+def test_unknown_template_key_is_refused():
+    cfg = load_config("configs/cpu_tiny.yaml", ["r3.templates.plann=x"])
+    with pytest.raises(ValueError, match="plann"):
+        build_templates(cfg)
+
+
+def test_prompt_sets_drop_test_overlap_and_spread_eval_over_tags():
+    cfg = load_config("configs/cpu_tiny.yaml", ["data.eval_limit=12"])
+    train, test = load_prompt_sets(cfg)
+    assert len(train) == 12359 - 370  # R3's GenEval train set (12,359 records) holds 370 of the 553 test prompts
+    assert not {t.prompt for t in test} & {t.prompt for t in train}
+    assert Counter(t.category for t in test) == {c: 2 for c in
+        ["single_object", "two_object", "counting", "colors", "position", "color_attr"]}
