@@ -6,7 +6,8 @@ recompute its log-probability: the latents before and after the step, the sigmas
 conditioning and the source-image latents (DESIGN.md §4). The velocity comes from
 `rollout.flux_forward.flux_velocity` and the step from `rollout.flow_sde.sde_step`, the same
 functions the diffusion learner calls. With noise level 0 the loop reproduces
-`FluxKontextPipeline.__call__` exactly (tested).
+`FluxKontextPipeline.__call__` exactly in fp32 (tested); latents stay fp32 between steps whatever
+the weights' dtype (the pipeline keeps them in the weights' dtype, so bf16 runs differ slightly).
 
 Lifecycle: construct (loads the pipeline) -> `sample` -> `load_weights`/`receive_weights` bump
 the version -> `shutdown`. Plain class; `remote_diffusion_worker` wraps it as a named Ray actor.
@@ -56,12 +57,13 @@ class Denoised(NamedTuple):
     """Output of `DiffusionWorker.denoise` for a batch of B samples with L latent tokens.
 
     latents: (B, L, C) fp32 final packed latents.
-    records: per sample, a list of (step index, latent before, latent after, σ, σ', log-prob).
+    records: per sample, a list of (step index, latent before, latent after, σ, σ', log-prob),
+        the latents (L, C) and the log-prob 0-dim fp32 tensors.
     trace: (B, steps + 1 − start_step, L, C) every intermediate latent, or None.
     """
 
     latents: torch.Tensor
-    records: list[list[tuple[int, torch.Tensor, torch.Tensor, float, float, float]]]
+    records: list[list[tuple[int, torch.Tensor, torch.Tensor, float, float, torch.Tensor]]]
     trace: torch.Tensor | None
 
 
@@ -222,9 +224,7 @@ class DiffusionWorker(TorchWeightReceiver):
             else:
                 step = sde_step(velocity, sigmas[i], sigmas[i + 1], x, 0.0)
             for b in (b for b in range(batch) if active[b]):
-                records[b].append(
-                    (i, x[b], step.prev_sample[b], sigmas[i], sigmas[i + 1], float(step.log_prob[b]))
-                )
+                records[b].append((i, x[b], step.prev_sample[b], sigmas[i], sigmas[i + 1], step.log_prob[b]))
             x = step.prev_sample
             if trace is not None:
                 trace.append(x)
@@ -342,7 +342,7 @@ class DiffusionWorker(TorchWeightReceiver):
         sample.next_latents = _np([r[2] for r in records], (0, seq_len, channels))
         sample.sigmas = np.asarray([r[3] for r in records], dtype=np.float32)
         sample.sigmas_next = np.asarray([r[4] for r in records], dtype=np.float32)
-        sample.log_probs = np.asarray([r[5] for r in records], dtype=np.float32)
+        sample.log_probs = _np([r[5] for r in records], (0,))
         sample.step_indices = np.asarray([r[0] for r in records], dtype=np.int64)
         sample.prompt_embeds = prompt_embeds.float().cpu().numpy()
         sample.pooled_embeds = pooled.float().cpu().numpy()
