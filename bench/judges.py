@@ -31,6 +31,9 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # Same thread count on both paths (set before torch loads). On a loaded 2-core box, 2 OpenMP
 # threads per engine were measured 10-30x slower than 1 (threads wait on preempted peers).
 THREADS = os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Ray starts workers (so Serve replicas) at niceness 15; the in-process path runs at 0. On a
+# shared CPU that alone favours the in-process path, so replicas run at 0 here too.
+os.environ.setdefault("RAY_worker_niceness", "0")
 
 log = logging.getLogger("bench.judges")
 RESULTS = Path(__file__).resolve().parent / "results" / "judges.json"
