@@ -16,11 +16,13 @@ from typing import Any
 
 from learners.learner_base import split_even
 
-__all__ = ["LearnerGroup", "LEARNER_KINDS", "learner_actor_name"]
+__all__ = ["LearnerGroup", "LEARNER_KINDS", "PER_SAMPLE_KWARGS", "learner_actor_name"]
 
 log = logging.getLogger(__name__)
 
 LEARNER_KINDS = ("text", "diffusion")
+# train_step keyword arguments that hold one entry per sample and are sharded with the samples.
+PER_SAMPLE_KWARGS = ("images",)
 _ENV_KEYS = ("DS_ACCELERATOR", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE",
              "TOKENIZERS_PARALLELISM", "PYTHONPATH")
 
@@ -82,7 +84,7 @@ class LearnerGroup:
 
     # ---- collective calls -------------------------------------------------------------------
     def train_step(self, samples: Sequence[Any], advantages: Sequence[float], **kwargs: Any) -> dict[str, float]:
-        """Shard `samples`/`advantages` (and any per-sample list in kwargs, e.g. images) evenly.
+        """Shard `samples`/`advantages` (and `images`, see PER_SAMPLE_KWARGS) evenly over ranks.
 
         len(samples) must be divisible by the number of ranks, so every rank runs the same number
         of micro-batches. Returns rank 0's metrics (reduced over all ranks).
@@ -93,12 +95,15 @@ class LearnerGroup:
         if n % self.num_learners != 0:
             raise ValueError(f"batch of {n} samples does not split evenly over {self.num_learners} "
                              "learner ranks; make prompts x group size a multiple of the learner count")
+        for key in PER_SAMPLE_KWARGS:
+            if kwargs.get(key) is not None and len(kwargs[key]) != n:
+                raise ValueError(f"{n} samples but {len(kwargs[key])} {key}")
         if len(advantages) != n:
             raise ValueError(f"{n} samples but {len(advantages)} advantages")
         shards = split_even(n, self.num_learners)
         refs = []
         for actor, sl in zip(self.actors, shards, strict=True):
-            kw = {k: (v[sl] if isinstance(v, list | tuple) and len(v) == n else v) for k, v in kwargs.items()}
+            kw = {k: (list(v)[sl] if k in PER_SAMPLE_KWARGS and v is not None else v) for k, v in kwargs.items()}
             refs.append(actor.train_step.remote(list(samples[sl]), list(advantages[sl]), **kw))
         return ray.get(refs)[0]
 

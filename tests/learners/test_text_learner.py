@@ -1,7 +1,8 @@
-"""TextLearner through real DeepSpeed (gloo, CPU) in Ray actors on the tiny Qwen2.
+"""TextLearner through real DeepSpeed (gloo, CPU) in Ray actors on the tiny Qwen2 and Idefics3.
 
 Shows: before the first update the recomputed answer log-probs equal the behaviour log-probs
-(ratio 1); ZeRO-1, ZeRO-2 and ZeRO-3 over 2 ranks (1-sample micro-batches, 2 accumulation steps)
+(ratio 1), both from a transformers forward and from vLLM's TextWorker (|ratio − 1| < 1e-4 per
+token, the VLM with images through its processor); ZeRO-1, ZeRO-2 and ZeRO-3 over 2 ranks (1-sample micro-batches, 2 accumulation steps)
 give the same parameters after one step as one rank with 2-sample micro-batches (fp32, 1e-5).
 """
 
@@ -45,21 +46,70 @@ def single(learner_ray, tiny_models):
     group.shutdown()
 
 
+def vllm_samples(model_path, images: list | None = None) -> list:
+    """2 prompts x n=2 answers from an in-process vLLM TextWorker at T=0.8, top-p 1."""
+    from actors.text_worker import TextWorker
+    from rollout.interfaces import ChatMessage, TextRequest
+
+    images = images or [None, None]
+    worker = TextWorker(str(model_path), max_model_len=512)
+    try:
+        requests = [TextRequest(messages=(ChatMessage("user", p, images=() if im is None else (im,)),), n=2,
+                                temperature=TEMPERATURE, top_p=1.0, max_tokens=8, seed=i)
+                    for i, (p, im) in enumerate(zip(["plan a red circle", "what is shown?"], images, strict=True))]
+        return [s for group in worker.generate(requests) for s in group]
+    finally:
+        worker.shutdown()
+
+
+def assert_ratio_one(samples: list, recomputed: list[list[float]], tol: float = 1e-4) -> None:
+    for sample, lps in zip(samples, recomputed, strict=True):
+        assert len(lps) == len(sample.answer_ids) == len(sample.logprobs)
+        for old, new in zip(sample.logprobs, lps, strict=True):
+            assert abs(math.exp(new - old) - 1.0) < tol
+
+
 @pytest.fixture(scope="module")
-def single_step(single, batch):
-    """(behaviour-check log-probs before the update, metrics of one step, parameters after it)."""
+def lm_vllm_batch(tiny_models) -> list:
+    return vllm_samples(tiny_models.lm)
+
+
+@pytest.fixture(scope="module")
+def single_step(single, batch, lm_vllm_batch):
+    """(log-probs before the update for both batches, metrics of one step, parameters after it)."""
     before = single.call_rank0("compute_logprobs", batch)
+    before_vllm = single.call_rank0("compute_logprobs", lm_vllm_batch)
     metrics = single.train_step(batch, ADVANTAGES)
     after = single.call_all("full_state_dict")[0]
-    return before, metrics, after
+    return (before, before_vllm), metrics, after
 
 
 def test_recomputed_logprobs_equal_behaviour_before_update(single_step, batch):
-    before, _, _ = single_step
-    for sample, recomputed in zip(batch, before, strict=True):
-        assert len(recomputed) == len(sample.answer_ids)
-        for old, new in zip(sample.logprobs, recomputed, strict=True):
-            assert abs(math.exp(new - old) - 1.0) < 1e-4
+    assert_ratio_one(batch, single_step[0][0])
+
+
+def test_recomputed_logprobs_equal_vllm_before_update(single_step, lm_vllm_batch):
+    assert_ratio_one(lm_vllm_batch, single_step[0][1])
+
+
+def test_vlm_with_images_recomputes_vllm_logprobs(learner_ray, tiny_models):
+    import numpy as np
+
+    from learners.group import LearnerGroup
+
+    image = np.random.default_rng(0).integers(0, 256, (84, 84, 3), dtype=np.uint8)
+    samples = vllm_samples(tiny_models.vlm, images=[image, None])  # one prompt with, one without image
+    images = [image, image, None, None]
+    assert len(samples[0].prompt_ids) > len(samples[2].prompt_ids) + 16  # image tokens are in the prompt
+    group = LearnerGroup("text", 1, num_cpus_per=1, name_prefix="test-text-vlm", model_path=str(tiny_models.vlm),
+                         zero_stage=0, micro_batch_size=4, **COMMON)
+    try:
+        assert_ratio_one(samples, group.call_rank0("compute_logprobs", samples, images=images))
+        m = group.train_step(samples, ADVANTAGES, images=images)
+    finally:
+        group.shutdown()
+    assert abs(m["ratio_min"] - 1) < 1e-4 and abs(m["ratio_max"] - 1) < 1e-4
+    assert m["num_tokens"] == sum(len(s.answer_ids) for s in samples)
 
 
 def test_first_step_metrics(single_step):
