@@ -212,16 +212,16 @@ def test_remote_worker_samples_like_the_local_one(ray_cluster, tiny_models, work
     from actors.diffusion_worker import remote_diffusion_worker
 
     handle = remote_diffusion_worker(
-        0, num_cpus=1, num_gpus=0, model_path=str(tiny_models.flux), max_sequence_length=MAX_SEQ
+        7, num_cpus=1, num_gpus=0, model_path=str(tiny_models.flux), max_sequence_length=MAX_SEQ
     )
     try:
-        assert ray.get_actor("diffusion-worker-0") is not None
+        assert ray.get_actor("diffusion-worker-7") is not None
         requests = [ImageRequest(prompt="a red circle", seed=4, noise_seed=2)]
         remote = ray.get(handle.sample.remote(requests, SDE))[0]
         local = worker.sample(requests, SDE)[0]
         assert np.abs(remote.image.astype(int) - local.image.astype(int)).max() <= 1
         np.testing.assert_allclose(remote.log_probs, local.log_probs, atol=1e-5)
-        assert ray.get(handle.health.remote())["name"] == "diffusion-worker-0"
+        assert ray.get(handle.health.remote())["name"] == "diffusion-worker-7"
         with pytest.raises(ray.exceptions.RayTaskError, match="non-empty list"):
             ray.get(handle.sample.remote([], SDE))
         assert ray.get(handle.version.remote()) == 0  # still alive after a bad request
