@@ -118,10 +118,14 @@ class DiffusionLearner(LearnerBase):
     @torch.no_grad()
     def compute_log_probs(self, samples: Sequence[ImageSample], reference: bool = False,
                           negative_embeds: tuple[Any, Any] | None = None) -> list[list[float]]:
-        """Recomputed log-probs of every stored step, one list per sample (collective)."""
+        """Recomputed log-probs of every stored step, one list per sample.
+
+        Collective only under ZeRO-3 (as `TextLearner.compute_logprobs`).
+        """
+        zero3 = self.engine.zero_optimization_stage() == 3
         items = _items(samples)
         out = [[0.0] * len(s.log_probs) for s in samples]
-        for sl in self._plan_micro_batches(len(items)):
+        for sl in self._plan_micro_batches(len(items), collective=zero3):
             chunk = items[sl]
             res = self._score(samples, chunk, reference, negative_embeds, grad=False)
             for it, lp in zip(chunk, res.log_prob.tolist(), strict=True):

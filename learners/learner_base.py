@@ -85,11 +85,14 @@ class LearnerBase(WeightSenderMixin):
                 shutil.copy2(f, out / f.name)
 
     # ---- step helpers -----------------------------------------------------------------------
-    def _plan_micro_batches(self, n_local: int) -> list[slice]:
-        """Split n_local samples into the same number of micro-batches as every other rank."""
+    def _plan_micro_batches(self, n_local: int, collective: bool = True) -> list[slice]:
+        """Split n_local samples into micro-batches; `collective`: as many as every other rank."""
         if n_local < 1:
-            raise ValueError("train_step needs at least one sample on every rank")
-        num_micro = int(ds_engine.all_reduce_max(math.ceil(n_local / self.micro_batch_size)))
+            raise ValueError("need at least one sample on every rank")
+        num_micro = math.ceil(n_local / self.micro_batch_size)
+        if not collective:
+            return split_even(n_local, num_micro)
+        num_micro = int(ds_engine.all_reduce_max(num_micro))
         if num_micro > n_local:
             raise ValueError(f"rank {self.rank} has {n_local} samples but the group needs {num_micro} "
                              "micro-batches; shard the batch evenly across ranks")

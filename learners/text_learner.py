@@ -106,13 +106,15 @@ class TextLearner(LearnerBase):
                          temperature: float | None = None, reference: bool = False) -> list[list[float]]:
         """Answer-token log-probs under the current (or reference) model, one list per sample.
 
-        Collective under ZeRO-3 (parameters are gathered in the forward).
+        Collective only under ZeRO-3 (parameters are gathered in the forward): then every rank
+        must call it with the same number of samples; otherwise any single rank may call it.
         """
+        zero3 = self.engine.zero_optimization_stage() == 3
         if reference and self.ref_model is None and not self.lora:
             raise ValueError("reference log-probs need kl_coef > 0 (no reference model was loaded)")
         temp = self.temperature if temperature is None else temperature
         out: list[list[float]] = []
-        for sl in self._plan_micro_batches(len(samples)):
+        for sl in self._plan_micro_batches(len(samples), collective=zero3):
             batch = list(samples[sl])
             imgs = None if images is None else list(images[sl])
             lp, mask = self._answer_logprobs(batch, imgs, temp, reference)

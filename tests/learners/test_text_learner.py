@@ -147,6 +147,8 @@ def test_zero_two_ranks_match_single_rank(zero_stage, learner_ray, tiny_models, 
         assert [i["zero_stage"] for i in group.info] == [zero_stage, zero_stage]
         metrics = group.train_step(batch, ADVANTAGES)
         got = group.call_all("full_state_dict")[0]
+        if zero_stage != 3:  # not collective without ZeRO-3: rank 0 alone may score samples
+            assert len(group.call_rank0("compute_logprobs", batch[:1])[0]) == len(batch[0].answer_ids)
     finally:
         group.shutdown()
     assert metrics["num_tokens"] == single_metrics["num_tokens"]
