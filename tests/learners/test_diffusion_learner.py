@@ -21,8 +21,9 @@ COMMON = dict(lr=1e-3, adam_eps=1e-6, warmup_steps=0, grad_clip=1.0, kl_coef=0.0
 
 
 @pytest.fixture(scope="module")
-def image_samples(tiny_models) -> list:
-    """4 images (2 generations, 2 edits), SDE at every step but the last: 3 stored steps each."""
+def image_data(tiny_models) -> tuple:
+    """4 images (2 generations, 2 edits), SDE at every step but the last: 3 stored steps each;
+    and the unconditional (empty prompt) embeddings for train-time CFG."""
     from actors.diffusion_worker import DiffusionWorker
     from rollout.interfaces import ImageRequest, SamplerSettings
 
@@ -33,9 +34,15 @@ def image_samples(tiny_models) -> list:
                             settings)
         edits = worker.sample([ImageRequest(prompt="make it blue", seed=10 + i, noise_seed=1,
                                             source_image=gen[i].image) for i in range(2)], settings)
+        neg_embeds, neg_pooled = worker.encode([""])
     finally:
         worker.shutdown()
-    return gen + edits
+    return gen + edits, (neg_embeds[0].numpy(), neg_pooled[0].numpy())
+
+
+@pytest.fixture(scope="module")
+def image_samples(image_data) -> list:
+    return image_data[0]
 
 
 @pytest.fixture(scope="module")
@@ -90,3 +97,22 @@ def test_zero3_two_ranks_match_single_rank(learner_ray, tiny_models, image_sampl
     assert max(float((expected[k] - before[k]).abs().max()) for k in expected) > 1e-4
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], atol=1e-5, rtol=0, msg=name)
+
+
+def test_train_time_cfg_with_velocity_kl(learner_ray, tiny_models, image_data):
+    """The no-CFG-at-sampling + guided-training variant runs; velocity KL grows after an update."""
+    from learners.group import LearnerGroup
+
+    samples, negative = image_data
+    kwargs = {**COMMON, "kl_mode": "velocity", "lr": 1e-2}
+    group = LearnerGroup("diffusion", 1, num_cpus_per=1, name_prefix="test-diffusion-cfg",
+                         model_path=str(tiny_models.flux), zero_stage=2, micro_batch_size=6, cfg_scale=2.0, **kwargs)
+    try:
+        with pytest.raises(Exception, match="negative_embeds"):
+            group.train_step(samples[:2], ADVANTAGES[:2])
+        first = group.train_step(samples[:2], ADVANTAGES[:2], negative_embeds=negative)
+        second = group.train_step(samples[:2], ADVANTAGES[:2], negative_embeds=negative)
+    finally:
+        group.shutdown()
+    assert first["kl_loss"] < 1e-12 < second["kl_loss"]  # policy == reference only before the update
+    assert abs(first["ratio_mean"] - 1) > 1e-4  # the sampler did not guide: CFG changes the density
