@@ -89,6 +89,7 @@ class DiffusionLearner(LearnerBase):
             raise ValueError(f"unknown kl_mode {kl_mode!r}; known: {list(KL_MODES)}")
         if clip_range <= 0:
             raise ValueError(f"clip_range must be > 0, got {clip_range}")
+        ds_engine.require_peft(lora_rank)
         self._setup_dist(rank, world_size, master_addr, master_port, backend, seed)
         self.model_path = str(model_path)
         self.micro_batch_size = micro_batch_size

@@ -42,6 +42,7 @@ __all__ = [
     "full_state_dict",
     "save_hf_module",
     "apply_lora",
+    "require_peft",
 ]
 
 log = logging.getLogger(__name__)
@@ -246,13 +247,20 @@ def save_hf_module(module: torch.nn.Module, out_dir: str | Path, rank: int) -> P
 
 def apply_lora(model: torch.nn.Module, rank: int, alpha: float, target_modules: list[str] | str):
     """Wrap `model` with a peft LoRA adapter; the frozen base (adapter disabled) is the reference."""
-    try:
-        import peft
-    except ImportError as err:
-        raise ValueError(f"lora_rank={rank} needs the `peft` package, which is not installed; "
-                         "install peft or set lora_rank=0") from err
+    require_peft(rank)
+    import peft
+
     cfg = peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=target_modules, lora_dropout=0.0)
     return peft.get_peft_model(model, cfg)
+
+
+def require_peft(lora_rank: int) -> None:
+    """Refuse LoRA early (before any engine starts) when peft is missing."""
+    import importlib.util
+
+    if lora_rank > 0 and importlib.util.find_spec("peft") is None:
+        raise ValueError(f"lora_rank={lora_rank} needs the `peft` package, which is not installed; "
+                         "install peft or set lora_rank=0")
 
 
 def _all_reduce(value: float, op: str) -> float:

@@ -59,8 +59,7 @@ class LearnerGroup:
             raise ValueError(f"num_learners must be >= 1, got {num_learners}")
         cls = _learner_class(kind)
         self.kind, self.num_learners = kind, num_learners
-        addr = "127.0.0.1" if num_gpus_per == 0 and placement_group is None else ray.util.get_node_ip_address()
-        port = _free_port()
+        addr, port = _rendezvous(placement_group)
         env = {k: os.environ[k] for k in _ENV_KEYS if k in os.environ}
         remote_cls = ray.remote(cls)
         self.actors = []
@@ -128,7 +127,33 @@ class LearnerGroup:
         self.actors = []
 
 
-def _free_port() -> int:
+def _rendezvous(placement_group: Any) -> tuple[str, int]:
+    """(address, free port) on the node where rank 0 will run.
+
+    With a placement group: probed by a task on bundle 0. Without one, the ranks may land on any
+    node, which only works on a one-node cluster (then loopback).
+    """
+    import ray
+
+    if placement_group is not None:
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        probe = ray.remote(num_cpus=0)(_node_address_and_port).options(
+            scheduling_strategy=PlacementGroupSchedulingStrategy(
+                placement_group=placement_group, placement_group_bundle_index=0))
+        return ray.get(probe.remote())
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    if len(alive) > 1:
+        raise ValueError(f"a learner group on a {len(alive)}-node cluster needs a placement group "
+                         "(pass placement_group=, one bundle per rank)")
     from learners.ds_engine import free_port
 
-    return free_port()
+    return "127.0.0.1", free_port()
+
+
+def _node_address_and_port() -> tuple[str, int]:
+    import ray
+
+    from learners.ds_engine import free_port
+
+    return ray.util.get_node_ip_address(), free_port()

@@ -71,6 +71,7 @@ class TextLearner(LearnerBase):
         algos.get_kl(kl_kind)
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
+        ds_engine.require_peft(lora_rank)
         self._setup_dist(rank, world_size, master_addr, master_port, backend, seed)
         self.model_path = str(model_path)
         self.micro_batch_size = micro_batch_size

@@ -40,3 +40,16 @@ def test_split_even():
     assert split_even(5, 2) == [slice(0, 3), slice(3, 5)]
     assert split_even(4, 4) == [slice(i, i + 1) for i in range(4)]
     assert sum(s.stop - s.start for s in split_even(17, 5)) == 17
+
+
+def test_lora_without_peft_is_refused_before_any_engine_starts(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("peft") is not None:
+        pytest.skip("peft is installed")
+    from learners.diffusion_learner import DiffusionLearner
+    from learners.text_learner import TextLearner
+
+    for cls in (TextLearner, DiffusionLearner):
+        with pytest.raises(ValueError, match="peft"):
+            cls(model_path=str(tmp_path), lora_rank=8)
