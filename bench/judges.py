@@ -177,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
         "machine": f"{os.cpu_count()} CPUs",
         "calls": args.calls,
         "rounds": args.rounds,
+        "omp_threads": THREADS,
+        "ray_worker_niceness": os.environ["RAY_worker_niceness"],
+        "load_avg_1m": os.getloadavg()[0],
         "time": time.time(),
     }
     args.out.write_text(json.dumps({"meta": meta, "rows": rows, "target_met": verdicts}, indent=2))
