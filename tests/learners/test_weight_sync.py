@@ -53,24 +53,15 @@ def cluster() -> Iterator[None]:
     ray.shutdown()
 
 
-def start_text_learners(model_path: Path, world_size: int = 2, zero_stage: int = 3, **kwargs) -> list:
-    """`world_size` TextLearner ranks as Ray actors sharing one DeepSpeed process group."""
-    import ray
-
-    from learners.ds_engine import free_port
-    from learners.text_learner import TextLearner
-
-    port = free_port()
-    cls = ray.remote(num_cpus=0.5)(TextLearner)
-    actors = [cls.remote(model_path=str(model_path), zero_stage=zero_stage, rank=r, world_size=world_size,
-                         master_addr="127.0.0.1", master_port=port, **kwargs) for r in range(world_size)]
-    ray.get([a.ready.remote() for a in actors])
-    return actors
-
-
 @pytest.fixture(scope="module")
-def text_learners(cluster, lm_dir) -> list:
-    return start_text_learners(lm_dir, lr=2e-2, micro_batch_size=4, temperature=1.0)
+def text_learners(cluster, lm_dir) -> Iterator:
+    """Two TextLearner ranks (ZeRO-3) as Ray actors, started the way the driver starts them."""
+    from learners.group import LearnerGroup
+
+    group = LearnerGroup("text", 2, num_cpus_per=0.5, model_path=str(lm_dir), zero_stage=3, lr=2e-2,
+                         micro_batch_size=4, temperature=1.0)
+    yield group
+    group.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -100,26 +91,21 @@ def broadcast_sync():
     sync.shutdown()
 
 
-def train_once(learners: list, workers: list, seed: int) -> None:
+def train_once(learners, workers: list, seed: int) -> None:
     """One GRPO step on samples drawn from worker 0, with +/-1 advantages, sharded over ranks."""
     import ray
 
     requests = [TextRequest(messages=(ChatMessage("user", p),), n=4, temperature=1.0, max_tokens=12, seed=seed + i)
                 for i, p in enumerate(PROMPTS)]
     samples = [s for group in ray.get(workers[0].generate.remote(requests)) for s in group]
-    advantages = [1.0 if i % 2 == 0 else -1.0 for i in range(len(samples))]
-    half = len(samples) // len(learners)
-    ray.get([a.train_step.remote(samples[r * half:(r + 1) * half], advantages[r * half:(r + 1) * half])
-             for r, a in enumerate(learners)])
+    learners.train_step(samples, [1.0 if i % 2 == 0 else -1.0 for i in range(len(samples))])
 
 
-def learner_checksum(learners: list) -> float:
-    import ray
-
-    return ray.get([a.weights_checksum.remote() for a in learners])[0]
+def learner_checksum(learners) -> float:
+    return learners.call_all("weights_checksum")[0]
 
 
-def assert_workers_hold(workers: list, learners: list, version: int) -> float:
+def assert_workers_hold(workers: list, learners, version: int) -> float:
     import ray
 
     want = learner_checksum(learners)
@@ -129,12 +115,12 @@ def assert_workers_hold(workers: list, learners: list, version: int) -> float:
     return want
 
 
-def assert_greedy_matches_transformers(workers: list, learners: list, out_dir: Path) -> None:
+def assert_greedy_matches_transformers(workers: list, learners, out_dir: Path) -> None:
     """vLLM's greedy answer on every worker equals transformers' on the learner's saved weights."""
     import ray
     from transformers import AutoModelForCausalLM
 
-    saved = ray.get([a.save.remote(str(out_dir)) for a in learners])[0]
+    saved = learners.call_all("save", str(out_dir))[0]
     model = AutoModelForCausalLM.from_pretrained(saved, dtype=torch.float32).eval()
     requests = [TextRequest(messages=(ChatMessage("user", p),), n=1, temperature=0.0, max_tokens=10)
                 for p in PROMPTS]
@@ -187,3 +173,77 @@ def test_restarted_worker_gets_current_weights_then_rejoins_broadcast(text_learn
     train_once(text_learners, text_workers, seed=3)
     sync.sync(text_learners, text_workers, version=4)  # the group is rebuilt with the new member
     assert_workers_hold(text_workers, text_learners, version=4)
+
+
+# ---- diffusion: 2 FlowGRPO learner ranks -> 2 diffusers workers --------------------------------------
+IMAGE_SETTINGS_KW = dict(num_steps=4, noise_level=0.7, stochastic="all", height=32, width=32)
+
+
+@pytest.fixture(scope="module")
+def flux_dir() -> Path:
+    from actors.models import build_tiny_models
+
+    return build_tiny_models().flux
+
+
+@pytest.fixture(scope="module")
+def diffusion_learners(cluster, flux_dir) -> Iterator:
+    from learners.group import LearnerGroup
+
+    group = LearnerGroup("diffusion", 2, num_cpus_per=0.5, model_path=str(flux_dir), zero_stage=3, lr=1e-2,
+                         micro_batch_size=8)
+    yield group
+    group.shutdown()
+
+
+@pytest.fixture(scope="module")
+def diffusion_workers(cluster, flux_dir) -> Iterator[list]:
+    import ray
+
+    from actors.diffusion_worker import remote_diffusion_worker
+
+    workers = [remote_diffusion_worker(i, num_cpus=0.5, num_gpus=0, model_path=str(flux_dir)) for i in range(2)]
+    ray.get([w.version.remote() for w in workers])
+    yield workers
+    ray.get([w.shutdown.remote() for w in workers])
+
+
+def images_of(worker) -> list:
+    """Deterministic images (ODE sampling, fixed seeds) for comparing workers' weights."""
+    import ray
+
+    from rollout.interfaces import ImageRequest, SamplerSettings
+
+    settings = SamplerSettings(**{**IMAGE_SETTINGS_KW, "stochastic": "none"})
+    requests = [ImageRequest(prompt=p, seed=7, noise_seed=7) for p in PROMPTS]
+    return [s.image for s in ray.get(worker.sample.remote(requests, settings))]
+
+
+def train_diffusion_once(learners, workers: list, seed: int) -> None:
+    import ray
+
+    from rollout.interfaces import ImageRequest, SamplerSettings
+
+    requests = [ImageRequest(prompt=p, seed=seed * 100 + k, noise_seed=seed) for p in PROMPTS for k in range(4)]
+    samples = ray.get(workers[0].sample.remote(requests, SamplerSettings(**IMAGE_SETTINGS_KW)))
+    learners.train_step(samples, [1.0 if i % 2 == 0 else -1.0 for i in range(len(samples))])
+
+
+@pytest.mark.parametrize("kind", ["broadcast", "object_store"])
+def test_sync_reaches_every_diffusion_worker(diffusion_learners, diffusion_workers, kind):
+    import numpy as np
+
+    from learners.weight_sync import make_weight_sync
+
+    version = 1 if kind == "broadcast" else 2
+    before = images_of(diffusion_workers[0])
+    train_diffusion_once(diffusion_learners, diffusion_workers, seed=version)
+    report = make_weight_sync(kind, bucket_mb=0.05).sync(diffusion_learners, diffusion_workers, version=version)
+    assert report.workers == 2 and report.version == version
+    if kind == "broadcast":
+        assert report.buckets > 1
+    assert_workers_hold(diffusion_workers, diffusion_learners, version=version)
+    after = [images_of(w) for w in diffusion_workers]
+    for a, b in zip(after[0], after[1], strict=True):
+        np.testing.assert_array_equal(a, b)  # both workers draw with the same weights
+    assert any(not np.array_equal(a, b) for a, b in zip(before, after[0], strict=True))
