@@ -5,6 +5,12 @@ Real engines end to end on Ray: rollout workers sample (vLLM / diffusers), a toy
 and the bucketed broadcast pushes the new weights back into the workers before the next rollout.
 The toy reward must rise by a margin random noise cannot reach (seeds fixed). A sign error, a
 sync that does not land, or log-probs from the wrong distribution each keep it flat or push it down.
+
+Margins: with too small a learning rate (lr 1e-3 for the image test, i.e. nearly no learning) the
+per-step mean reward wandered within +/-0.015 (images) and the text curve within +/-0.02, so
+margins of 0.05 (image) and 0.1 (text) on 3-step means are far outside noise. Measured here
+(seeded, deterministic): text 0.074 -> 0.419 (first/last 3 of 12 steps), image 0.316 -> 0.452
+(first/last 3 of 10 steps); both tests together ~45 s on an idle 2-core box.
 """
 
 from __future__ import annotations
