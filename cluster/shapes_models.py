@@ -50,7 +50,7 @@ def build_shapes_flux(out: Path, seed: int = 0):
     """Build an untrained FluxKontextPipeline for ShapesWorld and return it (not saved).
 
     Transformer: 2 double + 2 single blocks, 4 heads × 32 (vs 1 + 2 blocks, 2 × 16 in the test
-    model); T5/CLIP width 64; VAE widths (16, 32, 64, 64) with 16 latent channels and 8×
+    model); T5/CLIP width 64; VAE widths (8, 16, 32, 32) with 16 latent channels and 8×
     downsampling, as the workers' packing assumes. Tokenizers and scheduler come from
     `actors.tiny_flux`, built into `out / "tiny"`.
     """
@@ -81,7 +81,7 @@ def build_shapes_flux(out: Path, seed: int = 0):
         out_channels=3,
         down_block_types=["DownEncoderBlock2D"] * 4,
         up_block_types=["UpDecoderBlock2D"] * 4,
-        block_out_channels=[16, 32, 64, 64],
+        block_out_channels=[8, 16, 32, 32],
         layers_per_block=1,
         latent_channels=16,
         norm_num_groups=8,

@@ -36,7 +36,7 @@ def test_pool_pairs_wrong_images_with_their_fix():
 
 def test_settings_scale_and_schedule():
     s = PretrainSettings(scale=0.01)
-    assert s.steps("flow_steps") == 15 and s.steps("vae_steps") == 5
+    assert s.steps("flow_steps") == 6 and s.steps("vae_steps") == 5
     f = warmup_cosine(100)
     assert f(0) == pytest.approx(0.2) and f(4) == pytest.approx(1.0) and f(99) < 0.01
 
@@ -60,10 +60,10 @@ def test_shortened_warm_start_saves_loadable_models(tmp_path):
 
     from cluster.shapes_pretrain import main
 
-    assert main(["--scale", "0.01", "--cache", str(tmp_path)]) == 0
+    assert main(["--scale", "0.01", "--eval-prompts", "9", "--cache", str(tmp_path)]) == 0
     root = tmp_path / SHAPES_VERSION
     manifest = json.loads((root / "manifest.json").read_text())
-    assert manifest["losses"]["flow"]["steps"] == 15
+    assert manifest["losses"]["flow"]["steps"] == 6
     assert 0.0 <= manifest["generator_eval"]["t2i_accuracy"] <= 1.0
     assert 0.0 <= manifest["reasoner_eval"]["reflect_stop_accuracy"] <= 1.0
     pipe = FluxKontextPipeline.from_pretrained(str(shapes_model_path("shapes-flux", tmp_path)))
