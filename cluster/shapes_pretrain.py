@@ -108,7 +108,7 @@ def train_vae(
     """Autoencoder training on all rendered images: MSE on decode(mean latent + small noise), so
     the decoder tolerates the flow model's imperfect latents, with object pixels (far from the
     border's median colour) weighted 1 + `fg_weight` (unweighted, 300 steps reconstructed only
-    colourless blobs: judge accuracy 0.01; weighted, 500 steps: 0.10); a light L2 bounds latents."""
+    colourless blobs: judge accuracy 0.01; weighted, 500 steps: 0.06-0.10); a light L2 bounds latents."""
     import torch
 
     from cluster.shapes_reasoner import warmup_cosine
