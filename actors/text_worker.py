@@ -128,6 +128,12 @@ class TextWorker(TextWeightReceiver):
         self.llm = LLM(**engine_kwargs)
         self.engine_start_s = time.perf_counter() - start
         self._renderer = _load_renderer(self.model_path, self.is_vlm)
+        self._logit_bias = None
+        if self.is_vlm:  # never sample image placeholders (the learner applies the same bias)
+            from rollout.special_tokens import BANNED_LOGIT_BIAS, image_placeholder_ids
+
+            ids = image_placeholder_ids(getattr(self._renderer, "tokenizer", self._renderer))
+            self._logit_bias = {i: BANNED_LOGIT_BIAS for i in ids} or None
         logger.info("%s: engine for %s ready in %.1f s (vlm=%s)", name, model_path,
                     self.engine_start_s, self.is_vlm)
 
@@ -153,7 +159,7 @@ class TextWorker(TextWeightReceiver):
             params.append(SamplingParams(
                 n=request.n, temperature=request.temperature, top_p=request.top_p,
                 max_tokens=request.max_tokens, stop=list(request.stop) or None,
-                seed=request.seed, logprobs=0,
+                seed=request.seed, logprobs=0, logit_bias=self._logit_bias,
             ))
         version = self._version
         start = time.perf_counter()

@@ -15,7 +15,7 @@ import torch
 
 from rollout.state_io import load_tree, save_tree
 
-__all__ = ["save_learner_state", "load_learner_state"]
+__all__ = ["save_learner_state", "load_learner_state", "parameters_sha256"]
 
 _COUNTERS = ("global_steps", "global_samples", "micro_steps", "skipped_steps")
 
@@ -62,6 +62,17 @@ def load_learner_state(learner: Any, directory: str) -> int:
     learner.version = int(state["version"])
     torch.set_rng_state(state["torch_rng"])
     return learner.version
+
+
+def parameters_sha256(learner: Any) -> str:
+    """Bitwise fingerprint of the trained parameters (names and raw bytes; collective under ZeRO-3)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in sorted(learner.full_state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def _master_partitions(opt: Any) -> list[torch.Tensor]:

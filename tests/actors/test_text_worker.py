@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from rollout.interfaces import ChatMessage, Reasoner, TextRequest
+from rollout.special_tokens import BANNED_LOGIT_BIAS, image_placeholder_ids
 
 pytestmark = pytest.mark.integration
 
@@ -34,11 +35,14 @@ def _tempered_logprobs(logits: torch.Tensor, temperature: float, top_p: float) -
     return logp
 
 
-def _reference_logprobs(model, sample, temperature: float, top_p: float = 1.0, **extra) -> np.ndarray:
-    """transformers forward over prompt + answer; log-prob of each answer token."""
+def _reference_logprobs(model, sample, temperature: float, top_p: float = 1.0, banned=(), **extra) -> np.ndarray:
+    """transformers forward over prompt + answer; log-prob of each answer token.
+
+    `banned`: token ids the worker biases away (a VLM never generates image placeholders)."""
     ids = torch.tensor([sample.prompt_ids + sample.answer_ids])
     with torch.no_grad():
         logits = model(input_ids=ids, **extra).logits[0].float()
+    logits[:, list(banned)] += BANNED_LOGIT_BIAS
     start = len(sample.prompt_ids) - 1
     steps = logits[start:start + len(sample.answer_ids)]  # (answer_len, vocab)
     logp = _tempered_logprobs(steps, temperature, top_p)
@@ -90,6 +94,8 @@ def test_image_logprobs_match_transformers(text_worker_vlm, hf_vlm, make_image) 
     requests = [_ask("Does this image show a red circle?", img, n=2, temperature=t, max_tokens=10, seed=3)
                 for img, t in zip(images, settings, strict=True)]
     results = text_worker_vlm.generate(requests)
+    banned = image_placeholder_ids(proc.tokenizer)
+    assert len(banned) >= 3
     for img, temperature, samples in zip(images, settings, results, strict=True):
         text = proc.apply_chat_template(
             [{"role": "user", "content": [{"type": "image"},
@@ -98,7 +104,8 @@ def test_image_logprobs_match_transformers(text_worker_vlm, hf_vlm, make_image) 
         enc = proc(text=[text], images=[[Image.fromarray(img)]], return_tensors="pt")
         for sample in samples:
             assert sample.prompt_ids == enc["input_ids"][0].tolist()
-            want = _reference_logprobs(model, sample, temperature, pixel_values=enc["pixel_values"],
+            assert not set(sample.answer_ids) & set(banned)  # placeholders are never generated
+            want = _reference_logprobs(model, sample, temperature, banned=banned, pixel_values=enc["pixel_values"],
                                        pixel_attention_mask=enc["pixel_attention_mask"])
             np.testing.assert_allclose(sample.logprobs, want, atol=TOL, rtol=0)
 

@@ -4,10 +4,8 @@ The ShapesWorld judge (exact, pure numpy, batch-independent) sits behind Ray Ser
 runs with the same seeds are bitwise comparable; everything else is the real stack on tiny models.
 """
 
-import hashlib
 import re
 import threading
-import time
 
 import pytest
 
@@ -39,18 +37,12 @@ def run_root(tmp_path_factory):
     ray.shutdown()
 
 
-def _param_hash(learner) -> str:
-    h = hashlib.sha256()
-    for name, t in sorted(learner.full_state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
 def _hashes(trainer):
     import ray
 
-    return [ray.get(g.actors[0].__ray_call__.remote(_param_hash))
+    from learners.checkpointing import parameters_sha256
+
+    return [ray.get(g.actors[0].__ray_call__.remote(parameters_sha256))
             for g in (trainer.roles.text_learners, trainer.roles.diffusion_learners)]
 
 
@@ -69,22 +61,40 @@ def first_run(run_root):
     t.close()
 
 
-def test_worker_killed_mid_step_is_replaced_and_its_work_redone(first_run):
+def _kill_when_called(pool, method, victim_fn, delay_s=0.05):
+    """Kill a victim `delay_s` after the pool dispatches its next `method` call (requests in flight)."""
+    original = pool.map_shards
+    fired = []
+
+    def wrapped(name, items, *args):
+        if name == method and not fired:
+            fired.append(threading.Timer(delay_s, victim_fn))
+            fired[0].start()
+        return original(name, items, *args)
+
+    pool.map_shards = wrapped
+    return fired
+
+
+def test_worker_and_judge_replica_killed_mid_step_are_replaced_and_work_redone(first_run):
     import ray
 
     t, *_ = first_run
     victim = ray.get_actor("text-worker-1")
-    out = {}
-    runner = threading.Thread(target=lambda: out.setdefault("row", t.step()))
-    runner.start()
-    time.sleep(1.0)  # the step is in its rollout
-    ray.kill(victim, no_restart=True)
-    runner.join(timeout=600)
-    row = out["row"]
-    assert row["workers/text_replacements"] >= 1
+    _kill_when_called(t.roles.text_pool, "generate", lambda: ray.kill(victim, no_restart=True))
+
+    def kill_judge_replica():
+        names = [a for a in ray.util.list_named_actors(all_namespaces=True) if "SERVE_REPLICA::judge" in a["name"]]
+        assert names, "no judge replica found"
+        ray.kill(ray.get_actor(names[0]["name"], namespace=names[0]["namespace"]), no_restart=False)
+
+    _kill_when_called(t.roles.diffusion_pool, "sample", kill_judge_replica, delay_s=0.0)
+    row = t.step()
+    assert row["workers/text_replacements"] == 1
     assert row["stages"] == "generate"
     assert row["samples/trajectories"] == row["samples/text"] == 2 * 4  # no sample lost
     assert row["version/text_workers_min"] == row["version/policy"]  # the replacement was re-synced
+    assert sum(t.roles.judge.client.failures.values()) == 0  # lost judge requests were retried, none failed
 
 
 def test_elastic_workers_get_current_weights_before_serving(first_run):
