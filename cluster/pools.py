@@ -16,7 +16,7 @@ from typing import Any
 from rollout.interfaces import ImageRequest, SamplerSettings, TextRequest
 from rollout.trajectory import ImageSample, TextSample
 
-__all__ = ["WorkerPool", "PoolReasoner", "PoolGenerator", "shard_evenly"]
+__all__ = ["WorkerPool", "PoolReasoner", "PoolGenerator", "shard_evenly", "split_requests"]
 
 log = logging.getLogger(__name__)
 
@@ -139,16 +139,41 @@ class WorkerPool:
 
 
 class PoolReasoner:
-    """`Reasoner` over a pool of TextWorkers."""
+    """`Reasoner` over a pool of TextWorkers.
+
+    With fewer requests than workers, requests with n > 1 are split into parts (part j > 0 gets
+    seed + j·7919), so every worker gets work; the samples are regrouped per request.
+    """
 
     def __init__(self, pool: WorkerPool):
         self.pool = pool
 
     def generate(self, requests: list[TextRequest]) -> list[list[TextSample]]:
-        return self.pool.map_shards("generate", requests)
+        parts = split_requests(requests, len(self.pool))
+        flat = self.pool.map_shards("generate", [part for _, part in parts])
+        out: list[list[TextSample]] = [[] for _ in requests]
+        for (owner, _), samples in zip(parts, flat, strict=True):
+            out[owner].extend(samples)
+        return out
 
     def version(self) -> int:
         return min(self.pool.call_all("version"))
+
+
+def split_requests(requests: list[TextRequest], workers: int) -> list[tuple[int, TextRequest]]:
+    """(owning request index, part) pairs; at least `workers` parts when the samples allow it."""
+    from dataclasses import replace
+
+    if not requests or len(requests) >= workers:
+        return list(enumerate(requests))
+    per_request = -(-workers // len(requests))  # ceil
+    out = []
+    for i, r in enumerate(requests):
+        sizes = [b - a for a, b in shard_evenly(r.n, min(per_request, r.n))]
+        for j, n in enumerate(sizes):
+            seed = r.seed if r.seed is None or j == 0 else r.seed + 7919 * j
+            out.append((i, replace(r, n=n, seed=seed)))
+    return out
 
 
 class PoolGenerator:
