@@ -55,6 +55,7 @@ class Trainer:
                                      wandb_project=cfg.logging.wandb_project if cfg.logging.wandb else None)
         self.phase_log: list[dict[str, Any]] = []
         self._uncond: Any = None
+        self._closed = False
         self._pending: tuple[Any, float] | None = None  # one-step-off: the rollout already made for the next step
 
     # ------------------------------------------------------------------------------- one step
@@ -287,6 +288,10 @@ class Trainer:
         return report
 
     def close(self) -> None:
+        """Stop every role (idempotent); actor names are free again afterwards."""
+        if self._closed:
+            return
+        self._closed = True
         self.metrics.close()
         (self.run_dir / "phases.json").write_text(json.dumps(self.phase_log, indent=1))
         self.roles.shutdown()

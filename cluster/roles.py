@@ -50,6 +50,7 @@ class Roles:
         return PoolGenerator(self.diffusion_pool)
 
     def shutdown(self) -> None:
+        learner_actors = [*self.text_learners.actors, *self.diffusion_learners.actors]
         for closer in (
             lambda: self.text_sync.shutdown(),
             lambda: self.diffusion_sync.shutdown(),
@@ -63,6 +64,28 @@ class Roles:
                 closer()
             except Exception as e:  # best effort: the cluster may already be going down
                 log.warning("shutdown: %s", e)
+        _kill_and_wait([*self.text_pool.actors, *self.diffusion_pool.actors, *learner_actors])
+
+
+def _kill_and_wait(actors: list[Any], timeout_s: float = 60.0) -> None:
+    """Kill actors and wait until they are gone, so their names can be taken again."""
+    import time
+
+    import ray
+
+    for a in actors:
+        try:
+            ray.kill(a, no_restart=True)
+        except Exception:  # already dead
+            pass
+    deadline = time.monotonic() + timeout_s
+    for a in actors:
+        while time.monotonic() < deadline:
+            try:
+                ray.get(a.__ray_ready__.remote(), timeout=5)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                break
+            time.sleep(0.2)
 
 
 def build_roles(cfg: R3Config, paths: ModelPaths) -> Roles:

@@ -118,6 +118,7 @@ def test_elastic_workers_get_current_weights_before_serving(first_run):
 
 def test_resume_is_exact(first_run, run_root):
     t, rows, ckpt, hashes = first_run
+    t.close()  # free the actor names; a new trainer (new engines) continues from the checkpoint
     cfg = _cfg(run_root, "b")
     t2 = Trainer(cfg, make_run_dir(cfg))
     try:
