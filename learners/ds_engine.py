@@ -222,13 +222,18 @@ def gathered(params: list[torch.nn.Parameter]) -> Iterator[None]:
 
 
 def full_state_dict(module: torch.nn.Module, dtype: torch.dtype | None = torch.float32) -> dict[str, torch.Tensor]:
-    """Every parameter and buffer as a full CPU tensor (collective under ZeRO-3), layer by layer."""
+    """Every parameter and persistent buffer as a full CPU tensor (collective under ZeRO-3), layer by layer.
+
+    Non-persistent buffers (e.g. rotary `inv_freq`) are not checkpoint state: loaders such as vLLM's
+    refuse them."""
     out: dict[str, torch.Tensor] = {}
     for name, p in module.named_parameters():
         with gathered([p]):
             out[name] = p.detach().to("cpu", dtype or p.dtype).clone()
-    for name, b in module.named_buffers():
-        out[name] = b.detach().to("cpu").clone()
+    for mod_name, mod in module.named_modules():
+        for buf_name, b in mod.named_buffers(recurse=False):
+            if b is not None and buf_name not in mod._non_persistent_buffers_set:
+                out[f"{mod_name}.{buf_name}" if mod_name else buf_name] = b.detach().to("cpu").clone()
     return out
 
 
