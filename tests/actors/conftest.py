@@ -42,9 +42,10 @@ def text_worker_vlm(tiny_models: TinyModels) -> Iterator:
     worker.shutdown()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_cluster() -> Iterator[None]:
-    """One local Ray cluster for the session (never `ray stop`: other clusters share the box)."""
+    """A local Ray cluster for one test module, so other packages' modules can start their own
+    (never `ray stop`: other clusters share the box)."""
     import ray
 
     started = not ray.is_initialized()
