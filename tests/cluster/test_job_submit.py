@@ -67,7 +67,11 @@ def test_job_submit_runs_and_writes_run_dir(head, tmp_path):
         f"train.run_dir={tmp_path}", "train.run_name=job", "data.eval_limit=2", "train.eval_rounds=2",
         "logging.progress=false",
     ]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    for _ in range(12):  # the head's job agent can come up a little after the job API answers
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+        if "No available agent to submit job" not in out.stdout + out.stderr:
+            break
+        time.sleep(5)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     assert "succeeded" in (out.stdout + out.stderr).lower()
     run = tmp_path / "job"
