@@ -82,17 +82,7 @@ def plan_and_generate(
     if not records:
         raise ValueError("plan_and_generate needs at least one prompt record")
     t = settings.templates
-    requests = [
-        TextRequest(
-            messages=t.plan_messages(r.prompt),
-            n=n,
-            temperature=settings.temperature,
-            top_p=settings.top_p,
-            max_tokens=settings.max_tokens,
-            seed=rng.randrange(_SEED_RANGE),
-        )
-        for r in records
-    ]
+    requests = [_text_request(t.plan_messages(r.prompt), n, settings, rng) for r in records]
     texts = _generate_checked(reasoner, requests)
     plans = [
         [parse_plan(s.text, r.prompt, t) for s in group] for r, group in zip(records, texts, strict=True)
@@ -145,17 +135,7 @@ def reflect_and_edit(
     if not states:
         raise ValueError("reflect_and_edit needs at least one starting state")
     t = settings.templates
-    requests = [
-        TextRequest(
-            messages=t.reflect_messages(s.prompt, s.image),
-            n=n,
-            temperature=settings.temperature,
-            top_p=settings.top_p,
-            max_tokens=settings.max_tokens,
-            seed=rng.randrange(_SEED_RANGE),
-        )
-        for s in states
-    ]
+    requests = [_text_request(t.reflect_messages(s.prompt, s.image), n, settings, rng) for s in states]
     texts = _generate_checked(reasoner, requests)
     answers = [
         [parse_reflect(x.text, s.prompt, t) for x in group] for s, group in zip(states, texts, strict=True)
@@ -269,6 +249,12 @@ def _round(index, stage, text, image, result: JudgeResult, well_formed: bool, in
         instruction=instruction,
         judge_details=details,
     )
+
+
+def _text_request(messages, n: int, settings: StageSettings, rng: random.Random) -> TextRequest:
+    """One reasoner request with the stage's sampling settings and a seed drawn from `rng`."""
+    return TextRequest(messages=messages, n=n, temperature=settings.temperature, top_p=settings.top_p,
+                       max_tokens=settings.max_tokens, seed=rng.randrange(_SEED_RANGE))
 
 
 def _generate_checked(reasoner: Reasoner, requests: list[TextRequest]):
