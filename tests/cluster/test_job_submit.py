@@ -38,8 +38,7 @@ def head(tmp_path_factory):
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
     )
     address = f"http://127.0.0.1:{dash}"
-    deadline = time.time() + 180
-    while time.time() < deadline:
+    for _ in range(90):  # bounded readiness poll (attempts, not a speed check)
         out = subprocess.run([str(bin_dir / "ray"), "job", "list", "--address", address], env=env,
                              capture_output=True, text=True)
         if out.returncode == 0:
@@ -48,7 +47,7 @@ def head(tmp_path_factory):
         time.sleep(2)
     else:
         proc.terminate()
-        pytest.fail("ray head did not serve the job API within 180 s")
+        pytest.fail("ray head did not serve the job API after 90 polls")
     yield address, env
     proc.terminate()  # --block: ending this process stops exactly this head
     try:
