@@ -2,18 +2,21 @@
 
 Layout: `<run>/checkpoints/step-000004/` with `meta.json` (step, versions, data cursor, config
 hash), `driver/` (rollout buffer + driver RNG, pickle-free), `text_learner/`, `diffusion_learner/`
-(each rank's state, see learners.checkpointing). A folder counts only once `COMPLETE` exists in it.
+(each rank's state, see learners.checkpointing), and in one-step-off mode `pending/` (the rollout
+already made for the next step, see `save_pending_rollout`). A folder counts only once `COMPLETE`
+exists in it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CheckpointDir", "find_latest", "resolve_resume"]
+__all__ = ["CheckpointDir", "find_latest", "resolve_resume", "save_pending_rollout", "load_pending_rollout"]
 
 _STEP_DIR = re.compile(r"^step-(\d{6})$")
 COMPLETE = "COMPLETE"
@@ -61,6 +64,45 @@ def resolve_resume(resume: str | None, run_root: Path) -> Path | None:
     if not (path / COMPLETE).is_file():
         raise ValueError(f"checkpoint.resume={resume!r} is not a complete checkpoint folder (no {COMPLETE} marker)")
     return path
+
+
+def save_pending_rollout(directory: Path, result: Any, rollout_seconds: float) -> None:
+    """Store a `cluster.r3_step.StepResult` (trajectories and both training batches, with every sample's
+    behaviour log-probs and weight version) pickle-free: arrays in safetensors, the rest in JSON."""
+    from rollout.state_io import save_tree
+
+    tree = {
+        "step_index": result.step_index, "stages": list(result.stages), "metrics": dict(result.metrics),
+        "rollout_seconds": float(rollout_seconds),
+        "trajectories": [dataclasses.asdict(t) for t in result.trajectories],
+        "text_batch": [dataclasses.asdict(it) for it in result.text_batch],
+        "image_batch": [dataclasses.asdict(it) for it in result.image_batch],
+    }
+    save_tree(tree, directory, "rollout")
+
+
+def load_pending_rollout(directory: Path) -> tuple[Any, float]:
+    """(StepResult, rollout seconds) as `save_pending_rollout` stored them."""
+    from cluster.r3_step import ImageItem, StepResult, TextItem
+    from rollout.state_io import load_tree
+    from rollout.trajectory import ImageSample, Round, TextSample, Trajectory
+
+    tree = load_tree(directory, "rollout")
+
+    def text(d: dict | None) -> TextSample | None:
+        return None if d is None else TextSample(**d)
+
+    def image(d: dict | None) -> ImageSample | None:
+        return None if d is None else ImageSample(**d)
+
+    def round_(d: dict) -> Round:
+        return Round(**{**d, "text": text(d["text"]), "image": image(d["image"])})
+
+    trajectories = [Trajectory(**{**t, "rounds": [round_(r) for r in t["rounds"]]}) for t in tree["trajectories"]]
+    texts = [TextItem(**{**it, "sample": text(it["sample"]), "images": tuple(it["images"])}) for it in tree["text_batch"]]
+    images = [ImageItem(**{**it, "sample": image(it["sample"])}) for it in tree["image_batch"]]
+    result = StepResult(int(tree["step_index"]), list(tree["stages"]), trajectories, texts, images, tree["metrics"])
+    return result, float(tree["rollout_seconds"])
 
 
 def _prune(root: Path, keep: int) -> None:

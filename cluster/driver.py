@@ -2,7 +2,9 @@
 
 It holds no algorithm code: the step's R3 logic is `cluster.r3_step`, the math is in `learners.algos`
 and `rollout.flow_sde`, the roles are built by `cluster.roles`. It times every phase, logs one metrics
-row per step, writes trajectories as parquet, checkpoints, and evaluates at the end.
+row per step, writes trajectories as parquet, checkpoints, and evaluates at the end. Every remote wait
+is bounded by `train.remote_timeout_s`; a dead or unresponsive learner raises
+`cluster.failures.LearnerFailure` (which names the actor, the step and the checkpoint to resume from).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import datetime
@@ -19,6 +22,7 @@ from typing import Any
 import yaml
 
 from cluster.config import R3Config
+from cluster.failures import bounded, learner_failure
 from cluster.settings import eval_settings, load_prompt_sets, step_settings
 
 __all__ = ["run_training", "make_run_dir", "Trainer"]
@@ -57,6 +61,7 @@ class Trainer:
         self._uncond: Any = None
         self._closed = False
         self._pending: tuple[Any, float] | None = None  # one-step-off: the rollout already made for the next step
+        self.last_checkpoint: Path | None = None  # saved or loaded by this trainer: where a resume continues
 
     # ------------------------------------------------------------------------------- one step
 
@@ -80,9 +85,7 @@ class Trainer:
         else:
             text_m, image_m = self._learn_timed(result, i, phases)
         with _timed(phases, "sync", self.phase_log, i):
-            roles.version += 1
-            text_sync = roles.text_sync.sync(roles.text_learners, roles.text_pool.actors, roles.version)
-            image_sync = roles.diffusion_sync.sync(roles.diffusion_learners, roles.diffusion_pool.actors, roles.version)
+            text_sync, image_sync = self._sync_weights()
         versions = self._worker_versions()
         row = {
             **result.metrics,
@@ -114,8 +117,37 @@ class Trainer:
             return run_r3_step(i, prompts, roles.reasoner, roles.generator, roles.judge, self.buffer, self.settings)
 
     def _learn_timed(self, result: Any, i: int, phases: dict[str, float]) -> tuple[dict[str, float], dict[str, float]]:
-        with _timed(phases, "learn", self.phase_log, i):
+        with _timed(phases, "learn", self.phase_log, i), self._learners_guarded("learners training"):
             return self._learn(result)
+
+    def _sync_weights(self) -> tuple[Any, Any]:
+        """Push the new weights to every worker (bounded waits); the policy version advances on success."""
+        roles, timeout = self.roles, self.cfg.train.remote_timeout_s
+        version = roles.version + 1
+        with self._learners_guarded("weight sync", timeouts_are_learners=False):  # a stuck worker also times out
+            text = bounded(lambda: roles.text_sync.sync(roles.text_learners, roles.text_pool.actors, version),
+                           timeout, "text weight sync")
+            image = bounded(lambda: roles.diffusion_sync.sync(roles.diffusion_learners, roles.diffusion_pool.actors,
+                                                              version), timeout, "diffusion weight sync")
+        roles.version = version
+        return text, image
+
+    @contextmanager
+    def _learners_guarded(self, phase: str, timeouts_are_learners: bool = True) -> Iterator[None]:
+        """Turn an error into a LearnerFailure when a learner is dead (or, with `timeouts_are_learners`, on
+        any timeout: only learners were being waited for)."""
+        from cluster.checkpoint import resolve_resume
+
+        try:
+            yield
+        except Exception as e:
+            groups = (self.roles.text_learners, self.roles.diffusion_learners)
+            auto = resolve_resume("auto", Path(self.cfg.train.run_dir).resolve())
+            failure = learner_failure(e, groups, self.step_index, phase, self.last_checkpoint, auto,
+                                      timeouts_are_learners)
+            if failure is None:
+                raise
+            raise failure from e
 
     def _staleness(self, result: Any) -> int:
         """Policy version minus the oldest weight version any training sample was drawn with."""
@@ -134,7 +166,7 @@ class Trainer:
 
     def _learn(self, result: Any) -> tuple[dict[str, float], dict[str, float]]:
         """Text and diffusion learners train at the same time (two threads waiting on Ray)."""
-        roles = self.roles
+        roles, timeout = self.roles, self.cfg.train.remote_timeout_s
         text = _trim(result.text_batch, roles.text_learners.num_learners)
         image = _trim(result.image_batch, roles.diffusion_learners.num_learners)
 
@@ -144,18 +176,21 @@ class Trainer:
             images = [it.images[0] if it.images else None for it in text]
             return roles.text_learners.train_step(
                 [it.sample for it in text], [it.advantage for it in text],
-                images=images if any(x is not None for x in images) else None,
+                images=images if any(x is not None for x in images) else None, timeout_s=timeout,
             )
 
         def train_image() -> dict[str, float]:
             if not image:
                 return {"skipped": 1.0}
             return roles.diffusion_learners.train_step([it.sample for it in image], [it.advantage for it in image],
-                                                       negative_embeds=self._negative_embeds())
+                                                       negative_embeds=self._negative_embeds(), timeout_s=timeout)
 
-        with ThreadPoolExecutor(2) as pool:
+        pool = ThreadPoolExecutor(2)
+        try:
             t, m = pool.submit(train_text), pool.submit(train_image)
-            return t.result(timeout=self.cfg.train.remote_timeout_s), m.result(timeout=self.cfg.train.remote_timeout_s)
+            return t.result(timeout=timeout), m.result(timeout=timeout)
+        finally:  # on a failure, do not wait for the other learner: the run stops and its cleanup kills it
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def _negative_embeds(self) -> Any:
         """Unconditional (empty-prompt) embeddings for train-time CFG, encoded once by a diffusion worker."""
@@ -221,26 +256,29 @@ class Trainer:
     # ------------------------------------------------------------------------------- checkpoints
 
     def save_checkpoint(self) -> Path:
-        """Weights + optimizer + schedule + RNG of every learner rank, data cursor, buffer, versions."""
-        from cluster.checkpoint import CheckpointDir
-        from learners.checkpointing import save_learner_state
-
-        if self._pending is not None:
-            log.warning("one-step-off mode: the rollout made ahead for step %d is not saved; a resume redoes it "
-                        "with the checkpoint's weights", self.step_index)
-        ck = CheckpointDir(self.run_dir / "checkpoints", self.step_index)
+        """Weights + optimizer + schedule + RNG of every learner rank, data cursor, buffer, versions, and in
+        one-step-off mode the rollout already made for the next step (so a resume continues exactly)."""
         import ray
 
+        from cluster.checkpoint import CheckpointDir, save_pending_rollout
+        from learners.checkpointing import save_learner_state
+
+        ck = CheckpointDir(self.run_dir / "checkpoints", self.step_index)
         refs = []
         for kind, group in (("text_learner", self.roles.text_learners), ("diffusion_learner", self.roles.diffusion_learners)):
             refs += [a.__ray_call__.remote(save_learner_state, str(ck.path / kind)) for a in group.actors]
-        ray.get(refs, timeout=self.cfg.train.remote_timeout_s)
+        with self._learners_guarded("saving a checkpoint"):
+            ray.get(refs, timeout=self.cfg.train.remote_timeout_s)
         driver = {"prompts": self.prompts.state_dict(), "buffer": self.buffer.state_dict()}
         (ck.path / "driver.json").write_text(json.dumps(driver))
+        if self._pending is not None:  # its prompts and buffer draws are already in the cursor/buffer above
+            save_pending_rollout(ck.path / "pending", *self._pending)
         meta = {"step": self.step_index, "version": self.roles.version, "saved_at": time.time(),
+                "pending_rollout": self._pending is not None,
                 "learners": {"text": self.roles.text_learners.num_learners,
                              "diffusion": self.roles.diffusion_learners.num_learners}}
         final = ck.commit(meta, keep=self.cfg.checkpoint.keep)
+        self.last_checkpoint = final
         log.info("checkpoint saved: %s", final)
         return final
 
@@ -248,6 +286,7 @@ class Trainer:
         """Continue exactly where `path` left off; workers get the checkpoint's weights before serving."""
         import ray
 
+        from cluster.checkpoint import load_pending_rollout
         from learners.checkpointing import load_learner_state
 
         meta = json.loads((path / "meta.json").read_text())
@@ -258,11 +297,17 @@ class Trainer:
         refs = []
         for kind, group in (("text_learner", self.roles.text_learners), ("diffusion_learner", self.roles.diffusion_learners)):
             refs += [a.__ray_call__.remote(load_learner_state, str(path / kind)) for a in group.actors]
-        ray.get(refs, timeout=self.cfg.train.remote_timeout_s)
+        self.last_checkpoint = path  # still the place to resume from if a learner dies while loading it
+        with self._learners_guarded("loading a checkpoint"):
+            ray.get(refs, timeout=self.cfg.train.remote_timeout_s)
         driver = json.loads((path / "driver.json").read_text())
         self.prompts.load_state_dict(driver["prompts"])
         self.buffer.load_state_dict(driver["buffer"])
         self.step_index, self.roles.version = int(meta["step"]), int(meta["version"])
+        self._pending = load_pending_rollout(path / "pending") if meta.get("pending_rollout") else None
+        if self._pending is not None and self._pending[0].step_index != self.step_index:
+            raise ValueError(f"checkpoint {path}: pending rollout is for step {self._pending[0].step_index}, "
+                             f"the checkpoint's step is {self.step_index}")
         if self.roles.version > 0:
             self.roles.text_sync.sync(self.roles.text_learners, self.roles.text_pool.actors, self.roles.version)
             self.roles.diffusion_sync.sync(self.roles.diffusion_learners, self.roles.diffusion_pool.actors,

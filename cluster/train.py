@@ -1,7 +1,9 @@
 """Entry point: `python -m cluster.train --config configs/X.yaml [a.b=c ...] [--dry-run]`.
 
 Inside `ray job submit` it joins the existing cluster ($RAY_ADDRESS); outside it starts a local one.
-User mistakes in the config exit with status 2 and a message, never a traceback.
+Exit status: 0 done; 2 a mistake in the config (a message, never a traceback); 3 a learner actor died
+or stopped answering (`cluster.failures.LearnerFailure`: the message names the actor, the step, the last
+complete checkpoint and the `--resume` command).
 """
 
 from __future__ import annotations
@@ -45,8 +47,13 @@ def main(argv: list[str] | None = None) -> int:
         print("dry run: no engines started")
         return 0
     from cluster.driver import run_training
+    from cluster.failures import LearnerFailure
 
-    run_dir = run_training(cfg)
+    try:
+        run_dir = run_training(cfg)
+    except LearnerFailure as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
     print(f"run directory: {run_dir}")
     return 0
 

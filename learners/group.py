@@ -82,11 +82,13 @@ class LearnerGroup:
         log.info("%s learner group ready: %s", kind, self.info)
 
     # ---- collective calls -------------------------------------------------------------------
-    def train_step(self, samples: Sequence[Any], advantages: Sequence[float], **kwargs: Any) -> dict[str, float]:
+    def train_step(self, samples: Sequence[Any], advantages: Sequence[float], *, timeout_s: float | None = None,
+                   **kwargs: Any) -> dict[str, float]:
         """Shard `samples`/`advantages` (and `images`, see PER_SAMPLE_KWARGS) evenly over ranks.
 
         len(samples) must be divisible by the number of ranks, so every rank runs the same number
-        of micro-batches. Returns rank 0's metrics (reduced over all ranks).
+        of micro-batches. Returns rank 0's metrics (reduced over all ranks). `timeout_s`: wait at most
+        this long for the ranks (ray.exceptions.GetTimeoutError after it); None waits forever.
         """
         import ray
 
@@ -104,7 +106,7 @@ class LearnerGroup:
         for actor, sl in zip(self.actors, shards, strict=True):
             kw = {k: (list(v)[sl] if k in PER_SAMPLE_KWARGS and v is not None else v) for k, v in kwargs.items()}
             refs.append(actor.train_step.remote(list(samples[sl]), list(advantages[sl]), **kw))
-        return ray.get(refs)[0]
+        return ray.get(refs, timeout=timeout_s)[0]
 
     def call_all(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
         """Call `method` on every rank at once (for collective methods); results in rank order."""

@@ -116,6 +116,39 @@ def test_elastic_workers_get_current_weights_before_serving(first_run):
     assert len(t.roles.text_pool) == 3
 
 
+def _files(folder):
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
+
+
+def test_learner_killed_mid_step_stops_with_a_clear_message(first_run, run_root):
+    """The last test that uses the first trainer's roles (test_resume_is_exact only closes it)."""
+    import ray
+
+    from cluster.checkpoint import resolve_resume
+    from cluster.failures import LearnerFailure
+
+    t, _, ckpt, _ = first_run
+    before, step = _files(ckpt), t.step_index
+    group, victim = t.roles.text_learners, t.roles.text_learners.actors[0]
+    original = group.train_step
+
+    def killed_as_training_starts(*args, **kwargs):
+        ray.kill(victim, no_restart=True)
+        return original(*args, **kwargs)
+
+    group.train_step = killed_as_training_starts
+    with pytest.raises(LearnerFailure) as info:
+        t.step()
+    e, msg = info.value, str(info.value)
+    assert (e.actors, e.step, e.phase, e.checkpoint) == (["text-learner-0"], step, "learners training", ckpt)
+    assert f"text-learner-0 stopped answering during step {step}" in msg and "ActorDiedError" in msg
+    assert f"last complete checkpoint is {ckpt}" in msg and "--resume auto` (picks that checkpoint)" in msg
+    assert t.step_index == step  # the failed step does not count
+    assert _files(ckpt) == before  # the last checkpoint is untouched ...
+    assert [p.name for p in ckpt.parent.iterdir()] == [ckpt.name]  # ... and no partial one was started
+    assert resolve_resume("auto", run_root) == ckpt  # what the message tells the user to resume from
+
+
 def test_resume_is_exact(first_run, run_root):
     t, rows, ckpt, hashes = first_run
     t.close()  # free the actor names; a new trainer (new engines) continues from the checkpoint
@@ -131,15 +164,31 @@ def test_resume_is_exact(first_run, run_root):
         t2.close()
 
 
-def test_one_step_off_overlaps_and_is_at_most_one_version_stale(run_root):
-    cfg = _cfg(run_root, "async", "train.async_one_step_off=true", "train.steps=3", "cluster.text_workers=1")
+def test_one_step_off_overlaps_is_at_most_one_version_stale_and_resumes_exactly(run_root):
+    """4 async steps with a checkpoint after step 2 (it holds the rollout made ahead for step 3); a new
+    trainer resumed from it ends with the same rows and bitwise-equal learner parameters."""
+    cfg = _cfg(run_root, "async", "train.async_one_step_off=true", "train.steps=4", "cluster.text_workers=1")
     t = Trainer(cfg, make_run_dir(cfg))
     try:
-        rows = [t.step() for _ in range(3)]
+        rows = [t.step(), t.step()]
+        ckpt = t.save_checkpoint()
+        rows += [t.step(), t.step()]
+        hashes = _hashes(t)
     finally:
         t.close()
-    assert [r["version/max_staleness"] for r in rows] == [0, 1, 1]
+    assert [r["version/max_staleness"] for r in rows] == [0, 1, 1, 1]
     phases = {(p["step"], p["phase"]): p for p in t.phase_log}
-    for step in (0, 1):
+    for step in (0, 1, 2):
         learn, ahead = phases[(step, "learn")], phases[(step + 1, "rollout")]
         assert ahead["start"] < learn["end"] and learn["start"] < ahead["end"], (learn, ahead)
+    assert (ckpt / "pending" / "rollout.safetensors").is_file()
+    cfg2 = _cfg(run_root, "async-resumed", "train.async_one_step_off=true", "train.steps=4", "cluster.text_workers=1")
+    t2 = Trainer(cfg2, make_run_dir(cfg2))
+    try:
+        t2.load_checkpoint(ckpt)
+        resumed = [t2.step(), t2.step()]
+        assert not any(p["step"] == 2 and p["phase"] == "rollout" for p in t2.phase_log)  # step 2's rollout was restored
+        assert [_stable(r) for r in resumed] == [_stable(r) for r in rows[2:]]
+        assert _hashes(t2) == hashes  # bitwise-equal learner parameters
+    finally:
+        t2.close()

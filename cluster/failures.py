@@ -1,0 +1,100 @@
+"""Failures the run cannot recover from, turned into one clear message instead of a Ray traceback.
+
+Rollout workers and judge replicas are replaceable (their state is the weights, re-sent on start).
+Learners are not: their optimizer state lives only in the actor, so a dead or unresponsive learner
+stops the run. The message names the actor, the step, the last complete checkpoint and the resume
+command; `python -m cluster.train` exits with `LearnerFailure.exit_code`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
+from pathlib import Path
+from typing import Any, TypeVar
+
+__all__ = ["LearnerFailure", "LEARNER_FAILURE_EXIT_CODE", "find_dead_learners", "learner_failure", "bounded"]
+
+log = logging.getLogger(__name__)
+
+LEARNER_FAILURE_EXIT_CODE = 3  # 0 ok, 2 config error (cluster.train), 3 a learner died or timed out
+T = TypeVar("T")
+
+
+class LearnerFailure(RuntimeError):
+    """A learner actor died (or did not answer within `train.remote_timeout_s`) during a step.
+
+    Attributes: `actors` (names of the dead learners; empty after a timeout with none dead), `step`
+    (0-based step index that failed), `phase` (what the driver was waiting for), `checkpoint` (the last complete checkpoint this
+    run saved or resumed from, or None), `auto` (what `--resume auto` would pick now), `exit_code`.
+    """
+
+    exit_code = LEARNER_FAILURE_EXIT_CODE
+
+    def __init__(self, actors: Sequence[str], step: int, phase: str, checkpoint: Path | None, cause: str,
+                 auto: Path | None = None):
+        self.actors, self.step, self.phase = list(actors), step, phase
+        self.checkpoint, self.auto = checkpoint, auto
+        if checkpoint is not None:
+            how = (f"`--resume auto` (picks that checkpoint) or `--resume {checkpoint}`" if auto == checkpoint else
+                   f"`--resume {checkpoint}` (`--resume auto` would pick {auto}, which is newer under train.run_dir)")
+            resume = (f"The last complete checkpoint is {checkpoint} (nothing newer was written).\n"
+                      f"Resume with the same command plus {how}.")
+        else:
+            resume = ("This run has no complete checkpoint yet, so it cannot be resumed: start it again "
+                      "(set checkpoint.every=K to save every K steps).")
+        who = ", ".join(self.actors) if self.actors else "a learner actor"
+        super().__init__(
+            f"learner failure: {who} stopped answering during step {step} ({phase}): {cause}\n"
+            "Learners hold the optimizer state, so the run stopped instead of replacing them.\n" + resume
+        )
+
+
+def find_dead_learners(groups: Sequence[Any], error: BaseException | None = None) -> list[str]:
+    """Names of the dead learner actors of `groups` (LearnerGroups).
+
+    The actor that `error` (a RayActorError) names, plus every learner whose name Ray no longer lists
+    (a dead actor's name is released). No call is made to the learners: a busy one would not answer.
+    """
+    import ray
+
+    from learners.group import learner_actor_name
+
+    names = {a._actor_id.hex(): learner_actor_name(g.kind, k) for g in groups for k, a in enumerate(g.actors)}
+    live = set(ray.util.list_named_actors())
+    dead = [names[error.actor_id]] if isinstance(error, ray.exceptions.RayActorError) and error.actor_id in names else []
+    return dead + [n for n in names.values() if n not in live and n not in dead]
+
+
+def learner_failure(error: BaseException, groups: Sequence[Any], step: int, phase: str, checkpoint: Path | None,
+                    auto: Path | None = None, timeouts_are_learners: bool = True) -> LearnerFailure | None:
+    """A `LearnerFailure` if a learner is dead, or `error` is a timeout while only learners were being
+    waited for (`timeouts_are_learners`); else None: the caller re-raises the original error."""
+    import ray
+
+    if not isinstance(error, ray.exceptions.RayError | TimeoutError):
+        return None
+    dead = find_dead_learners(groups, error)
+    if not dead and not (timeouts_are_learners and isinstance(error, TimeoutError)):
+        return None  # a worker, the judge or the learner's own code failed: the caller re-raises the original
+    cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    failure = LearnerFailure(dead, step, phase, checkpoint, f"{type(error).__name__}: {cause}", auto)
+    log.error("%s", failure)
+    return failure
+
+
+def bounded(fn: Callable[[], T], timeout_s: float, what: str) -> T:
+    """Run `fn` and wait at most `timeout_s` for it (the thread is abandoned, not joined, on timeout).
+
+    For remote waits that have no timeout of their own (e.g. a weight sync): the caller's cleanup
+    kills the actors, which ends the abandoned wait.
+    """
+    ex = ThreadPoolExecutor(1, thread_name_prefix=what)
+    try:
+        future = ex.submit(fn)
+        if not wait([future], timeout=timeout_s).done:
+            raise TimeoutError(f"{what} did not finish within train.remote_timeout_s={timeout_s:g} s")
+        return future.result()
+    finally:
+        ex.shutdown(wait=False, cancel_futures=True)
