@@ -362,14 +362,22 @@ class DiffusionWorker(TorchWeightReceiver):
                 )
 
 
-def remote_diffusion_worker(index: int, num_cpus: float, num_gpus: float, **kwargs: Any):
-    """Start `DiffusionWorker(**kwargs)` as the Ray actor `diffusion-worker-{index}`."""
+def remote_diffusion_worker(index: int, num_cpus: float, num_gpus: float, *, scheduling_strategy: Any = None,
+                            **kwargs: Any):
+    """Start `DiffusionWorker(**kwargs)` as the Ray actor `diffusion-worker-{index}`.
+
+    `scheduling_strategy` (e.g. a `PlacementGroupSchedulingStrategy` for the actor's bundle) goes to
+    Ray as is; None: plain resource request.
+    """
     import ray
 
     name = f"diffusion-worker-{index}"
     kwargs.setdefault("name", name)
     actor_cls = ray.remote(DiffusionWorker)
-    return actor_cls.options(name=name, num_cpus=num_cpus, num_gpus=num_gpus).remote(**kwargs)
+    options: dict[str, Any] = {"name": name, "num_cpus": num_cpus, "num_gpus": num_gpus}
+    if scheduling_strategy is not None:
+        options["scheduling_strategy"] = scheduling_strategy
+    return actor_cls.options(**options).remote(**kwargs)
 
 
 # ------------------------------------------------------------------------------------ helpers

@@ -306,11 +306,14 @@ class TextWorker(TextWeightReceiver):
                              "restart it with enable_sleep_mode=True (GPU only) to use sleep/wake")
 
 
-def remote_text_worker(index: int, num_cpus: float, num_gpus: float, **kwargs: Any) -> Any:
+def remote_text_worker(index: int, num_cpus: float, num_gpus: float, *, scheduling_strategy: Any = None,
+                       **kwargs: Any) -> Any:
     """Start `TextWorker` as the named Ray actor `text-worker-{index}`; returns its handle.
 
     `kwargs` go to `TextWorker` (model_path, max_model_len, ...). With `num_gpus == 0` the actor
     gets the CPU engine environment (in-process engine, 1 GiB KV cache) before vLLM is imported.
+    `scheduling_strategy` (e.g. a `PlacementGroupSchedulingStrategy` for the actor's bundle) goes to
+    Ray as is; None: plain resource request.
     """
     import ray
 
@@ -323,9 +326,11 @@ def remote_text_worker(index: int, num_cpus: float, num_gpus: float, **kwargs: A
     if num_gpus == 0:
         env_vars.update(CPU_ENGINE_ENV)
     actor_cls = ray.remote(TextWorker)
-    return actor_cls.options(
-        name=name, num_cpus=num_cpus, num_gpus=num_gpus, runtime_env={"env_vars": env_vars},
-    ).remote(name=name, **kwargs)
+    options: dict[str, Any] = {"name": name, "num_cpus": num_cpus, "num_gpus": num_gpus,
+                               "runtime_env": {"env_vars": env_vars}}
+    if scheduling_strategy is not None:
+        options["scheduling_strategy"] = scheduling_strategy
+    return actor_cls.options(**options).remote(name=name, **kwargs)
 
 
 # ---------------------------------------------------------------------------------- private

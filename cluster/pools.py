@@ -4,6 +4,10 @@ A pool spreads each batch over all live workers of its role (contiguous shards, 
 back in request order), waits with a timeout, and when a worker dies it is replaced by a fresh
 one, which receives the current weights before it serves (the `on_replace` hook), and the lost
 shard is redone. Bounded retries: a batch that fails more than `retries` times raises.
+
+With a `RolePlacement`, worker i always runs in bundle i of its role's placement group (a
+replacement reuses the bundle); workers added beyond the group get one-bundle groups of their own,
+given back when the pool shrinks (see `cluster.placement`).
 """
 
 from __future__ import annotations
@@ -37,19 +41,22 @@ def shard_evenly(n: int, parts: int) -> list[tuple[int, int]]:
 class WorkerPool:
     """The live actors of one role plus how to make a new one.
 
-    `factory(index)` creates (and names) the actor for slot `index`; `on_replace(index, actor)` brings a
-    new actor up to date (weights, version) before it serves.
+    `factory(index, scheduling_strategy)` creates (and names) the actor for slot `index`, scheduled
+    with that strategy (None without a placement); `on_replace(index, actor)` brings a new actor up to
+    date (weights, version) before it serves. `placement` (a `cluster.placement.RolePlacement`, or
+    None for plain resource requests) says where slot `index` runs.
     """
 
     def __init__(
         self,
         role: str,
-        factory: Callable[[int], Any],
+        factory: Callable[[int, Any], Any],
         count: int,
         *,
         timeout_s: float,
         retries: int,
         on_replace: Callable[[int, Any], None] | None = None,
+        placement: Any = None,
     ):
         if count < 1:
             raise ValueError(f"{role}: count must be >= 1, got {count}")
@@ -58,7 +65,8 @@ class WorkerPool:
         self.timeout_s = timeout_s
         self.retries = retries
         self.on_replace = on_replace
-        self.actors: list[Any] = [factory(i) for i in range(count)]
+        self.placement = placement
+        self.actors: list[Any] = [self._spawn(i) for i in range(count)]
         self.replacements = 0
         self.calls_per_worker: list[int] = [0] * count
 
@@ -106,14 +114,17 @@ class WorkerPool:
             ray.kill(self.actors[index], no_restart=True)
         except Exception:  # already dead: nothing to kill
             pass
-        actor = self.factory(index)
+        actor = self._spawn(index)  # same bundle: Ray starts it once the killed actor has freed it
         if self.on_replace is not None:
             self.on_replace(index, actor)
         self.actors[index] = actor
         self.replacements += 1
 
     def resize(self, count: int) -> list[int]:
-        """Grow or shrink the pool between steps; returns the indices of new actors (to be synced)."""
+        """Grow or shrink the pool between steps; returns the indices of new actors (to be synced).
+
+        Shrinking kills the highest indices and gives back their extra placement groups.
+        """
         import ray
 
         if count < 1:
@@ -122,9 +133,11 @@ class WorkerPool:
         while len(self.actors) > count:
             ray.kill(self.actors.pop(), no_restart=True)
             self.calls_per_worker.pop()
+            if self.placement is not None:
+                self.placement.release(len(self.actors))
         while len(self.actors) < count:
             index = len(self.actors)
-            actor = self.factory(index)
+            actor = self._spawn(index)
             if self.on_replace is not None:
                 self.on_replace(index, actor)
             self.actors.append(actor)
@@ -136,6 +149,10 @@ class WorkerPool:
         import ray
 
         return ray.get([getattr(a, method).remote(*args, **kwargs) for a in self.actors], timeout=self.timeout_s)
+
+    def _spawn(self, index: int) -> Any:
+        strategy = self.placement.scheduling_strategy(index) if self.placement is not None else None
+        return self.factory(index, strategy)
 
 
 class PoolReasoner:

@@ -1,19 +1,24 @@
 """Build every role of a run from the config: worker pools, the judge service, learner groups, weight sync.
 
-This is the only place that maps config fields to actor constructor arguments.
+This is the only place that maps config fields to actor constructor arguments. Every worker and
+learner runs in its role's placement group (`cluster.placement`: one group per role, actor i in
+bundle i); the judge replicas are placed by Ray Serve. `Roles.shutdown` kills the actors, then
+removes the groups.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from cluster.config import R3Config
+from cluster.placement import create_placement_groups, plan_placement
 from cluster.pools import PoolGenerator, PoolReasoner, WorkerPool
 from cluster.session import resolve_model_path
 
-__all__ = ["Roles", "build_roles", "ModelPaths", "resolve_paths"]
+__all__ = ["Roles", "build_roles", "build_worker_pools", "place_roles", "remove_placements", "ModelPaths", "resolve_paths"]
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +45,7 @@ class Roles:
     text_sync: Any
     diffusion_sync: Any
     version: int = 0
+    placements: dict[str, Any] = field(default_factory=dict)  # role -> cluster.placement.RolePlacement
 
     @property
     def reasoner(self) -> PoolReasoner:
@@ -65,6 +71,13 @@ class Roles:
             except Exception as e:  # best effort: the cluster may already be going down
                 log.warning("shutdown: %s", e)
         _kill_and_wait([*self.text_pool.actors, *self.diffusion_pool.actors, *learner_actors])
+        remove_placements(self.placements)
+
+
+def remove_placements(placements: dict[str, Any]) -> None:
+    """Remove every role's placement groups (after its actors are gone)."""
+    for placement in placements.values():
+        placement.remove()
 
 
 def _kill_and_wait(actors: list[Any], timeout_s: float = 60.0) -> None:
@@ -88,9 +101,48 @@ def _kill_and_wait(actors: list[Any], timeout_s: float = 60.0) -> None:
             time.sleep(0.2)
 
 
-def build_roles(cfg: R3Config, paths: ModelPaths) -> Roles:
+def place_roles(cfg: R3Config, roles: tuple[str, ...]) -> dict[str, Any]:
+    """Ready placement groups for `roles`, waited for up to `train.remote_timeout_s`."""
+    return create_placement_groups(plan_placement(cfg), cfg.cluster.placement_strategy, cfg.train.remote_timeout_s,
+                                   roles=roles)
+
+
+def build_worker_pools(cfg: R3Config, paths: ModelPaths, placements: dict[str, Any],
+                       on_replace: dict[str, Callable[[int, Any], None]] | None = None) -> tuple[WorkerPool, WorkerPool]:
+    """The text and diffusion worker pools, each actor in its bundle of `placements[role]`."""
     from actors.diffusion_worker import remote_diffusion_worker
     from actors.text_worker import remote_text_worker
+
+    c, seed, hooks = cfg.cluster, cfg.train.seed, on_replace or {}
+
+    def text_worker(i: int, strategy: Any) -> Any:
+        return remote_text_worker(
+            i, c.text_workers.num_cpus, c.text_workers.num_gpus * c.text_workers.tensor_parallel_size,
+            scheduling_strategy=strategy, model_path=paths.reasoner, max_model_len=cfg.models.reasoner.max_model_len,
+            tensor_parallel_size=c.text_workers.tensor_parallel_size, dtype=cfg.models.reasoner.dtype,
+            seed=seed + i, enable_sleep_mode=c.colocate,
+        )
+
+    def diffusion_worker(i: int, strategy: Any) -> Any:
+        device = "cuda" if c.diffusion_workers.num_gpus > 0 else "cpu"
+        return remote_diffusion_worker(
+            i, c.diffusion_workers.num_cpus, c.diffusion_workers.num_gpus, scheduling_strategy=strategy,
+            model_path=paths.generator, device=device, dtype=cfg.models.generator.dtype, seed=seed + i,
+        )
+
+    timeout, retries = cfg.train.remote_timeout_s, cfg.train.retries
+    pools = []
+    for role, factory in (("text_workers", text_worker), ("diffusion_workers", diffusion_worker)):
+        pools.append(WorkerPool(role, factory, getattr(c, role).count, timeout_s=timeout, retries=retries,
+                                on_replace=hooks.get(role), placement=placements.get(role)))
+    return pools[0], pools[1]
+
+
+def build_roles(cfg: R3Config, paths: ModelPaths) -> Roles:
+    """Placement groups first (one per role, all ready), then workers, judge, learners, weight sync.
+
+    If anything fails to start, the placement groups are removed again (which kills the actors in them).
+    """
     from learners.group import LearnerGroup
     from learners.weight_sync import make_weight_sync
 
@@ -99,21 +151,6 @@ def build_roles(cfg: R3Config, paths: ModelPaths) -> Roles:
     text_sync = make_weight_sync(cfg.sync.method, bucket_mb=cfg.sync.bucket_mb, backend=backend)
     diffusion_sync = make_weight_sync(cfg.sync.method, bucket_mb=cfg.sync.bucket_mb, backend=backend)
     roles_box: dict[str, Roles] = {}
-
-    def text_worker(i: int) -> Any:
-        return remote_text_worker(
-            i, c.text_workers.num_cpus, c.text_workers.num_gpus * c.text_workers.tensor_parallel_size,
-            model_path=paths.reasoner, max_model_len=cfg.models.reasoner.max_model_len,
-            tensor_parallel_size=c.text_workers.tensor_parallel_size, dtype=cfg.models.reasoner.dtype,
-            seed=seed + i, enable_sleep_mode=c.colocate,
-        )
-
-    def diffusion_worker(i: int) -> Any:
-        device = "cuda" if c.diffusion_workers.num_gpus > 0 else "cpu"
-        return remote_diffusion_worker(
-            i, c.diffusion_workers.num_cpus, c.diffusion_workers.num_gpus,
-            model_path=paths.generator, device=device, dtype=cfg.models.generator.dtype, seed=seed + i,
-        )
 
     def resync(sync: Any) -> Any:
         def hook(index: int, actor: Any) -> None:
@@ -124,25 +161,29 @@ def build_roles(cfg: R3Config, paths: ModelPaths) -> Roles:
 
         return hook
 
-    timeout, retries = cfg.train.remote_timeout_s, cfg.train.retries
-    text_pool = WorkerPool("text_workers", text_worker, c.text_workers.count, timeout_s=timeout, retries=retries,
-                           on_replace=resync(text_sync))
-    diffusion_pool = WorkerPool("diffusion_workers", diffusion_worker, c.diffusion_workers.count, timeout_s=timeout,
-                                retries=retries, on_replace=resync(diffusion_sync))
-    judge = build_judge_client(cfg, paths)
-    g = cfg.grpo
-    text_learners = LearnerGroup(
-        "text", c.text_learners.count, c.text_learners.num_cpus, c.text_learners.num_gpus,
-        model_path=paths.reasoner, zero_stage=g.zero_stage, lr=g.lr, betas=tuple(g.betas), weight_decay=g.weight_decay,
-        warmup_steps=g.warmup_steps, grad_clip=g.grad_clip, micro_batch_size=g.micro_batch_size,
-        temperature=g.temperature, kl_coef=g.kl_coef, kl_kind=g.kl_kind, clip_low=g.clip_low,
-        clip_high=g.clip_high, loss_agg=g.loss_agg, seed=seed,
-    )
-    diffusion_learners = LearnerGroup(
-        "diffusion", c.diffusion_learners.count, c.diffusion_learners.num_cpus, c.diffusion_learners.num_gpus,
-        **diffusion_learner_kwargs(cfg, paths),
-    )
-    roles = Roles(text_pool, diffusion_pool, judge, text_learners, diffusion_learners, text_sync, diffusion_sync)
+    placements = place_roles(cfg, ("text_workers", "diffusion_workers", "text_learners", "diffusion_learners"))
+    try:
+        text_pool, diffusion_pool = build_worker_pools(
+            cfg, paths, placements, {"text_workers": resync(text_sync), "diffusion_workers": resync(diffusion_sync)})
+        judge = build_judge_client(cfg, paths)
+        g = cfg.grpo
+        text_learners = LearnerGroup(
+            "text", c.text_learners.count, c.text_learners.num_cpus, c.text_learners.num_gpus,
+            placement_group=placements["text_learners"].group,
+            model_path=paths.reasoner, zero_stage=g.zero_stage, lr=g.lr, betas=tuple(g.betas),
+            weight_decay=g.weight_decay, warmup_steps=g.warmup_steps, grad_clip=g.grad_clip,
+            micro_batch_size=g.micro_batch_size, temperature=g.temperature, kl_coef=g.kl_coef, kl_kind=g.kl_kind,
+            clip_low=g.clip_low, clip_high=g.clip_high, loss_agg=g.loss_agg, seed=seed,
+        )
+        diffusion_learners = LearnerGroup(
+            "diffusion", c.diffusion_learners.count, c.diffusion_learners.num_cpus, c.diffusion_learners.num_gpus,
+            placement_group=placements["diffusion_learners"].group, **diffusion_learner_kwargs(cfg, paths),
+        )
+    except BaseException:
+        remove_placements(placements)
+        raise
+    roles = Roles(text_pool, diffusion_pool, judge, text_learners, diffusion_learners, text_sync, diffusion_sync,
+                  placements=placements)
     roles_box["roles"] = roles
     return roles
 
