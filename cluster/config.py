@@ -234,6 +234,7 @@ class TrainConfig(_Section):
     run_name: str | None = Field(None, description="default: timestamp")
     async_one_step_off: bool = Field(False, description="rollouts of step t+1 overlap learning of step t")
     eval_every: int = Field(0, ge=0, description="evaluate every N steps (0: only at the end)")
+    eval_before: bool = Field(False, description="also evaluate before the first step (eval-before/)")
     eval_rounds: int = Field(4, ge=1, le=16)
     remote_timeout_s: float = Field(600.0, gt=0, description="timeout of every remote wait")
     retries: int = Field(2, ge=0, description="bounded retries of a failed rollout request")

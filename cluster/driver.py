@@ -361,6 +361,8 @@ def run_training(cfg: R3Config) -> Path:
             trainer.load_checkpoint(resume)
         elif cfg.checkpoint.resume == "auto":
             log.info("checkpoint.resume=auto: no complete checkpoint under %s; starting fresh", cfg.train.run_dir)
+        if cfg.train.eval_before and trainer.step_index == 0:
+            trainer.evaluate(tag="before")
         bar = tqdm(total=cfg.train.steps, initial=trainer.step_index, desc="R3RL", unit="step",
                    disable=not cfg.logging.progress)
         while trainer.step_index < cfg.train.steps:
