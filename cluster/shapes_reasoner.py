@@ -1,15 +1,23 @@
-"""Supervised warm start of the reasoner (tiny Idefics3 VLM) on ShapesWorld.
+"""Supervised warm start of the ShapesWorld reasoner (a small Idefics3 VLM) on rendered data.
 
-Plan: the user prompt (the worker's plan template) -> `<think>checklist</think>` + the prompt.
-Reflect: the prompt and an image -> `<think>…</think>no further edit needed` for a correct render,
-`<think>…</think>` + the fixing instruction for a wrong one. Chats are rendered exactly as
-`actors.text_worker` renders them (images first, then the text; the processor's chat template),
-and the loss covers the answer tokens plus the end-of-utterance token only.
+Plan: the user prompt (the worker's plan template) -> `<think>as asked.</think>` + the prompt
+itself (ShapesWorld prompts are already exact descriptions; a longer checklist cost ~20 tokens of
+the 48-token answer budget and made copying harder). Reflect: the prompt and an image ->
+`<think>the image matches.</think>no further edit needed` for a correct render,
+`<think>wrong <kind>.</think>` + the renderer's fixing instruction for a wrong one.
+
+Chats are rendered exactly as `actors.text_worker` renders them (images first, then the text; the
+processor's chat template); the loss covers the answer tokens plus `<end_of_utterance>`, with the
+reflect decision token (first token of the think) weighted up. Reflect batches are balanced
+(half correct, half wrong), use fresh renders of the pool's train prompts beside the pool's own
+images, and degrade a share of the images (blur, noise, colour jitter) so the reasoner also
+reads the generator's imperfect images.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,121 +27,160 @@ from rollout.parsing import STOP_PHRASE, is_stop, parse_answer
 from rollout.templates import Templates
 
 if TYPE_CHECKING:
+
     from cluster.shapes_pretrain import PretrainSettings, RenderedPool
 
-__all__ = ["plan_answer", "reflect_answer", "train_reasoner", "evaluate_reasoner", "warmup_cosine"]
+__all__ = [
+    "ReasonerRecipe",
+    "PLAN_THINK",
+    "plan_answer",
+    "reflect_answer",
+    "build_shapes_vlm",
+    "train_reasoner",
+    "evaluate_reasoner",
+    "balanced_reflect_batch",
+    "degrade_images",
+    "warmup_cosine",
+]
 
 logger = logging.getLogger(__name__)
 
+PLAN_THINK = "as asked."
+_MATCH_THINK = "the image matches."
+
+
+@dataclass(frozen=True)
+class ReasonerRecipe:
+    """Model size and training knobs of the reasoner warm start; step counts scale with
+    `PretrainSettings.scale` (`max(1, round(x * scale))`)."""
+
+    text_hidden: int = 128
+    text_layers: int = 2
+    text_heads: int = 2
+    vision_hidden: int = 96
+    vision_layers: int = 2
+    vision_heads: int = 2
+    patch: int = 8  # 64 px image / 8 px patches = 64 patches -> 16 image tokens (scale factor 2)
+    image_size: int = 64  # ShapesWorld images are 64x64: one tile, no splitting, no resampling
+    steps: int = 600
+    lr: float = 2e-3
+    plan_batch: int = 6
+    reflect_batch: int = 8  # half correct, half wrong
+    fresh_fraction: float = 0.5  # share of reflect images rendered afresh (new layouts) each step
+    degrade_fraction: float = 0.5  # share of reflect images blurred / noised like generator output
+    decision_weight: float = 4.0  # loss weight of the reflect decision token (stop vs edit)
+    plan_weight: float = 0.5
+
+    def scaled(self, value: int, scale: float) -> int:
+        return max(1, int(round(value * scale)))
+
 
 def plan_answer(meta: dict[str, Any]) -> str:
-    """`<think>` a compact checklist `</think>` + the prompt itself (already an exact description)."""
-    parts = []
-    for r in meta["include"]:
-        item = f"{r['count']} {r.get('color', '') + ' ' if 'color' in r else ''}{r['class']}"
-        if "position" in r:
-            item += f" {r['position'][0]} {meta['include'][int(r['position'][1])]['class']}"
-        parts.append(item)
-    return f"<think>{'; '.join(parts)}</think>{meta['prompt']}"
+    """`<think>as asked.</think>` + the prompt itself (already an exact description)."""
+    return f"<think>{PLAN_THINK}</think>{meta['prompt']}"
 
 
 def reflect_answer(kind: str, instruction: str | None) -> str:
+    """The stop answer for a correct image (`instruction` None), else the kind and the fix."""
     if instruction is None:
-        return f"<think>the image matches.</think>{STOP_PHRASE}"
+        return f"<think>{_MATCH_THINK}</think>{STOP_PHRASE}"
     return f"<think>wrong {kind}.</think>{instruction}"
 
 
-def _chat(messages) -> list[dict[str, Any]]:
-    out = []
-    for m in messages:
-        parts: list[dict[str, Any]] = [{"type": "image"} for _ in m.images]
-        parts.append({"type": "text", "text": m.text})
-        out.append({"role": m.role, "content": parts})
-    return out
-
-
-def _encode(processor, messages, answer: str | None) -> dict[str, Any]:
-    """Prompt ids (+ answer ids + end of utterance when `answer` is given), pixel tensors."""
-    from PIL import Image
-
-    text = processor.apply_chat_template(_chat(messages), tokenize=False, add_generation_prompt=True)
-    images = [Image.fromarray(im) for m in messages for im in m.images]
-    enc = processor(
-        text=text, images=[images] if images else None, return_tensors="pt", add_special_tokens=False
-    )
-    ids = enc["input_ids"][0].tolist()
-    labels = [-100] * len(ids)
-    if answer is not None:
-        tok = processor.tokenizer
-        ans = tok(answer, add_special_tokens=False)["input_ids"] + [
-            tok.convert_tokens_to_ids("<end_of_utterance>")
-        ]
-        ids, labels = ids + ans, labels + ans
-    out = {"input_ids": ids, "labels": labels}
-    if images:
-        out["pixel_values"] = enc["pixel_values"]
-        out["pixel_attention_mask"] = enc["pixel_attention_mask"]
-    return out
-
-
-def _collate(examples: list[dict[str, Any]], pad_id: int):
+def build_shapes_vlm(out: Path, seed: int = 0, recipe: ReasonerRecipe | None = None) -> Path:
+    """Save a small random Idefics3 VLM for ShapesWorld to `out`: the tiny VLM's tokenizer, chat
+    template and special tokens (so TextWorker, TextLearner and the logit bias work unchanged),
+    a wider/deeper llama text model and a vision tower that sees the 64x64 image as one tile of
+    8 px patches (16 image tokens), instead of 56 px tiles of a 112 px upscale."""
     import torch
+    from transformers import (
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
+        Idefics3ImageProcessorPil,
+        Idefics3Processor,
+    )
 
-    n = max(len(e["input_ids"]) for e in examples)
-    ids = torch.full((len(examples), n), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), n), -100, dtype=torch.long)
-    mask = torch.zeros((len(examples), n), dtype=torch.long)
-    for i, e in enumerate(examples):
-        k = len(e["input_ids"])
-        ids[i, :k] = torch.tensor(e["input_ids"])
-        labels[i, :k] = torch.tensor(e["labels"])
-        mask[i, :k] = 1
-    batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
-    if "pixel_values" in examples[0]:
-        batch["pixel_values"] = torch.cat([e["pixel_values"] for e in examples])
-        batch["pixel_attention_mask"] = torch.cat([e["pixel_attention_mask"] for e in examples])
-    return batch
+    from actors.models import VLM_CHAT_TEMPLATE, VLM_SPECIAL_TOKENS
+    from actors.tokenizer import build_byte_bpe
+
+    r = recipe or ReasonerRecipe()
+    tok = build_byte_bpe(extra_special_tokens=VLM_SPECIAL_TOKENS, model_max_length=1024)
+    image_processor = Idefics3ImageProcessorPil(
+        size={"longest_edge": r.image_size},
+        max_image_size={"longest_edge": r.image_size},
+        do_image_splitting=True,
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+    )
+    tokens_per_image = (r.image_size // r.patch) ** 2 // 4
+    processor = Idefics3Processor(
+        image_processor, tok, image_seq_len=tokens_per_image, chat_template=VLM_CHAT_TEMPLATE
+    )
+    text_config = dict(
+        model_type="llama",
+        vocab_size=len(tok),
+        hidden_size=r.text_hidden,
+        intermediate_size=3 * r.text_hidden,
+        num_hidden_layers=r.text_layers,
+        num_attention_heads=r.text_heads,
+        num_key_value_heads=r.text_heads,
+        head_dim=r.text_hidden // r.text_heads,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    vision_config = dict(
+        hidden_size=r.vision_hidden,
+        intermediate_size=2 * r.vision_hidden,
+        num_hidden_layers=r.vision_layers,
+        num_attention_heads=r.vision_heads,
+        image_size=r.image_size,
+        patch_size=r.patch,
+        num_channels=3,
+    )
+    cfg = Idefics3Config(
+        text_config=text_config,
+        vision_config=vision_config,
+        scale_factor=2,
+        image_token_id=processor.image_token_id,
+        tie_word_embeddings=False,
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = Idefics3ForConditionalGeneration(cfg).eval()
+    model.generation_config.eos_token_id = [tok.eos_token_id, tok.convert_tokens_to_ids("<end_of_utterance>")]
+    out = Path(out)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
 
 
 def train_reasoner(out: Path, pool: RenderedPool, s: PretrainSettings, gen) -> list[float]:
-    """Build the tiny VLM (seeded), fine-tune it on plan + reflect answers, save it to `out`."""
+    """Build the ShapesWorld VLM (seeded), fine-tune it on plan + reflect answers, save it to `out`.
+
+    `gen` (torch.Generator) draws the batches; fresh renders and degradations use a numpy
+    generator seeded from `s.seed`, so the run is reproducible."""
     import torch
     from transformers import AutoProcessor, Idefics3ForConditionalGeneration
 
-    from actors.models import build_tiny_vlm
-
-    build_tiny_vlm(out, seed=s.seed)
+    r = ReasonerRecipe()
+    build_shapes_vlm(out, seed=s.seed, recipe=r)
     processor = AutoProcessor.from_pretrained(out)
     model = Idefics3ForConditionalGeneration.from_pretrained(out)
-    t = Templates()
-    n = len(pool.prompts)
-    plans = [
-        _encode(processor, t.plan_messages(p), plan_answer(m))
-        for p, m in zip(pool.prompts, pool.metas, strict=True)
-    ]
-    reflects = []
-    for i in range(n):
-        reflects.append(
-            _encode(processor, t.reflect_messages(pool.prompts[i], pool.correct[i]), reflect_answer("", None))
-        )
-        reflects.append(
-            _encode(
-                processor,
-                t.reflect_messages(pool.prompts[i], pool.wrong[i]),
-                reflect_answer(pool.kinds[i], pool.instructions[i]),
-            )
-        )
-    steps = s.steps("reasoner_steps")
-    opt = torch.optim.AdamW(model.parameters(), lr=s.reasoner_lr, weight_decay=0.0)
+    data = _ReflectData(processor, pool, s.size, np.random.default_rng(s.seed + 1))
+    plans = [_plan_example(processor, p, m) for p, m in zip(pool.prompts, pool.metas, strict=True)]
+    steps = r.scaled(r.steps, s.scale)
+    opt = torch.optim.AdamW(model.parameters(), lr=r.lr, betas=(0.9, 0.98), weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(steps))
     pad = processor.tokenizer.pad_token_id
     model.train()
-    losses = []
+    losses: list[float] = []
     for _ in range(steps):
-        plan_idx = torch.randint(0, len(plans), (s.reasoner_batch // 4,), generator=gen).tolist()
-        refl_idx = torch.randint(0, len(reflects), (s.reasoner_batch,), generator=gen).tolist()
-        loss = model(**_collate([plans[i] for i in plan_idx], pad)).loss
-        loss = 0.25 * loss + model(**_collate([reflects[i] for i in refl_idx], pad)).loss
+        plan_idx = torch.randint(0, len(plans), (r.plan_batch,), generator=gen).tolist()
+        loss = r.plan_weight * _weighted_loss(model, _pad([plans[i] for i in plan_idx], pad))
+        loss = loss + _weighted_loss(model, data.batch(r, gen))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -149,8 +196,9 @@ def train_reasoner(out: Path, pool: RenderedPool, s: PretrainSettings, gen) -> l
 
 
 def evaluate_reasoner(path: Path, tasks: list[dict[str, Any]], s: PretrainSettings) -> dict[str, Any]:
-    """Greedy answers on held-out prompts: plan format and exactness; reflect stop accuracy
-    (stop exactly on correct renders) and exact fixing instructions on wrong ones."""
+    """Greedy answers on held-out prompts: plan format and exactness; reflect stop accuracy (stop
+    exactly on correct images) on clean renders and on degraded ones (blur/noise, like generator
+    output); on wrong renders, exact fixing instructions and the named kind of mistake."""
     import torch
     from transformers import AutoProcessor, Idefics3ForConditionalGeneration
 
@@ -158,40 +206,56 @@ def evaluate_reasoner(path: Path, tasks: list[dict[str, Any]], s: PretrainSettin
 
     processor = AutoProcessor.from_pretrained(path)
     model = Idefics3ForConditionalGeneration.from_pretrained(path).eval()
-    eou = processor.tokenizer.convert_tokens_to_ids("<end_of_utterance>")
     pool = make_pool(tasks, max(2, s.eval_prompts // 3), seed=s.seed + 20_000, size=s.size)
+    rng = np.random.default_rng(s.seed + 20_001)
+    correct_deg = degrade_images(pool.correct, rng, 1.0)
+    wrong_deg = degrade_images(pool.wrong, rng, 1.0)
     t = Templates()
-
-    def answer(messages) -> str:
-        enc = _encode(processor, messages, None)
-        batch = {k: v for k, v in _collate([enc], processor.tokenizer.pad_token_id).items() if k != "labels"}
-        with torch.no_grad():
-            out = model.generate(
-                **batch,
-                max_new_tokens=64,
-                do_sample=False,
-                eos_token_id=[eou],
-                pad_token_id=processor.tokenizer.pad_token_id,
-            )
-        return processor.tokenizer.decode(out[0, batch["input_ids"].shape[1] :], skip_special_tokens=True)
-
+    answer = _greedy_answerer(processor, model)
     torch.manual_seed(s.seed)
-    plan_ok, plan_exact, stop_ok, instr_exact = [], [], [], []
+    m: dict[str, list[bool]] = {k: [] for k in ("plan_ok", "plan_exact", "stop", "stop_deg", "exact", "kind")}
     for i, p in enumerate(pool.prompts):
         parsed = parse_answer(answer(t.plan_messages(p)))
-        plan_ok.append(parsed.well_formed)
-        plan_exact.append(parsed.well_formed and parsed.answer == p)
-        good = parse_answer(answer(t.reflect_messages(p, pool.correct[i])))
-        bad = parse_answer(answer(t.reflect_messages(p, pool.wrong[i])))
-        stop_ok += [is_stop(good.answer), not is_stop(bad.answer)]
-        instr_exact.append(bad.answer == pool.instructions[i])
+        m["plan_ok"].append(parsed.well_formed)
+        m["plan_exact"].append(parsed.well_formed and parsed.answer == p)
+        good, bad = (parse_answer(answer(t.reflect_messages(p, im))) for im in (pool.correct[i], pool.wrong[i]))
+        m["stop"] += [is_stop(good.answer), not is_stop(bad.answer)]
+        m["exact"].append(bad.answer == pool.instructions[i])
+        m["kind"].append(bad.think == f"wrong {pool.kinds[i]}.")
+        good, bad = (parse_answer(answer(t.reflect_messages(p, im))) for im in (correct_deg[i], wrong_deg[i]))
+        m["stop_deg"] += [is_stop(good.answer), not is_stop(bad.answer)]
     return {
-        "plan_well_formed": float(np.mean(plan_ok)),
-        "plan_exact": float(np.mean(plan_exact)),
-        "reflect_stop_accuracy": float(np.mean(stop_ok)),
-        "reflect_instruction_exact": float(np.mean(instr_exact)),
+        "plan_well_formed": float(np.mean(m["plan_ok"])),
+        "plan_exact": float(np.mean(m["plan_exact"])),
+        "reflect_stop_accuracy": float(np.mean(m["stop"])),
+        "reflect_stop_accuracy_degraded": float(np.mean(m["stop_deg"])),
+        "reflect_instruction_exact": float(np.mean(m["exact"])),
+        "reflect_kind_accuracy": float(np.mean(m["kind"])),
         "n": len(pool.prompts),
     }
+
+
+def balanced_reflect_batch(n_prompts: int, batch: int, gen) -> tuple[list[int], list[bool]]:
+    """`batch` (even) reflect examples: prompt indices and whether each shows the correct image;
+    exactly half correct, half wrong, so "stop" is right half the time (no prior to exploit)."""
+    import torch
+
+    if batch < 2 or batch % 2:
+        raise ValueError(f"reflect batch={batch}; allowed: an even number >= 2")
+    idx = torch.randint(0, n_prompts, (batch,), generator=gen).tolist()
+    return idx, [True] * (batch // 2) + [False] * (batch // 2)
+
+
+def degrade_images(images: np.ndarray, rng: np.random.Generator, fraction: float) -> np.ndarray:
+    """A copy of `images` (N, H, W, 3) uint8 in which a `fraction` of them is degraded like the
+    tiny generator's output: Gaussian blur (σ 0.4-1.2 px), colour and brightness jitter, pixel
+    noise (σ up to 8/255)."""
+    out = images.astype(np.float32)
+    for k in np.flatnonzero(rng.random(len(images)) < fraction):
+        x = _blur(out[k], rng.uniform(0.4, 1.2))
+        x = x * rng.uniform(0.9, 1.1, size=3) + rng.uniform(-12, 12)
+        out[k] = x + rng.normal(0.0, rng.uniform(0.0, 8.0), size=x.shape)
+    return np.clip(out.round(), 0, 255).astype(np.uint8)
 
 
 def warmup_cosine(steps: int):
@@ -204,3 +268,166 @@ def warmup_cosine(steps: int):
         return 0.5 * (1 + np.cos(np.pi * min(1.0, (step - warm) / max(1, steps - warm))))
 
     return f
+
+
+def _blur(image: np.ndarray, sigma: float) -> np.ndarray:
+    """Separable Gaussian blur of an (H, W, 3) float image, edges replicated."""
+    r = 3
+    k = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
+    k /= k.sum()
+    h, w = image.shape[:2]
+    x = np.pad(image, ((r, r), (0, 0), (0, 0)), mode="edge")
+    x = sum(k[i] * x[i : i + h] for i in range(2 * r + 1))
+    x = np.pad(x, ((0, 0), (r, r), (0, 0)), mode="edge")
+    return sum(k[i] * x[:, i : i + w] for i in range(2 * r + 1))
+
+
+class _ReflectData:
+    """Balanced reflect batches: pool images or fresh renders of the pool's prompts, a share of
+    them degraded; prompt ids cached per prompt (they do not depend on the image's content)."""
+
+    def __init__(self, processor, pool: RenderedPool, size: int, rng: np.random.Generator) -> None:
+        self.processor, self.pool, self.size, self.rng = processor, pool, size, rng
+        self.templates = Templates()
+        self._ids: dict[int, list[int]] = {}
+
+    def batch(self, r: ReasonerRecipe, gen) -> dict[str, Any]:
+        from rollout.shapesworld.render import render_correct, render_wrong
+
+        pool, rng = self.pool, self.rng
+        idx, correct = balanced_reflect_batch(len(pool.prompts), r.reflect_batch, gen)
+        images, answers = [], []
+        for i, ok in zip(idx, correct, strict=True):
+            if rng.random() < r.fresh_fraction:
+                made = (render_correct if ok else render_wrong)(pool.metas[i], rng, size=self.size)
+                image, kind, instruction = made.image, made.kind, made.instruction
+            elif ok:
+                image, kind, instruction = pool.correct[i], "", None
+            else:
+                image, kind, instruction = pool.wrong[i], pool.kinds[i], pool.instructions[i]
+            images.append(image)
+            answers.append(reflect_answer(kind, None if ok else instruction))
+        images = degrade_images(np.stack(images), rng, r.degrade_fraction)
+        examples = [
+            _with_answer(self.processor, self._prompt_ids(i, im), a, r.decision_weight)
+            for i, im, a in zip(idx, images, answers, strict=True)
+        ]
+        batch = _pad(examples, self.processor.tokenizer.pad_token_id)
+        batch["pixel_values"], batch["pixel_attention_mask"] = _pixels(self.processor, list(images))
+        return batch
+
+    def _prompt_ids(self, i: int, image: np.ndarray) -> list[int]:
+        if i not in self._ids:
+            self._ids[i] = _prompt_ids(self.processor, self.templates.reflect_messages(self.pool.prompts[i], image))
+        return self._ids[i]
+
+
+def _chat(messages) -> list[dict[str, Any]]:
+    """ChatMessages -> the chat dicts `actors.text_worker` renders (images first, then the text)."""
+    out = []
+    for m in messages:
+        parts: list[dict[str, Any]] = [{"type": "image"} for _ in m.images]
+        parts.append({"type": "text", "text": m.text})
+        out.append({"role": m.role, "content": parts})
+    return out
+
+
+def _prompt_ids(processor, messages) -> list[int]:
+    """Token ids of the rendered chat up to `Assistant:`, image placeholders expanded."""
+    from PIL import Image
+
+    text = processor.apply_chat_template(_chat(messages), tokenize=False, add_generation_prompt=True)
+    images = [Image.fromarray(im) for m in messages for im in m.images]
+    enc = processor(text=text, images=[images] if images else None, add_special_tokens=False)
+    return list(enc["input_ids"][0])
+
+
+def _pixels(processor, images: list[np.ndarray]):
+    """(N, tiles, 3, S, S) pixel values and their mask for one image per example."""
+    from PIL import Image
+
+    enc = processor.image_processor([[Image.fromarray(im)] for im in images], return_tensors="pt")
+    return enc["pixel_values"], enc["pixel_attention_mask"]
+
+
+def _with_answer(processor, prompt: list[int], answer: str, decision_weight: float = 1.0):
+    """(ids, labels, weights): the answer tokens + `<end_of_utterance>` carry the loss; the
+    first token inside `<think>` (the reflect decision) carries `decision_weight`."""
+    tok = processor.tokenizer
+    ans = tok(answer, add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids("<end_of_utterance>")]
+    weights = [0.0] * len(prompt) + [1.0] * len(ans)
+    weights[len(prompt) + len(tok("<think>", add_special_tokens=False)["input_ids"])] = decision_weight
+    return prompt + ans, [-100] * len(prompt) + ans, weights
+
+
+def _plan_example(processor, prompt: str, meta: dict[str, Any]):
+    return _with_answer(processor, _prompt_ids(processor, Templates().plan_messages(prompt)), plan_answer(meta))
+
+
+def _pad(examples, pad_id: int) -> dict[str, Any]:
+    """Right-padded (B, T) input_ids, attention_mask, labels (-100 on prompt and padding) and
+    loss weights."""
+    import torch
+
+    n = max(len(e[0]) for e in examples)
+    ids = torch.full((len(examples), n), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), n), -100, dtype=torch.long)
+    weights = torch.zeros((len(examples), n))
+    mask = torch.zeros((len(examples), n), dtype=torch.long)
+    for b, (i, lab, w) in enumerate(examples):
+        ids[b, : len(i)], labels[b, : len(i)] = torch.tensor(i), torch.tensor(lab)
+        weights[b, : len(i)], mask[b, : len(i)] = torch.tensor(w), 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "weights": weights}
+
+
+def _weighted_loss(model, batch: dict[str, Any], share_prefix: bool = True):
+    """Weighted next-token cross-entropy, summed over answer tokens / their number.
+
+    With `share_prefix`, the token prefix that every row shares (system message and template
+    text, up to the first image token) runs once and its key/value cache is repeated over the
+    batch: the same loss and gradients (autograd flows through the cache) for ~40 % less compute."""
+    import torch
+
+    labels, weights = batch["labels"], batch["weights"]
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "weights")}
+    k = _shared_prefix_len(inputs["input_ids"], model.config.image_token_id) if share_prefix else 0
+    if k > 0:
+        ids = inputs["input_ids"]
+        cache = model(input_ids=ids[:1, :k], use_cache=True, logits_to_keep=1).past_key_values
+        cache.batch_repeat_interleave(ids.shape[0])
+        inputs.update(input_ids=ids[:, k:], past_key_values=cache)
+    logits = model(**inputs).logits  # (B, T - k, V)
+    labels, weights = labels[:, k:], weights[:, k:]
+    ce = torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100, reduction="none"
+    )  # (B * (T - k - 1),)
+    return (ce * weights[:, 1:].flatten()).sum() / (labels[:, 1:] != -100).sum().clamp(min=1)
+
+
+def _shared_prefix_len(ids, image_token_id: int) -> int:
+    """Length of the id prefix common to every row of `ids` (B, T), stopped before the first
+    image token (image embeddings differ per row) and at least one token short of the end."""
+    same = (ids == ids[:1]).all(0) & (ids[0] != image_token_id)  # (T,)
+    k = int(same.long().cumprod(0).sum())
+    return min(k, ids.shape[1] - 2)
+
+
+def _greedy_answerer(processor, model, max_new_tokens: int = 48):
+    """messages -> the greedy answer text (the RL run's answer budget: 48 tokens)."""
+    import torch
+    from PIL import Image
+
+    tok = processor.tokenizer
+    eou = tok.convert_tokens_to_ids("<end_of_utterance>")
+
+    def answer(messages) -> str:
+        text = processor.apply_chat_template(_chat(messages), tokenize=False, add_generation_prompt=True)
+        images = [Image.fromarray(im) for m in messages for im in m.images]
+        enc = processor(text=text, images=[images] if images else None, return_tensors="pt", add_special_tokens=False)
+        with torch.no_grad():
+            out = model.generate(
+                **enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=[eou], pad_token_id=tok.pad_token_id
+            )
+        return tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+
+    return answer
