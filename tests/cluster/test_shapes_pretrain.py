@@ -17,8 +17,7 @@ def test_answers_are_well_formed_and_stop_only_when_correct():
     meta = metadata_for_prompt("a photo of two circles left of a square")
     plan = parse_answer(plan_answer(meta))
     assert plan.well_formed and plan.answer == meta["prompt"]
-    assert plan.think == "1 square; 2 circle left of square"
-    assert parse_answer(plan_answer(metadata_for_prompt("a photo of a red star"))).think == "1 red star"
+    assert plan.think == "as asked."  # short constant think: the 48-token answer budget (shapes_reasoner)
     stop = parse_answer(reflect_answer("", None))
     fix = parse_answer(reflect_answer("color", "change the blue circle to red"))
     assert stop.well_formed and is_stop(stop.answer)
