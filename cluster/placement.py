@@ -6,7 +6,10 @@ its role's group. Disaggregated by default: each role has its own group, so chan
 text or diffusion workers never changes the learners' placement.
 
 The judge replicas are not placed here: Ray Serve places its replicas itself (and restarts and
-autoscales them), so `PLACED_ROLES` leaves them out.
+autoscales them), so `PLACED_ROLES` leaves them out. Neither are text workers with GPU tensor
+parallelism (`RolePlan.unplaced_reason`): inside a placement group vLLM switches to its Ray backend
+and spreads its tensor-parallel workers over that group's GPU bundles, which one bundle per worker
+does not provide; such workers keep plain resource requests (logged as a warning).
 
 Elastic workers: a replaced worker reuses its bundle. A worker added beyond the role's group gets
 a one-bundle group of its own (same resources, named `r3rl-<role>-<index>`), created and waited for
@@ -49,6 +52,7 @@ class RolePlan:
     num_cpus: float
     num_gpus: float
     autoscaling: tuple[int, int] | None = None
+    unplaced_reason: str | None = None  # why the role gets no placement group (None: it gets one)
 
     @property
     def actor_names(self) -> list[str]:
@@ -74,7 +78,7 @@ def plan_placement(cfg: R3Config) -> list[RolePlan]:
         if role == "judge_replicas" and spec.min_replicas is not None:
             autoscaling = (spec.min_replicas, spec.max_replicas)
             count = spec.min_replicas
-        plans.append(RolePlan(role, count, spec.num_cpus, gpus, autoscaling))
+        plans.append(RolePlan(role, count, spec.num_cpus, gpus, autoscaling, _unplaced_reason(role, spec)))
     return plans
 
 
@@ -83,8 +87,8 @@ def format_plan(plans: list[RolePlan], strategy: str) -> str:
     total_cpu = total_gpu = 0.0
     for p in plans:
         scale = f" (autoscaling {p.autoscaling[0]}..{p.autoscaling[1]})" if p.autoscaling else ""
-        if p.role not in PLACED_ROLES:
-            scale += " (placed by Ray Serve)"
+        if p.unplaced_reason:
+            scale += f" ({p.unplaced_reason})"
         lines.append(
             f"  {p.role:<19} x{p.count:<3} CPU {p.num_cpus:<5g} GPU {p.num_gpus:<4g} each{scale}  "
             f"[{', '.join(p.actor_names)}]"
@@ -100,6 +104,9 @@ def create_placement_groups(plans: list[RolePlan], strategy: str, timeout_s: flo
                             roles: tuple[str, ...] = PLACED_ROLES) -> dict[str, RolePlacement]:
     """One ready placement group per role in `roles` (all requested at once, then waited for together).
 
+    A role in `roles` whose plan has an `unplaced_reason` is skipped with a warning (its actors then
+    request plain resources).
+
     Raises:
         ValueError: a role reserves no resources (Ray cannot place an empty bundle).
         RuntimeError: not every group was ready within `timeout_s`; names the roles and bundles
@@ -108,7 +115,14 @@ def create_placement_groups(plans: list[RolePlan], strategy: str, timeout_s: flo
     import ray
     from ray.util.placement_group import placement_group
 
-    chosen = [p for p in plans if p.role in roles]
+    chosen = []
+    for p in plans:
+        if p.role in roles and p.unplaced_reason:
+            log.warning("%s: %s; its actors request plain resources", p.role, p.unplaced_reason)
+        elif p.role in roles:
+            chosen.append(p)
+    if not chosen:
+        return {}
     for p in chosen:
         if not p.bundle:
             raise ValueError(f"cluster.{p.role} reserves num_cpus=0 and num_gpus=0, which cannot be placed in a "
@@ -219,3 +233,13 @@ def _remove(pg: Any) -> None:
         remove_placement_group(pg)
     except Exception as e:  # already removed, or the cluster is going down
         log.debug("remove_placement_group: %s", e)
+
+
+def _unplaced_reason(role: str, spec: Any) -> str | None:
+    if role not in PLACED_ROLES:
+        return "placed by Ray Serve"
+    tp = getattr(spec, "tensor_parallel_size", 1)
+    if tp > 1 and spec.num_gpus > 0:
+        return (f"no placement group: vLLM places its {tp} tensor-parallel workers itself (Ray backend inside "
+                "a group is not wired yet)")
+    return None

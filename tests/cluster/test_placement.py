@@ -28,6 +28,21 @@ def test_judge_replicas_are_left_to_serve():
     assert "judge_replicas" in text and "placed by Ray Serve" in text
 
 
+def test_gpu_tensor_parallel_text_workers_are_left_to_vllm_with_a_warning(caplog):
+    from cluster.placement import create_placement_groups
+
+    cfg = load_config(CPU, ["cluster.text_workers.num_gpus=1", "cluster.text_workers.tensor_parallel_size=2"])
+    plans = {p.role: p for p in plan_placement(cfg)}
+    assert "vLLM places its 2 tensor-parallel workers" in plans["text_workers"].unplaced_reason
+    assert plans["text_learners"].unplaced_reason is None
+    assert "tensor-parallel" in format_plan(list(plans.values()), "PACK")
+    with caplog.at_level("WARNING", logger="cluster.placement"):
+        assert create_placement_groups(list(plans.values()), "PACK", 1.0, roles=("text_workers",)) == {}
+    assert "text_workers" in caplog.text and "plain resources" in caplog.text
+    single = load_config(CPU, ["cluster.text_workers.num_gpus=1"])
+    assert {p.role: p for p in plan_placement(single)}["text_workers"].unplaced_reason is None
+
+
 def test_empty_bundle_is_refused_before_ray_is_asked():
     from cluster.placement import create_placement_groups
 

@@ -107,7 +107,22 @@ def test_shutdown_removes_every_group(run):
     assert len(run["closed"]) == len(PLACED_ROLES) + 1  # + the extra diffusion group
 
 
+def test_unplaceable_role_fails_naming_role_and_bundle_and_leaves_nothing_behind(run):
+    from cluster.placement import RolePlan, create_placement_groups
+
+    plans = [RolePlan("text_learners", 1, 0.5, 0.0), RolePlan("diffusion_workers", 2, 1000.0, 0.0)]
+    with pytest.raises(RuntimeError, match=r"diffusion_workers: 2 x \{'CPU': 1000.0\}") as err:
+        create_placement_groups(plans, "PACK", timeout_s=3.0)
+    assert "text_learners" not in str(err.value)  # that one was placed
+    from ray.util import placement_group_table
+
+    states = [v["state"] for v in placement_group_table().values() if v["name"].startswith("r3rl-")]
+    assert states and set(states) == {"REMOVED"}  # the ready group was removed with the failed one
+
+
 def test_eval_entry_loads_the_checkpoint_and_writes_per_round_tables(run):
+    from ray.util import placement_group_table
+
     from cluster.eval import files_tensor_sums, main
     from cluster.session import resolve_model_path
 
@@ -127,4 +142,5 @@ def test_eval_entry_loads_the_checkpoint_and_writes_per_round_tables(run):
     # the step changed the generator, so a worker that kept the base weights could not match
     base = files_tensor_sums(resolve_model_path("tiny:flux") + "/transformer")
     assert sum(v[0] for v in base.values()) != weights["diffusion"]["checkpoint_sum"]
-    assert all(state == "REMOVED" for _, state, _ in _groups().values())  # eval gave its groups back
+    states = [v["state"] for v in placement_group_table().values() if v["name"].startswith("r3rl-")]
+    assert set(states) == {"REMOVED"}  # eval gave its groups back
