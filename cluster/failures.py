@@ -26,8 +26,9 @@ class LearnerFailure(RuntimeError):
     """A learner actor died (or did not answer within `train.remote_timeout_s`) during a step.
 
     Attributes: `actors` (names of the dead learners; empty after a timeout with none dead), `step`
-    (0-based step index that failed), `phase` (what the driver was waiting for), `checkpoint` (the last complete checkpoint this
-    run saved or resumed from, or None), `auto` (what `--resume auto` would pick now), `exit_code`.
+    (0-based index of the step that failed), `phase` (what the driver was waiting for), `checkpoint`
+    (the last complete checkpoint this run saved or resumed from, or None), `auto` (what
+    `--resume auto` would pick now), `exit_code`.
     """
 
     exit_code = LEARNER_FAILURE_EXIT_CODE
@@ -39,14 +40,14 @@ class LearnerFailure(RuntimeError):
         if checkpoint is not None:
             how = (f"`--resume auto` (picks that checkpoint) or `--resume {checkpoint}`" if auto == checkpoint else
                    f"`--resume {checkpoint}` (`--resume auto` would pick {auto}, which is newer under train.run_dir)")
-            resume = (f"The last complete checkpoint is {checkpoint} (nothing newer was written).\n"
+            resume = (f"The last complete checkpoint is {checkpoint} (no newer one was completed).\n"
                       f"Resume with the same command plus {how}.")
         else:
             resume = ("This run has no complete checkpoint yet, so it cannot be resumed: start it again "
                       "(set checkpoint.every=K to save every K steps).")
-        who = ", ".join(self.actors) if self.actors else "a learner actor"
+        what = f"{', '.join(self.actors)} died" if self.actors else "a learner actor did not answer in time"
         super().__init__(
-            f"learner failure: {who} stopped answering during step {step} ({phase}): {cause}\n"
+            f"learner failure: {what} during step {step} ({phase}): {cause}\n"
             "Learners hold the optimizer state, so the run stopped instead of replacing them.\n" + resume
         )
 

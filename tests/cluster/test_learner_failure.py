@@ -28,7 +28,8 @@ def test_message_when_auto_would_pick_another_run_or_nothing_is_saved(tmp_path):
     msg = str(LearnerFailure(["diffusion-learner-1"], 7, "weight sync", mine, "x", auto=other))
     assert f"--resume {mine}" in msg and f"--resume auto` would pick {other}" in msg
     msg = str(LearnerFailure([], 0, "learners training", None, "GetTimeoutError: slow"))
-    assert "a learner actor" in msg and "no complete checkpoint yet" in msg and "checkpoint.every" in msg
+    assert "a learner actor did not answer in time during step 0" in msg
+    assert "no complete checkpoint yet" in msg and "checkpoint.every" in msg
 
 
 def test_train_main_exits_3_with_the_message_not_a_traceback(monkeypatch, capsys, tmp_path):
@@ -41,7 +42,7 @@ def test_train_main_exits_3_with_the_message_not_a_traceback(monkeypatch, capsys
     rc = train.main(["--config", "configs/cpu_tiny.yaml", f"train.run_dir={tmp_path}"])
     err = capsys.readouterr().err
     assert rc == 3
-    assert err.startswith("error: learner failure: text-learner-0") and "Traceback" not in err
+    assert err.startswith("error: learner failure: text-learner-0 died during step 1") and "Traceback" not in err
 
 
 def test_bounded_returns_raises_and_times_out():

@@ -141,7 +141,7 @@ def test_learner_killed_mid_step_stops_with_a_clear_message(first_run, run_root)
         t.step()
     e, msg = info.value, str(info.value)
     assert (e.actors, e.step, e.phase, e.checkpoint) == (["text-learner-0"], step, "learners training", ckpt)
-    assert f"text-learner-0 stopped answering during step {step}" in msg and "ActorDiedError" in msg
+    assert f"text-learner-0 died during step {step}" in msg and "ActorDiedError" in msg
     assert f"last complete checkpoint is {ckpt}" in msg and "--resume auto` (picks that checkpoint)" in msg
     assert t.step_index == step  # the failed step does not count
     assert _files(ckpt) == before  # the last checkpoint is untouched ...
