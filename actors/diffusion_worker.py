@@ -213,6 +213,7 @@ class DiffusionWorker(TorchWeightReceiver):
             velocity = flux_velocity(
                 self.transformer, x, sigmas[i], prompt_embeds, pooled_embeds, guidance,
                 settings.height, settings.width, source_latents,
+                vae_scale_factor=self.pipe.vae_scale_factor,
             )  # fmt: skip
             active = [i in steps for steps in chosen]
             if any(active) and settings.noise_level > 0:

@@ -43,6 +43,7 @@ class GeneratorModel(_Section):
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="pipeline dtype")
     height: int = Field(64, gt=0, multiple_of=16, description="image height in pixels")
     width: int = Field(64, gt=0, multiple_of=16, description="image width in pixels")
+    max_sequence_length: int = Field(128, ge=1, le=512, description="T5 tokens per prompt (FLUX: 512)")
 
 
 class ModelsConfig(_Section):

@@ -128,6 +128,7 @@ def build_worker_pools(cfg: R3Config, paths: ModelPaths, placements: dict[str, A
         return remote_diffusion_worker(
             i, c.diffusion_workers.num_cpus, c.diffusion_workers.num_gpus, scheduling_strategy=strategy,
             model_path=paths.generator, device=device, dtype=cfg.models.generator.dtype, seed=seed + i,
+            max_sequence_length=cfg.models.generator.max_sequence_length,
         )
 
     timeout, retries = cfg.train.remote_timeout_s, cfg.train.retries

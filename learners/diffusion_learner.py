@@ -18,6 +18,7 @@ separate batches, and images of one size.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Sequence
@@ -30,7 +31,7 @@ import torch
 from learners import algos, ds_engine
 from learners.learner_base import LearnerBase
 from rollout.flow_sde import sde_step
-from rollout.flux_forward import flux_velocity
+from rollout.flux_forward import FLUX_VAE_SCALE, flux_velocity
 from rollout.trajectory import ImageSample
 
 __all__ = ["DiffusionLearner", "KL_MODES"]
@@ -73,6 +74,7 @@ class DiffusionLearner(LearnerBase):
         lora_rank: int = 0,
         lora_alpha: float = 16.0,
         gradient_checkpointing: bool = False,
+        vae_scale_factor: int | None = None,
         seed: int = 0,
         rank: int | None = None,
         world_size: int | None = None,
@@ -83,6 +85,8 @@ class DiffusionLearner(LearnerBase):
         """Load the transformer (a pipeline folder with `transformer/`, or a transformer folder).
 
         micro_batch_size counts (image, stored step) items. cfg_scale 1 = no train-time CFG.
+        vae_scale_factor: pixels per latent pixel, which fixes the token grid of an image; None
+        reads it from the pipeline's `vae/config.json` (FLUX's 8 for a bare transformer folder).
         rank/world_size/master_*: as `TextLearner`.
         """
         if kl_mode not in KL_MODES:
@@ -98,6 +102,7 @@ class DiffusionLearner(LearnerBase):
         self.image_loss_weight, self.cfg_scale = image_loss_weight, cfg_scale
         self.dtype = ds_engine.resolve_dtype(dtype)
         self.lora = lora_rank > 0
+        self.vae_scale_factor = vae_scale_factor or _pipeline_vae_scale(Path(model_path))
 
         model = self._load_transformer()
         if gradient_checkpointing:
@@ -242,7 +247,8 @@ class DiffusionLearner(LearnerBase):
         guidance = stack(lambda s, j: s.guidance) if self.guidance_embeds else None
         model = self._module(reference)
         with torch.set_grad_enabled(grad and not reference):
-            v = flux_velocity(model, x, sigma, embeds, pooled, guidance, height, width, source)
+            v = flux_velocity(model, x, sigma, embeds, pooled, guidance, height, width, source,
+                              vae_scale_factor=self.vae_scale_factor)
             if self.cfg_scale != 1.0:
                 v = self._guided(model, v, x, sigma, negative_embeds, guidance, height, width, source)
             step = sde_step(v, sigma, sigma_next, x, level, prev_sample=x_next)
@@ -257,7 +263,7 @@ class DiffusionLearner(LearnerBase):
         b = x.shape[0]
         with torch.no_grad():
             v_u = flux_velocity(model, x, sigma, neg.expand(b, -1, -1), neg_pooled.expand(b, -1),
-                                guidance, height, width, source)
+                                guidance, height, width, source, vae_scale_factor=self.vae_scale_factor)
         return v_u + self.cfg_scale * (v_cond - v_u)
 
     def _kl(self, samples, chunk, res: DiffusionLearner._Scored, negative_embeds) -> torch.Tensor:
@@ -278,6 +284,14 @@ class _AdapterDisabled(torch.nn.Module):
     def forward(self, **kwargs):
         with self.peft_model.disable_adapter():
             return self.peft_model(**kwargs)
+
+
+def _pipeline_vae_scale(model_path: Path) -> int:
+    """2^(VAE levels − 1), as `FluxKontextPipeline.vae_scale_factor` computes it."""
+    config = model_path / "vae" / "config.json"
+    if not config.is_file():
+        return FLUX_VAE_SCALE
+    return 2 ** (len(json.loads(config.read_text())["block_out_channels"]) - 1)
 
 
 def _items(samples: Sequence[ImageSample]) -> list[_Item]:

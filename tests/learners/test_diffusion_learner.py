@@ -116,3 +116,36 @@ def test_train_time_cfg_with_velocity_kl(learner_ray, tiny_models, image_data):
         group.shutdown()
     assert first["kl_loss"] < 1e-12 < second["kl_loss"]  # policy == reference only before the update
     assert abs(first["ratio_mean"] - 1) > 1e-4  # the sampler did not guide: CFG changes the density
+
+
+def test_four_x_vae_generator_log_probs_round_trip(learner_ray, tmp_path):
+    """A pipeline whose VAE downsamples by 4 (the ShapesWorld generator: 64 tokens for 64 px, not
+    16): the worker samples and the learner rescores with the token grid of that VAE."""
+    from actors.diffusion_worker import DiffusionWorker
+    from cluster.shapes_models import build_shapes_flux
+    from learners.group import LearnerGroup
+    from rollout.interfaces import ImageRequest, SamplerSettings
+
+    pipe = build_shapes_flux(tmp_path / "build")
+    assert pipe.vae_scale_factor == 4
+    pipe.save_pretrained(str(tmp_path / "flux"))
+    worker = DiffusionWorker(str(tmp_path / "flux"), max_sequence_length=48)
+    try:
+        settings = SamplerSettings(num_steps=3, noise_level=0.7, stochastic="all", guidance=3.5, height=64, width=64)
+        gen = worker.sample([ImageRequest(prompt="a red circle", seed=0, noise_seed=0)], settings)
+        edit = worker.sample([ImageRequest(prompt="make it blue", seed=1, noise_seed=1, source_image=gen[0].image)],
+                             settings)
+    finally:
+        worker.shutdown()
+    samples = gen + edit
+    assert samples[0].latents[0].shape == (64, 64)  # (8 × 8 packed tokens, 16 channels × 2 × 2)
+    group = LearnerGroup("diffusion", 1, num_cpus_per=1, name_prefix="test-diffusion-4x",
+                         model_path=str(tmp_path / "flux"), zero_stage=0, micro_batch_size=2, **COMMON)
+    try:
+        recomputed = group.call_rank0("compute_log_probs", samples)
+    finally:
+        group.shutdown()
+    for sample, new in zip(samples, recomputed, strict=True):
+        assert len(new) == len(sample.log_probs) == 2
+        for a, b in zip(sample.log_probs.tolist(), new, strict=True):
+            assert abs(math.exp(b - a) - 1.0) < 1e-5

@@ -1,0 +1,89 @@
+"""`make shapes`: `python -m cluster.shapes_run [--config configs/shapes_cpu.yaml] [a.b=c ...]`.
+
+Warm start (cached; trained by `cluster.shapes_pretrain` when missing) → evaluation on the held-out
+split → R3 RL in tree mode → evaluation, all through `cluster.driver.run_training` with
+`train.eval_before=true`; then `results.json`, `results.md` and `results.png` in the run directory
+(`cluster.shapes_results`). Exit status as `cluster.train` (2: bad config, 3: a learner died).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("r3rl")
+
+__all__ = ["collect_results", "main"]
+
+
+def _report(eval_dir: Path, max_rounds: int) -> Any:
+    from rollout.evaluation import summarize
+    from rollout.trajectory import read_trajectories
+
+    trajectories = read_trajectories(eval_dir / "trajectories.parquet")
+    return summarize(trajectories, [t.metadata.get("tag", "") for t in trajectories], max_rounds)
+
+
+def collect_results(run_dir: Path, extra: dict[str, Any] | None = None) -> dict[str, Path]:
+    """Read a finished run's `eval-before/`, `eval-final/` and `metrics.jsonl`; write the results."""
+    from cluster.shapes_results import summarize_run, write_results
+
+    before_json = json.loads((run_dir / "eval-before" / "eval.json").read_text())
+    rounds = int(before_json["max_rounds"])
+    before, after = _report(run_dir / "eval-before", rounds), _report(run_dir / "eval-final", rounds)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return write_results(run_dir, summarize_run(before, after, rows, extra))
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    ap = argparse.ArgumentParser(prog="python -m cluster.shapes_run", description=__doc__.split("\n")[0])
+    ap.add_argument("--config", default="configs/shapes_cpu.yaml")
+    ap.add_argument("--pretrain-scale", type=float, default=1.0,
+                    help="scale of the warm start's step counts when it has to be trained (tests: small)")
+    ap.add_argument("--cache", type=Path, default=None, help="warm start cache root (default $R3RL_CACHE)")
+    ap.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.steps=4")
+    args = ap.parse_args(argv)
+
+    from cluster.config import ConfigError, load_config
+    from cluster.shapes_pretrain import PretrainSettings, pretrain
+
+    try:
+        cfg = load_config(args.config, [*args.overrides, "train.eval_before=true"])
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.cache is not None:  # the config's tiny:shapes-* names resolve under $R3RL_CACHE
+        os.environ["R3RL_CACHE"] = str(args.cache.resolve())
+    warm = pretrain(PretrainSettings(scale=args.pretrain_scale))
+    manifest = json.loads((warm / "manifest.json").read_text())
+    try:
+        cfg = load_config(args.config, [*args.overrides, "train.eval_before=true"], check_paths=True)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    from cluster.driver import run_training
+    from cluster.failures import LearnerFailure
+
+    try:
+        run_dir = run_training(cfg)
+    except LearnerFailure as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    extra = {"warm_start": {k: manifest.get(k) for k in ("version", "times", "generator_eval", "reasoner_eval")},
+             "config": {"steps": cfg.train.steps, "group_size": cfg.r3.group_size,
+                        "prompts_per_step": cfg.r3.prompts_per_step, "eval_prompts": cfg.data.eval_limit}}
+    paths = collect_results(run_dir, extra)
+    print(paths["md"].read_text())
+    print(f"results: {paths['json']}  {paths['md']}  {paths['png']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""ShapesWorld results: reflection accuracy, plateau round and the written files, by hand."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from cluster.shapes_results import plateau_round, reflection_accuracy, summarize_run, write_results
+from rollout.evaluation import summarize
+from rollout.trajectory import Round, Trajectory
+
+
+def _traj(tag: str, rounds: list[tuple[bool, bool, float]]) -> Trajectory:
+    """rounds: (correct, stopped, score) per round; round 0 never stops."""
+    return Trajectory(
+        prompt=f"a {tag}",
+        metadata={"tag": tag},
+        rounds=[Round(index=i, stage="eval", correct=c, stopped=s, score=x) for i, (c, s, x) in enumerate(rounds)],
+    )
+
+
+def test_reflection_accuracy_counts_each_decision_until_the_stop() -> None:
+    trajs = [
+        # wrong → edits (right), fixed → stops (right): 2 of 2
+        _traj("a", [(False, False, 0.2), (True, False, 1.0), (True, True, 1.0)]),
+        # correct → edits (wrong), still correct → edits (wrong), then stops on a correct one (right)
+        _traj("b", [(True, False, 1.0), (True, False, 1.0), (True, False, 1.0), (True, True, 1.0)]),
+        # wrong → stops (wrong); later rounds are not decisions
+        _traj("a", [(False, False, 0.1), (False, True, 0.1), (False, True, 0.1)]),
+    ]
+    r = reflection_accuracy(trajs)
+    assert r["decisions"] == 6
+    assert r["accuracy"] == pytest.approx(3 / 6)
+    # correct images looked at: a:round1, b:rounds 0,1,2 -> stops on 2 of 4
+    assert r["stop_when_correct"] == pytest.approx(2 / 4)
+    # wrong images looked at: a:round0 (edited), a':round0 (stopped) -> 1 of 2
+    assert r["edit_when_wrong"] == pytest.approx(1 / 2)
+
+
+def test_reflection_accuracy_without_decisions_is_nan() -> None:
+    r = reflection_accuracy([_traj("a", [(True, False, 1.0)])])
+    assert r["decisions"] == 0 and math.isnan(r["accuracy"])
+
+
+@pytest.mark.parametrize(
+    ("acc", "expected"),
+    [([0.1, 0.3, 0.5, 0.5], 2), ([0.4, 0.4, 0.4], 0), ([0.1, 0.5, 0.495, 0.2], 1), ([0.2, 0.1, 0.25], 2)],
+)
+def test_plateau_round(acc: list[float], expected: int) -> None:
+    assert plateau_round(acc) == expected
+
+
+def test_plateau_round_needs_rounds() -> None:
+    with pytest.raises(ValueError, match="at least one round"):
+        plateau_round([])
+
+
+def test_summary_markdown_and_plot(tmp_path) -> None:
+    before = [_traj("a", [(False, False, 0.0), (False, False, 0.2), (False, False, 0.2)]),
+              _traj("b", [(True, False, 1.0), (True, True, 1.0), (True, True, 1.0)])]
+    after = [_traj("a", [(False, False, 0.0), (True, False, 1.0), (True, True, 1.0)]),
+             _traj("b", [(True, False, 1.0), (True, True, 1.0), (True, True, 1.0)])]
+    rows = [{"step": i, "generate/score_mean": 0.1 * i, "refine/score_mean": 0.05 * i} for i in range(3)]
+    res = summarize_run(summarize(before, ["a", "b"], 3), summarize(after, ["a", "b"], 3), rows, {"note": 1})
+    assert res["before"]["accuracy_per_round"] == [0.5, 0.5, 0.5]
+    assert res["after"]["accuracy_per_round"] == [0.5, 1.0, 1.0]
+    assert res["delta"]["final_round_accuracy"] == pytest.approx(0.5)
+    assert res["before"]["plateau_round"] == 0 and res["after"]["plateau_round"] == 1
+    assert res["after"]["accuracy_per_tag"] == {"a": [0.0, 1.0, 1.0], "b": [1.0, 1.0, 1.0]}
+    assert res["note"] == 1 and len(res["reward_curve"]) == 3
+    paths = write_results(tmp_path / "out", res)
+    md = paths["md"].read_text()
+    assert "| a | 0.0 → 0.0 | 0.0 → 100.0 | 0.0 → 100.0 |" in md
+    assert "| final-round accuracy (%) | 50.0 | 100.0 | +50.0 points |" in md
+    assert json.loads(paths["json"].read_text())["delta"]["plateau_round"] == 1
+    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from PIL import Image
+
+    with Image.open(paths["png"]) as im:
+        assert im.size == (1000, 400)
+        assert len(set(im.convert("RGB").getdata())) > 10  # drew lines, not a blank canvas
