@@ -173,7 +173,8 @@ def build_roles(cfg: R3Config, paths: ModelPaths) -> Roles:
             placement_group=placements["text_learners"].group,
             model_path=paths.reasoner, zero_stage=g.zero_stage, lr=g.lr, betas=tuple(g.betas),
             weight_decay=g.weight_decay, warmup_steps=g.warmup_steps, grad_clip=g.grad_clip,
-            micro_batch_size=g.micro_batch_size, temperature=g.temperature, kl_coef=g.kl_coef, kl_kind=g.kl_kind,
+            micro_batch_size=g.micro_batch_size, temperature=g.temperature, top_p=g.top_p, kl_coef=g.kl_coef,
+            kl_kind=g.kl_kind,
             clip_low=g.clip_low, clip_high=g.clip_high, loss_agg=g.loss_agg, seed=seed,
         )
         diffusion_learners = LearnerGroup(

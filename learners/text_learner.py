@@ -1,10 +1,14 @@
 """GRPO learner for the reasoner (causal LM or Idefics3-style VLM) on DeepSpeed (DESIGN.md §5).
 
-Log-probs of the answer tokens are recomputed from logits / T (the sampling temperature, so the
-first update's ratio is 1), the loss is `grpo_loss` + β·KL(k1|k2|k3) to a frozen reference copy,
-aggregated with one global normalizer over all ranks and micro-batches so data parallelism and
-gradient accumulation give the full-batch gradient. Only the temperature is replayed: a sampler
-using top-p/top-k must report log-probs of the untruncated tempered distribution.
+Log-probs of the answer tokens are recomputed the way the sampler (vLLM) built its distribution:
+logit bias, then logits / T, then the top-p nucleus cut and renormalisation (`algos.token_logprobs`),
+so they equal vLLM's `processed_logprobs` and the first update's ratio is 1. The policy trained is
+the truncated one: a sampled token outside the current nucleus has log-prob −inf (ratio 0, no
+gradient; counted in `outside_nucleus_frac`). The loss is `grpo_loss` + β·KL(k1|k2|k3) to a frozen
+reference copy, aggregated with one global normalizer over all ranks and micro-batches so data
+parallelism and gradient accumulation give the full-batch gradient. The KL is taken between the
+untruncated tempered distributions of policy and reference: the reference's nucleus soon misses
+sampled tokens, where every estimator is infinite. top-k is not replayed (the workers leave it off).
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ class TextLearner(LearnerBase):
         micro_batch_size: int = 4,
         dtype: str = "auto",
         temperature: float = 1.0,
+        top_p: float = 1.0,
         kl_coef: float = 0.0,
         kl_kind: str = "k3",
         clip_low: float = 0.2,
@@ -66,16 +71,19 @@ class TextLearner(LearnerBase):
         rank/world_size/master_*: the rendezvous; when omitted they are read from the environment
         (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), and a lone process is a group of one.
         max_len: divisor of `seq-mean-token-sum-norm` (default: longest answer in the batch).
+        temperature, top_p: the sampler's, replayed when recomputing log-probs.
         """
         algos.get_agg(loss_agg)
         algos.get_kl(kl_kind)
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
+        if not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1] (grpo.top_p; 1 = no nucleus cut), got {top_p}")
         ds_engine.require_peft(lora_rank)
         self._setup_dist(rank, world_size, master_addr, master_port, backend, seed)
         self.model_path = str(model_path)
         self.micro_batch_size = micro_batch_size
-        self.temperature = temperature
+        self.temperature, self.top_p = temperature, top_p
         self.kl_coef, self.kl_kind = kl_coef, kl_kind
         self.clip_low, self.clip_high = clip_low, clip_high
         self.loss_agg, self.max_len = loss_agg, max_len
@@ -104,31 +112,37 @@ class TextLearner(LearnerBase):
     # ---- public -----------------------------------------------------------------------------
     @torch.no_grad()
     def compute_logprobs(self, samples: Sequence[TextSample], images: Sequence[Any] | None = None,
-                         temperature: float | None = None, reference: bool = False) -> list[list[float]]:
+                         temperature: float | None = None, reference: bool = False,
+                         top_p: float | None = None) -> list[list[float]]:
         """Answer-token log-probs under the current (or reference) model, one list per sample.
 
-        Collective only under ZeRO-3 (parameters are gathered in the forward): then every rank
-        must call it with the same number of samples; otherwise any single rank may call it.
+        temperature/top_p default to the learner's (the sampler's), so before an update these equal
+        vLLM's processed log-probs. Collective only under ZeRO-3 (parameters are gathered in the
+        forward): then every rank must call it with the same number of samples; otherwise any
+        single rank may call it.
         """
         zero3 = self.engine.zero_optimization_stage() == 3
         if reference and self.ref_model is None and not self.lora:
             raise ValueError("reference log-probs need kl_coef > 0 (no reference model was loaded)")
         temp = self.temperature if temperature is None else temperature
+        top_p = self.top_p if top_p is None else top_p
         out: list[list[float]] = []
         for sl in self._plan_micro_batches(len(samples), collective=zero3):
             batch = list(samples[sl])
             imgs = None if images is None else list(images[sl])
-            lp, mask = self._answer_logprobs(batch, imgs, temp, reference)
+            logits, tgt, mask = self._answer_logits(batch, imgs, reference)
+            lp = algos.token_logprobs(logits, tgt, temp, top_p)
             out += [lp[i, : int(mask[i].sum())].tolist() for i in range(len(batch))]
         return out
 
     def train_step(self, samples: Sequence[TextSample], advantages: Sequence[float],
-                   images: Sequence[Any] | None = None, temperature: float | None = None) -> dict[str, float]:
+                   images: Sequence[Any] | None = None, temperature: float | None = None,
+                   top_p: float | None = None) -> dict[str, float]:
         """One GRPO update on this rank's shard (collective: every rank calls it together).
 
         samples: this rank's TextSamples (behaviour log-probs in `logprobs`); advantages: one per
-        sample; images: one (H, W, 3) uint8 array or None per sample (VLM only).
-        Returns metrics reduced over all ranks.
+        sample; images: one (H, W, 3) uint8 array or None per sample (VLM only); temperature/top_p:
+        the sampler's, default the learner's. Returns metrics reduced over all ranks.
         """
         if len(samples) != len(advantages):
             raise ValueError(f"{len(samples)} samples but {len(advantages)} advantages")
@@ -139,6 +153,7 @@ class TextLearner(LearnerBase):
                 raise ValueError(f"sample has {len(s.answer_ids)} answer tokens but {len(s.logprobs)} logprobs")
         start = time.perf_counter()
         temp = self.temperature if temperature is None else temperature
+        top_p = self.top_p if top_p is None else top_p
         micro = self._plan_micro_batches(len(samples))
         lengths = [len(s.answer_ids) for s in samples]
         mask_all = _length_mask(lengths)
@@ -150,12 +165,13 @@ class TextLearner(LearnerBase):
         adv_all = torch.tensor(list(advantages), dtype=torch.float32)
 
         sums = dict.fromkeys(["pg_loss", "kl_loss", "kl", "clip_frac_low", "clip_frac_high",
-                              "ratio_mean", "num_tokens", "num_samples"], 0.0)
+                              "ratio_mean", "outside_nucleus_frac", "num_tokens", "num_samples"], 0.0)
         mins, maxs = {"ratio_min": float("inf")}, {"ratio_max": float("-inf")}
         for j, sl in enumerate(micro):
             batch = list(samples[sl])
             imgs = None if images is None else list(images[sl])
-            lp, mask = self._answer_logprobs(batch, imgs, temp, reference=False, grad=True)
+            logits, tgt, mask = self._answer_logits(batch, imgs, reference=False, grad=True)
+            lp = algos.token_logprobs(logits, tgt, temp, top_p).masked_fill(mask == 0, 0.0)  # (B, T)
             old = _pad([s.logprobs for s in batch], lp.shape[1]).to(lp.device)
             adv = adv_all[sl].to(lp.device)
             terms = algos.grpo_loss_terms(lp, old, adv, mask, self.clip_low, self.clip_high,
@@ -163,26 +179,32 @@ class TextLearner(LearnerBase):
             loss = terms.loss
             ntok = float(mask.sum())
             if self.kl_coef > 0:
+                # untruncated on both sides (module docstring); one more log-softmax only if top_p < 1
+                lp_full = lp if top_p == 1.0 else algos.token_logprobs(logits, tgt, temp)
                 with torch.no_grad():
-                    ref, _ = self._answer_logprobs(batch, imgs, temp, reference=True)
-                kl_mat = algos.kl_estimate(lp, ref, self.kl_kind)
+                    ref_logits, _, _ = self._answer_logits(batch, imgs, reference=True)
+                    ref = algos.token_logprobs(ref_logits, tgt, temp)
+                    del ref_logits
+                kl_mat = algos.kl_estimate(lp_full, ref, self.kl_kind)  # finite: no cut
                 kl_loss = algos.aggregate(kl_mat, mask, self.loss_agg, max_len, normalizer)
                 loss = loss + self.kl_coef * kl_loss
                 sums["kl_loss"] += float(kl_loss.detach())
                 sums["kl"] += float((kl_mat.detach() * mask).sum())
+            del logits
             self.engine.backward(loss * scale)
             self._engine_step(is_last=j == len(micro) - 1)
             sums["pg_loss"] += float(terms.loss.detach())
             sums["clip_frac_low"] += float(terms.clip_frac_low) * ntok
             sums["clip_frac_high"] += float(terms.clip_frac_high) * ntok
             sums["ratio_mean"] += float(terms.ratio_mean) * ntok
+            sums["outside_nucleus_frac"] += float((torch.isneginf(lp.detach()) & (mask > 0)).sum())
             sums["num_tokens"] += ntok
             sums["num_samples"] += len(batch)
             mins["ratio_min"] = min(mins["ratio_min"], float(terms.ratio_min))
             maxs["ratio_max"] = max(maxs["ratio_max"], float(terms.ratio_max))
         m = self._finish_step(sums, mins, maxs, start, unit="tokens")
         ntok = max(m["num_tokens"], 1.0)
-        for k in ("kl", "clip_frac_low", "clip_frac_high", "ratio_mean"):
+        for k in ("kl", "clip_frac_low", "clip_frac_high", "ratio_mean", "outside_nucleus_frac"):
             m[k] /= ntok
         m["loss"] = m["pg_loss"] + self.kl_coef * m["kl_loss"]
         return m
@@ -208,32 +230,38 @@ class TextLearner(LearnerBase):
 
         return AutoProcessor.from_pretrained(self.model_path)
 
-    def _answer_logprobs(self, batch: list[TextSample], images: list[Any] | None, temperature: float,
-                         reference: bool, grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, T_answer) log-probs of the answer tokens and their (B, T_answer) mask."""
+    def _answer_logits(self, batch: list[TextSample], images: list[Any] | None, reference: bool,
+                       grad: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Sampler-side logits (fp32, logit bias added) that predict each answer token.
+
+        Returns logits (B, T_answer, V), the answer token ids (B, T_answer) and their mask
+        (B, T_answer); padded positions hold token 0.
+        """
         has_img = [images is not None and images[i] is not None for i in range(len(batch))]
         if any(has_img) and not self.is_vlm:
             raise ValueError(f"images given but {self.model_path} is a text-only model")
         t_ans = max(len(s.answer_ids) for s in batch)
-        lp = torch.zeros(len(batch), t_ans, device=self.device)
         # Samples with and without an image are run as two sub-batches of one micro-batch.
-        rows_out = []
+        order: list[int] = []
+        parts: list[tuple[torch.Tensor, torch.Tensor]] = []
         for flag in (False, True):
             rows = [i for i in range(len(batch)) if has_img[i] == flag]
             if rows:
-                sub = self._forward_logprobs([batch[i] for i in rows],
-                                             [images[i] for i in rows] if flag else None,
-                                             temperature, reference, grad, t_ans)
-                rows_out.append((rows, sub))
-        if len(rows_out) == 1:
-            lp = rows_out[0][1]
-        else:
-            for rows, sub in rows_out:
-                lp = lp.index_copy(0, torch.tensor(rows, device=lp.device), sub)
-        return lp, _length_mask([len(s.answer_ids) for s in batch]).to(lp.device)
+                parts.append(self._forward_logits([batch[i] for i in rows],
+                                                  [images[i] for i in rows] if flag else None,
+                                                  reference, grad, t_ans))
+                order += rows
+        if len(parts) == 1:
+            logits, tgt = parts[0]
+        else:  # back to the batch's order
+            inverse = torch.argsort(torch.tensor(order)).to(self.device)
+            logits = torch.cat([p[0] for p in parts]).index_select(0, inverse)
+            tgt = torch.cat([p[1] for p in parts]).index_select(0, inverse)
+        return logits, tgt, _length_mask([len(s.answer_ids) for s in batch]).to(logits.device)
 
-    def _forward_logprobs(self, batch: list[TextSample], images: list[Any] | None, temperature: float,
-                          reference: bool, grad: bool, t_ans: int) -> torch.Tensor:
+    def _forward_logits(self, batch: list[TextSample], images: list[Any] | None, reference: bool,
+                        grad: bool, t_ans: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T_answer, V) biased fp32 logits and (B, T_answer) targets of one sub-batch."""
         ids = [list(s.prompt_ids) + list(s.answer_ids) for s in batch]
         length = max(len(x) for x in ids)
         input_ids = torch.full((len(ids), length), self.pad_id, dtype=torch.long)
@@ -257,8 +285,9 @@ class TextLearner(LearnerBase):
         with torch.set_grad_enabled(grad):
             logits = self._model(reference)(**kwargs).logits  # (B, L, V)
             picked = logits.gather(1, idx.to(self.device).unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
-            picked = picked + self._logit_bias(picked.shape[-1], picked.device)  # the sampler's bias
-            return algos.token_logprobs(picked, tgt.to(self.device), temperature)  # (B, T_answer)
+            # vLLM upcasts to fp32 and adds the logit bias before temperature and top-p
+            picked = picked.float() + self._logit_bias(picked.shape[-1], picked.device)  # (B, T_answer, V)
+        return picked, tgt.to(self.device)
 
     def _logit_bias(self, vocab: int, device: torch.device) -> torch.Tensor:
         """(V,) the sampler's logit bias: image placeholder tokens are never generated by a VLM."""

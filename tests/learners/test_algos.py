@@ -178,6 +178,65 @@ def test_token_logprobs_applies_temperature():
         token_logprobs(logits, torch.tensor([[0, 2]]), temperature=0.0)
 
 
+PROBS = [0.5, 0.3, 0.15, 0.05]  # ascending cumulative sums 0.05, 0.2, 0.5, 1: no cut sits on a sum
+
+
+@pytest.mark.parametrize("top_p, kept", [(0.75, 2), (0.9, 3), (1.0, 4)])
+def test_token_logprobs_top_p_keeps_nucleus_and_renormalises(top_p, kept):
+    logits = torch.tensor(PROBS).log().expand(1, 4, 4)  # the same distribution at 4 positions
+    out = token_logprobs(logits, torch.arange(4).view(1, 4), top_p=top_p)[0]  # each token once
+    mass = sum(PROBS[:kept])
+    close(out[:kept], [math.log(p / mass) for p in PROBS[:kept]])
+    assert torch.isneginf(out[kept:]).all()
+    torch.testing.assert_close(token_logprobs(2 * logits, torch.arange(4).view(1, 4), 2.0, top_p)[0], out)
+
+
+def test_token_logprobs_applies_temperature_before_the_cut():
+    # at T=2 the probabilities are ∝ sqrt(PROBS) ≈ .379 .294 .207 .120: top-p 0.75 keeps three, not two
+    out = token_logprobs(torch.tensor(PROBS).log().expand(1, 4, 4), torch.arange(4).view(1, 4), 2.0, 0.75)[0]
+    tempered = torch.tensor(PROBS).sqrt()
+    close(out[:3], (tempered[:3] / tempered[:3].sum()).log())
+    assert torch.isneginf(out[3])
+
+
+def test_token_logprobs_top_p_always_keeps_the_largest():
+    logits = torch.tensor([[[3.0, 1.0, 0.0], [0.0, 0.0, 0.0001]]])
+    # p so small that 1 − p rounds to 1 in fp32: the cumulative sum never exceeds it, yet one survives
+    out = token_logprobs(logits, torch.tensor([[0, 2]]), top_p=1e-9)
+    close(out, [[0.0, 0.0]])
+    assert torch.isneginf(token_logprobs(logits, torch.tensor([[1, 0]]), top_p=1e-9)).all()
+
+
+def test_token_logprobs_top_p_tie_at_the_cut_keeps_exactly_one():
+    # vLLM settles equal logits at the cut by sort position, not by value: one of the pair survives
+    out = token_logprobs(torch.tensor([[[1.0, 1.0, 0.0]]]).expand(1, 3, 3), torch.tensor([[0, 1, 2]]), top_p=0.3)[0]
+    assert sorted(out[:2].tolist()) == [float("-inf"), 0.0]
+    assert torch.isneginf(out[2])
+
+
+def test_token_logprobs_top_p_gradient_is_that_of_the_truncated_softmax():
+    logits = torch.tensor(PROBS).log().view(1, 1, 4).requires_grad_()
+    token_logprobs(logits, torch.tensor([[0]]), top_p=0.9).sum().backward()
+    kept = torch.tensor(PROBS[:3]) / sum(PROBS[:3])
+    close(logits.grad[0, 0], torch.cat([torch.tensor([1.0, 0.0, 0.0]) - kept, torch.zeros(1)]))
+    assert logits.grad[0, 0, 3] == 0  # removed token: no gradient
+
+
+def test_token_logprobs_top_p_chunked_mask_equals_one_pass(monkeypatch):
+    gen = torch.Generator().manual_seed(0)
+    logits = (torch.randn(3, 5, 16, generator=gen) * 2).round()  # rounding makes ties
+    targets = torch.randint(0, 16, (3, 5), generator=gen)
+    whole = token_logprobs(logits, targets, temperature=0.7, top_p=0.8)
+    monkeypatch.setattr(algos, "_NUCLEUS_CHUNK_ELEMENTS", 16 * 4)  # 4 rows per chunk, ragged tail
+    torch.testing.assert_close(token_logprobs(logits, targets, temperature=0.7, top_p=0.8), whole, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("top_p", [0.0, -0.1, 1.5])
+def test_token_logprobs_rejects_top_p_outside_unit_interval(top_p):
+    with pytest.raises(ValueError, match="top_p"):
+        token_logprobs(torch.zeros(1, 1, 3), torch.zeros(1, 1, dtype=torch.long), top_p=top_p)
+
+
 # ------------------------------------------------------------------ FlowGRPO
 
 

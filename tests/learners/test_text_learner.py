@@ -2,7 +2,8 @@
 
 Shows: before the first update the recomputed answer log-probs equal the behaviour log-probs
 (ratio 1), both from a transformers forward and from vLLM's TextWorker (|ratio − 1| < 1e-4 per
-token, the VLM with images through its processor); ZeRO-1, ZeRO-2 and ZeRO-3 over 2 ranks (1-sample micro-batches, 2 accumulation steps)
+token, at top-p 1 and at top-p 0.9, whose cut the learner replays; the VLM with images through
+its processor); the nucleus mask equals vLLM's own top-p op, ties included; ZeRO-1, ZeRO-2 and ZeRO-3 over 2 ranks (1-sample micro-batches, 2 accumulation steps)
 give the same parameters after one step as one rank with 2-sample micro-batches (fp32, 1e-5).
 """
 
@@ -16,6 +17,7 @@ import torch
 pytestmark = pytest.mark.integration
 
 TEMPERATURE = 0.8
+TOP_P = 0.9  # the paper's; vLLM reports log-probs of the cut, renormalised distribution
 ADVANTAGES = [1.0, -0.5, 0.25, -1.0]
 # Adam's first step is lr·g/(|g| + eps): with eps 1e-8, gradient elements near 1e-8 turn float32
 # summation-order noise into ~1e-5 weight differences; eps 1e-6 keeps the comparison at 1e-5 fair.
@@ -46,18 +48,21 @@ def single(learner_ray, tiny_models):
     group.shutdown()
 
 
-def vllm_samples(model_path, images: list | None = None) -> list:
-    """2 prompts x n=2 answers from an in-process vLLM TextWorker at T=0.8, top-p 1."""
+def vllm_samples(model_path, images: list | None = None, top_ps: tuple[float, ...] = (1.0,)) -> list[list]:
+    """Per top-p: 2 prompts x n=2 answers from one in-process vLLM TextWorker at T=0.8."""
     from actors.text_worker import TextWorker
     from rollout.interfaces import ChatMessage, TextRequest
 
     images = images or [None, None]
     worker = TextWorker(str(model_path), max_model_len=512)
     try:
-        requests = [TextRequest(messages=(ChatMessage("user", p, images=() if im is None else (im,)),), n=2,
-                                temperature=TEMPERATURE, top_p=1.0, max_tokens=8, seed=i)
-                    for i, (p, im) in enumerate(zip(["plan a red circle", "what is shown?"], images, strict=True))]
-        return [s for group in worker.generate(requests) for s in group]
+        out = []
+        for top_p in top_ps:
+            requests = [TextRequest(messages=(ChatMessage("user", p, images=() if im is None else (im,)),), n=2,
+                                    temperature=TEMPERATURE, top_p=top_p, max_tokens=8, seed=i)
+                        for i, (p, im) in enumerate(zip(["plan a red circle", "what is shown?"], images, strict=True))]
+            out.append([s for group in worker.generate(requests) for s in group])
+        return out
     finally:
         worker.shutdown()
 
@@ -70,26 +75,57 @@ def assert_ratio_one(samples: list, recomputed: list[list[float]], tol: float = 
 
 
 @pytest.fixture(scope="module")
-def lm_vllm_batch(tiny_models) -> list:
-    return vllm_samples(tiny_models.lm)
+def lm_vllm_batches(tiny_models) -> list[list]:
+    """vLLM samples of the tiny LM at top-p 1 and at top-p TOP_P (one engine)."""
+    return vllm_samples(tiny_models.lm, top_ps=(1.0, TOP_P))
 
 
 @pytest.fixture(scope="module")
-def single_step(single, batch, lm_vllm_batch):
-    """(log-probs before the update for both batches, metrics of one step, parameters after it)."""
+def single_step(single, batch, lm_vllm_batches):
+    """(log-probs before the update for the batches, metrics of one step, parameters after it)."""
+    full, cut = lm_vllm_batches
     before = single.call_rank0("compute_logprobs", batch)
-    before_vllm = single.call_rank0("compute_logprobs", lm_vllm_batch)
+    before_vllm = single.call_rank0("compute_logprobs", full)
+    before_top_p = single.call_rank0("compute_logprobs", cut, top_p=TOP_P)
+    unreplayed = single.call_rank0("compute_logprobs", cut)  # the learner's own top-p: 1
     metrics = single.train_step(batch, ADVANTAGES)
     after = single.call_all("full_state_dict")[0]
-    return (before, before_vllm), metrics, after
+    return (before, before_vllm, before_top_p, unreplayed), metrics, after
 
 
 def test_recomputed_logprobs_equal_behaviour_before_update(single_step, batch):
     assert_ratio_one(batch, single_step[0][0])
 
 
-def test_recomputed_logprobs_equal_vllm_before_update(single_step, lm_vllm_batch):
-    assert_ratio_one(lm_vllm_batch, single_step[0][1])
+def test_recomputed_logprobs_equal_vllm_before_update(single_step, lm_vllm_batches):
+    assert_ratio_one(lm_vllm_batches[0], single_step[0][1])
+
+
+def test_recomputed_logprobs_equal_vllm_top_p_before_update(single_step, lm_vllm_batches):
+    cut = lm_vllm_batches[1]
+    assert_ratio_one(cut, single_step[0][2])
+    # without replaying the cut every token's ratio is its nucleus's mass, well below 1
+    ratios = [math.exp(new - old) for s, lps in zip(cut, single_step[0][3], strict=True)
+              for old, new in zip(s.logprobs, lps, strict=True)]
+    assert max(ratios) < 1 - 1e-3
+
+
+def test_nucleus_mask_equals_vllm_top_p_op():
+    from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p_pytorch
+
+    from learners.algos import token_logprobs
+
+    gen = torch.Generator().manual_seed(0)
+    rows = (torch.randn(24, 64, generator=gen) * 3).round()  # (N, V); rounding makes ties at the cut
+    every_token = torch.arange(64).expand(24, 64)  # (N, V): score each row against every token
+    for top_p in (0.3, 0.75, TOP_P, 0.99):
+        # vLLM: divide by its fp32 temperature tensor, cut, then processed log-probs = log_softmax
+        tempered = rows.clone().div_(torch.full((24,), TEMPERATURE).unsqueeze(1))
+        expected = apply_top_k_top_p_pytorch(tempered, None, torch.full((24,), top_p)).log_softmax(-1)
+        ours = token_logprobs(rows.unsqueeze(1).expand(-1, 64, -1), every_token, TEMPERATURE, top_p)  # (N, V)
+        assert torch.equal(torch.isneginf(ours), torch.isneginf(expected))
+        assert 0 < int(torch.isneginf(ours).sum()) < ours.numel()
+        torch.testing.assert_close(ours, expected, atol=1e-6, rtol=0)
 
 
 def test_vlm_with_images_recomputes_vllm_logprobs(learner_ray, tiny_models):
@@ -98,17 +134,20 @@ def test_vlm_with_images_recomputes_vllm_logprobs(learner_ray, tiny_models):
     from learners.group import LearnerGroup
 
     image = np.random.default_rng(0).integers(0, 256, (84, 84, 3), dtype=np.uint8)
-    samples = vllm_samples(tiny_models.vlm, images=[image, None])  # one prompt with, one without image
+    # one prompt with, one without image; at top-p 1 and at TOP_P (logit bias, T and the cut, in vLLM's order)
+    full, samples = vllm_samples(tiny_models.vlm, images=[image, None], top_ps=(1.0, TOP_P))
     images = [image, image, None, None]
     assert len(samples[0].prompt_ids) > len(samples[2].prompt_ids) + 16  # image tokens are in the prompt
     group = LearnerGroup("text", 1, num_cpus_per=1, name_prefix="test-text-vlm", model_path=str(tiny_models.vlm),
-                         zero_stage=0, micro_batch_size=4, **COMMON)
+                         zero_stage=0, micro_batch_size=4, top_p=TOP_P, **COMMON)
     try:
+        assert_ratio_one(full, group.call_rank0("compute_logprobs", full, images=images, top_p=1.0))
         assert_ratio_one(samples, group.call_rank0("compute_logprobs", samples, images=images))
         m = group.train_step(samples, ADVANTAGES, images=images)
     finally:
         group.shutdown()
-    assert abs(m["ratio_min"] - 1) < 1e-4 and abs(m["ratio_max"] - 1) < 1e-4
+    assert abs(m["ratio_min"] - 1) < 1e-4 and abs(m["ratio_max"] - 1) < 1e-4  # was ≈ 0.90 without the cut
+    assert m["outside_nucleus_frac"] == 0 and math.isfinite(m["kl"]) and m["kl"] < 1e-8
     assert m["num_tokens"] == sum(len(s.answer_ids) for s in samples)
 
 
