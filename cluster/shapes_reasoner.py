@@ -62,14 +62,14 @@ class ReasonerRecipe:
     vision_heads: int = 2
     patch: int = 8  # 64 px image / 8 px patches = 64 patches -> 16 image tokens (scale factor 2)
     image_size: int = 64  # ShapesWorld images are 64x64: one tile, no splitting, no resampling
-    steps: int = 600
-    lr: float = 2e-3
-    plan_batch: int = 6
-    reflect_batch: int = 8  # half correct, half wrong
+    steps: int = 1100
+    lr: float = 3e-3
+    plan_batch: int = 16
+    reflect_batch: int = 16  # 8 prompts, each with a correct and a wrong image
     fresh_fraction: float = 0.5  # share of reflect images rendered afresh (new layouts) each step
     degrade_fraction: float = 0.5  # share of reflect images blurred / noised like generator output
-    decision_weight: float = 4.0  # loss weight of the reflect decision token (stop vs edit)
-    plan_weight: float = 0.5
+    decision_weight: float = 6.0  # loss weight of the reflect decision token (stop vs edit)
+    plan_weight: float = 1.0
 
     def scaled(self, value: int, scale: float) -> int:
         return max(1, int(round(value * scale)))
@@ -236,14 +236,15 @@ def evaluate_reasoner(path: Path, tasks: list[dict[str, Any]], s: PretrainSettin
 
 
 def balanced_reflect_batch(n_prompts: int, batch: int, gen) -> tuple[list[int], list[bool]]:
-    """`batch` (even) reflect examples: prompt indices and whether each shows the correct image;
-    exactly half correct, half wrong, so "stop" is right half the time (no prior to exploit)."""
+    """`batch` (even) reflect examples as `batch / 2` prompts each shown once with a correct and
+    once with a wrong image: prompt indices and whether each image is the correct one. Paired,
+    the prompt alone says nothing about "stop", so the decision token learns from the image."""
     import torch
 
     if batch < 2 or batch % 2:
         raise ValueError(f"reflect batch={batch}; allowed: an even number >= 2")
-    idx = torch.randint(0, n_prompts, (batch,), generator=gen).tolist()
-    return idx, [True] * (batch // 2) + [False] * (batch // 2)
+    idx = torch.randint(0, n_prompts, (batch // 2,), generator=gen).tolist()
+    return idx + idx, [True] * (batch // 2) + [False] * (batch // 2)
 
 
 def degrade_images(images: np.ndarray, rng: np.random.Generator, fraction: float) -> np.ndarray:

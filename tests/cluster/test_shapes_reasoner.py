@@ -64,6 +64,8 @@ def test_reflect_batches_are_half_correct_and_reject_odd_sizes():
     gen = torch.Generator().manual_seed(0)
     idx, correct = balanced_reflect_batch(50, 16, gen)
     assert len(idx) == 16 and sum(correct) == 8 and all(0 <= i < 50 for i in idx)
+    shown_correct = sorted(i for i, ok in zip(idx, correct, strict=True) if ok)
+    assert shown_correct == sorted(i for i, ok in zip(idx, correct, strict=True) if not ok)  # paired
     with pytest.raises(ValueError, match="even"):
         balanced_reflect_batch(50, 7, gen)
 
