@@ -119,6 +119,11 @@ class TextWorker(TextWeightReceiver):
             enforce_eager=on_cpu,
             logprobs_mode="processed_logprobs",
         )
+        if on_cpu:
+            # A chunked (partial) prefill makes vLLM rewind the request's seeded generator, which a
+            # CPU generator cannot do ("CPU Generator does not use offset"): schedule whole prompts.
+            engine_kwargs["enable_chunked_prefill"] = False
+            engine_kwargs["max_num_batched_tokens"] = max(max_model_len, 2048)
         if worker_extension_cls:
             engine_kwargs["worker_extension_cls"] = worker_extension_cls
             _ensure_importable_by_worker()

@@ -229,6 +229,19 @@ def _text_of_tokens(worker, total: int) -> str:
     return text
 
 
+def test_seeded_requests_beyond_one_batch_budget(text_worker_lm) -> None:
+    """40 seeded, sampled requests of a few hundred prompt tokens, together far over the 2,048-token
+    batch budget: with chunked prefill vLLM would split a prompt and rewind its seeded CPU
+    generator, which raises "CPU Generator does not use offset"; every request must come back."""
+    long = " ".join(f"w{i}" for i in range(80))
+    requests = [_ask(f"{i} {long}", max_tokens=3, temperature=1.0, seed=i) for i in range(40)]
+    assert sum(len(r.messages[0].text) for r in requests) > 3 * 2048  # > 1 char per token
+    first = text_worker_lm.generate(requests)
+    again = text_worker_lm.generate(requests[::-1])[::-1]
+    assert len(first) == 40 and all(len(s) == 1 and len(s[0].answer_ids) >= 1 for s in first)
+    assert [s[0].answer_ids for s in first] == [s[0].answer_ids for s in again]
+
+
 def test_stats_and_health(text_worker_lm) -> None:
     text_worker_lm.generate([_ask("count tokens", max_tokens=4, temperature=0.0)])
     stats = text_worker_lm.stats()
