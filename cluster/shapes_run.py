@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", default="configs/shapes_cpu.yaml")
     ap.add_argument("--pretrain-scale", type=float, default=1.0,
                     help="scale of the warm start's step counts when it has to be trained (tests: small)")
+    ap.add_argument("--pretrain-eval-prompts", type=int, default=None,
+                    help="held-out prompts the warm start measures when it has to be trained")
     ap.add_argument("--cache", type=Path, default=None, help="warm start cache root (default $R3RL_CACHE)")
     ap.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.steps=4")
     args = ap.parse_args(argv)
@@ -60,7 +63,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.cache is not None:  # the config's tiny:shapes-* names resolve under $R3RL_CACHE
         os.environ["R3RL_CACHE"] = str(args.cache.resolve())
-    warm = pretrain(PretrainSettings(scale=args.pretrain_scale))
+    settings = PretrainSettings(scale=args.pretrain_scale)
+    if args.pretrain_eval_prompts is not None:
+        settings = replace(settings, eval_prompts=args.pretrain_eval_prompts)
+    warm = pretrain(settings)
     manifest = json.loads((warm / "manifest.json").read_text())
     try:
         cfg = load_config(args.config, [*args.overrides, "train.eval_before=true"], check_paths=True)

@@ -10,7 +10,7 @@ from cluster.shapes_models import SHAPES_VERSION, shapes_model_path
 from cluster.shapes_pretrain import PretrainSettings, make_pool
 from cluster.shapes_reasoner import plan_answer, reflect_answer, warmup_cosine
 from rollout.parsing import is_stop, parse_answer
-from rollout.shapesworld.tasks import build_splits, metadata_for_prompt
+from rollout.shapesworld.tasks import TAGS, build_splits, metadata_for_prompt
 
 
 def test_answers_are_well_formed_and_stop_only_when_correct():
@@ -35,7 +35,7 @@ def test_pool_pairs_wrong_images_with_their_fix():
 
 def test_settings_scale_and_schedule():
     s = PretrainSettings(scale=0.01)
-    assert s.steps("flow_steps") == 6 and s.steps("vae_steps") == 5
+    assert s.steps("flow_steps") == 6 and s.steps("vae_steps") == 8
     f = warmup_cosine(100)
     assert f(0) == pytest.approx(0.2) and f(4) == pytest.approx(1.0) and f(99) < 0.01
 
@@ -51,20 +51,55 @@ def test_model_path_says_how_to_build(tmp_path):
     assert shapes_model_path("shapes-flux", tmp_path) == root / "flux"
 
 
+@pytest.fixture(scope="module")
+def warm_cache(tmp_path_factory):
+    """A 1 %-scale warm start (every stage runs a few steps) in a cache of its own."""
+    from cluster.shapes_pretrain import main
+
+    cache = tmp_path_factory.mktemp("shapes-cache")
+    assert main(["--scale", "0.01", "--eval-prompts", "9", "--cache", str(cache)]) == 0
+    return cache
+
+
 @pytest.mark.integration
 @pytest.mark.slow
-def test_shortened_warm_start_saves_loadable_models(tmp_path):
+def test_shortened_warm_start_saves_loadable_models(warm_cache):
     from diffusers import FluxKontextPipeline
     from transformers import Idefics3ForConditionalGeneration
 
-    from cluster.shapes_pretrain import main
-
-    assert main(["--scale", "0.01", "--eval-prompts", "9", "--cache", str(tmp_path)]) == 0
-    root = tmp_path / SHAPES_VERSION
+    root = warm_cache / SHAPES_VERSION
     manifest = json.loads((root / "manifest.json").read_text())
     assert manifest["losses"]["flow"]["steps"] == 6
     assert 0.0 <= manifest["generator_eval"]["t2i_accuracy"] <= 1.0
     assert 0.0 <= manifest["reasoner_eval"]["reflect_stop_accuracy"] <= 1.0
-    pipe = FluxKontextPipeline.from_pretrained(str(shapes_model_path("shapes-flux", tmp_path)))
+    pipe = FluxKontextPipeline.from_pretrained(str(shapes_model_path("shapes-flux", warm_cache)))
     assert pipe.transformer.config.num_layers == 2 and pipe.vae.config.scaling_factor != 1.0
-    Idefics3ForConditionalGeneration.from_pretrained(shapes_model_path("shapes-vlm", tmp_path))
+    assert pipe.vae_scale_factor == 4
+    Idefics3ForConditionalGeneration.from_pretrained(shapes_model_path("shapes-vlm", warm_cache))
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_shortened_shapes_run_writes_results(warm_cache, tmp_path, monkeypatch):
+    """`make shapes`'s entry, shortened: evaluation → 2 RL steps → evaluation → results files."""
+    from cluster.shapes_run import main
+
+    monkeypatch.setenv("R3RL_CACHE", str(warm_cache))
+    overrides = [
+        f"train.run_dir={tmp_path / 'runs'}", "train.run_name=short", "train.steps=2", "train.eval_rounds=2",
+        "data.eval_limit=4", "r3.group_size=2", "r3.prompts_per_step=2", "flow_grpo.num_steps=4",
+        "flow_grpo.eval_num_steps=4", "flow_grpo.edit_num_steps=4", "checkpoint.every=0", "grpo.max_tokens=24",
+    ]
+    assert main(["--config", "configs/shapes_cpu.yaml", "--cache", str(warm_cache), *overrides]) == 0
+    run = tmp_path / "runs" / "short"
+    results = json.loads((run / "results.json").read_text())
+    for when in ("before", "after"):
+        assert len(results[when]["accuracy_per_round"]) == 2
+        assert set(results[when]["accuracy_per_tag"]) <= set(TAGS)
+        assert results[when]["reflection"]["decisions"] >= 0
+    assert [r["step"] for r in results["reward_curve"]] == [0, 1]
+    assert all(0.0 <= r["generate/score_mean"] <= 1.0 for r in results["reward_curve"])
+    assert results["warm_start"]["version"] == SHAPES_VERSION
+    assert "| **overall** |" in (run / "results.md").read_text()
+    assert (run / "results.png").read_bytes()[:4] == b"\x89PNG"
+    assert (run / "eval-before" / "eval.json").is_file() and (run / "eval-final" / "eval.json").is_file()
