@@ -46,8 +46,7 @@ demo: setup
 	$(PY) -m cluster.train --config configs/cpu_tiny.yaml
 
 shapes: setup
-	$(PY) -m cluster.shapes_pretrain
-	$(PY) -m cluster.train --config configs/shapes_cpu.yaml
+	$(PY) -m cluster.shapes_run --config configs/shapes_cpu.yaml
 
 bench: setup
 	@mkdir -p bench/results
