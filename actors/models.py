@@ -22,7 +22,7 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from actors.tokenizer import build_byte_bpe
 
@@ -33,6 +33,7 @@ __all__ = [
     "build_tiny_models",
     "build_tiny_lm",
     "build_tiny_vlm",
+    "save_idefics3",
     "LM_CHAT_TEMPLATE",
     "VLM_CHAT_TEMPLATE",
     "VLM_SPECIAL_TOKENS",
@@ -151,13 +152,7 @@ def build_tiny_vlm(out: Path, seed: int = 0) -> Path:
     56 px tiles, patch 14, scale factor 2 -> 4 image tokens per tile; images are resized so the
     longest edge is at most 112 px (2x2 tiles + 1 global image).
     """
-    import torch
-    from transformers import (
-        Idefics3Config,
-        Idefics3ForConditionalGeneration,
-        Idefics3ImageProcessorPil,
-        Idefics3Processor,
-    )
+    from transformers import Idefics3ImageProcessorPil, Idefics3Processor
 
     tok = build_byte_bpe(extra_special_tokens=VLM_SPECIAL_TOKENS, model_max_length=1024)
     image_processor = Idefics3ImageProcessorPil(
@@ -170,7 +165,6 @@ def build_tiny_vlm(out: Path, seed: int = 0) -> Path:
     processor = Idefics3Processor(
         image_processor, tok, image_seq_len=4, chat_template=VLM_CHAT_TEMPLATE
     )
-    eou = tok.convert_tokens_to_ids("<end_of_utterance>")
     text_config = dict(
         model_type="llama",
         vocab_size=len(tok),
@@ -195,6 +189,16 @@ def build_tiny_vlm(out: Path, seed: int = 0) -> Path:
         patch_size=14,
         num_channels=3,
     )
+    return save_idefics3(out, processor, text_config, vision_config, seed)
+
+
+def save_idefics3(out: Path, processor: Any, text_config: dict, vision_config: dict, seed: int = 0) -> Path:
+    """Seeded random Idefics3 (pixel-shuffle scale 2) from the two sub-configs, saved with `processor`
+    to `out`; shared by the tiny test VLM and the bigger ShapesWorld reasoner."""
+    import torch
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration
+
+    tok = processor.tokenizer
     cfg = Idefics3Config(
         text_config=text_config,
         vision_config=vision_config,
@@ -206,7 +210,7 @@ def build_tiny_vlm(out: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     model = Idefics3ForConditionalGeneration(cfg).eval()
     # An answer may end with `<end_of_utterance>` (the template's turn end) or eos.
-    model.generation_config.eos_token_id = [tok.eos_token_id, eou]
+    model.generation_config.eos_token_id = [tok.eos_token_id, tok.convert_tokens_to_ids("<end_of_utterance>")]
     out = Path(out)
     model.save_pretrained(out)
     processor.save_pretrained(out)

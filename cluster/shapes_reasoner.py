@@ -92,15 +92,9 @@ def build_shapes_vlm(out: Path, seed: int = 0, recipe: ReasonerRecipe | None = N
     template and special tokens (so TextWorker, TextLearner and the logit bias work unchanged),
     a wider/deeper llama text model and a vision tower that sees the 64x64 image as one tile of
     8 px patches (16 image tokens), instead of 56 px tiles of a 112 px upscale."""
-    import torch
-    from transformers import (
-        Idefics3Config,
-        Idefics3ForConditionalGeneration,
-        Idefics3ImageProcessorPil,
-        Idefics3Processor,
-    )
+    from transformers import Idefics3ImageProcessorPil, Idefics3Processor
 
-    from actors.models import VLM_CHAT_TEMPLATE, VLM_SPECIAL_TOKENS
+    from actors.models import VLM_CHAT_TEMPLATE, VLM_SPECIAL_TOKENS, save_idefics3
     from actors.tokenizer import build_byte_bpe
 
     r = recipe or ReasonerRecipe()
@@ -140,21 +134,7 @@ def build_shapes_vlm(out: Path, seed: int = 0, recipe: ReasonerRecipe | None = N
         patch_size=r.patch,
         num_channels=3,
     )
-    cfg = Idefics3Config(
-        text_config=text_config,
-        vision_config=vision_config,
-        scale_factor=2,
-        image_token_id=processor.image_token_id,
-        tie_word_embeddings=False,
-        pad_token_id=tok.pad_token_id,
-    )
-    torch.manual_seed(seed)
-    model = Idefics3ForConditionalGeneration(cfg).eval()
-    model.generation_config.eos_token_id = [tok.eos_token_id, tok.convert_tokens_to_ids("<end_of_utterance>")]
-    out = Path(out)
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    return out
+    return save_idefics3(out, processor, text_config, vision_config, seed)
 
 
 def train_reasoner(out: Path, pool: RenderedPool, s: PretrainSettings, gen) -> list[float]:
