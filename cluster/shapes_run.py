@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     from cluster.shapes_pretrain import PretrainSettings, pretrain
 
     try:
-        cfg = load_config(args.config, [*args.overrides, "train.eval_before=true"])
+        cfg = load_config(args.config, [*args.overrides, "train.eval_before=true"], check_paths=True)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -68,11 +68,6 @@ def main(argv: list[str] | None = None) -> int:
         settings = replace(settings, eval_prompts=args.pretrain_eval_prompts)
     warm = pretrain(settings)
     manifest = json.loads((warm / "manifest.json").read_text())
-    try:
-        cfg = load_config(args.config, [*args.overrides, "train.eval_before=true"], check_paths=True)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
 
     from cluster.driver import run_training
     from cluster.failures import LearnerFailure
