@@ -56,9 +56,6 @@ class PretrainSettings:
     edit_fraction: float = 0.35  # share of flow steps that train editing
     batch: int = 32
     max_sequence_length: int = 48  # T5 tokens (prompts have <= 31); = models.generator.max_sequence_length
-    reasoner_steps: int = 300
-    reasoner_lr: float = 2e-3
-    reasoner_batch: int = 16
     eval_prompts: int = 90  # held-out prompts for the measurements in the manifest
     num_steps: int = 8  # sampler steps at evaluation
     guidance: float = 3.5
