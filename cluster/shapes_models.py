@@ -17,7 +17,7 @@ __all__ = ["SHAPES_VERSION", "SHAPES_MODELS", "shapes_cache_dir", "shapes_model_
 logger = logging.getLogger(__name__)
 
 # Bump when the architecture or the training recipe changes, so stale warm starts are not reused.
-SHAPES_VERSION = "shapes-v2"
+SHAPES_VERSION = "shapes-v3"
 SHAPES_MODELS = {"shapes-flux": "flux", "shapes-vlm": "vlm"}
 
 

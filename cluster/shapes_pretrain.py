@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from cluster.shapes_models import SHAPES_VERSION, build_shapes_flux, shapes_cache_dir
-from rollout.shapesworld.render import render_correct, render_wrong
+from rollout.shapesworld.render import Scene, render_correct, render_wrong
 from rollout.shapesworld.tasks import build_splits, sample_tasks
 
 __all__ = ["PretrainSettings", "RenderedPool", "make_pool", "pretrain", "main"]
@@ -76,6 +76,8 @@ class RenderedPool:
     fixed: np.ndarray
     instructions: list[str]
     kinds: list[str]
+    correct_scenes: list[Scene]  # what each image shows (the reasoner describes it)
+    wrong_scenes: list[Scene]
 
 
 def make_pool(tasks: list[dict[str, Any]], n: int, seed: int, size: int = 64) -> RenderedPool:
@@ -91,6 +93,8 @@ def make_pool(tasks: list[dict[str, Any]], n: int, seed: int, size: int = 64) ->
         fixed=np.stack([b.fixed_image for b in bad]),
         instructions=[b.instruction for b in bad],
         kinds=[b.kind for b in bad],
+        correct_scenes=[g.scene for g in good],
+        wrong_scenes=[b.scene for b in bad],
     )
 
 

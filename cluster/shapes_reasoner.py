@@ -2,9 +2,12 @@
 
 Plan: the user prompt (the worker's plan template) -> `<think>as asked.</think>` + the prompt
 itself (ShapesWorld prompts are already exact descriptions; a longer checklist cost ~20 tokens of
-the 48-token answer budget and made copying harder). Reflect: the prompt and an image ->
-`<think>the image matches.</think>no further edit needed` for a correct render,
-`<think>wrong <kind>.</think>` + the renderer's fixing instruction for a wrong one.
+the answer budget and made copying harder). Reflect: the prompt and an image ->
+`<think>` + what the image shows (`describe_scene`: its objects as "colour shape", ordered along
+the prompt's axis) + `</think>`, then `no further edit needed` for a correct render or the
+renderer's fixing instruction for a wrong one. Trained on the decision alone, the reasoner ignored
+the image (stop accuracy 0.55-0.58, chance 0.5); describing the image first gives the vision tower
+a dense target and turns the decision into comparing two texts.
 
 Chats are rendered exactly as `actors.text_worker` renders them (images first, then the text; the
 processor's chat template); the loss covers the answer tokens plus `<end_of_utterance>`, with the
@@ -29,12 +32,14 @@ from rollout.templates import Templates
 if TYPE_CHECKING:
 
     from cluster.shapes_pretrain import PretrainSettings, RenderedPool
+    from rollout.shapesworld.render import Scene
 
 __all__ = [
     "ReasonerRecipe",
     "PLAN_THINK",
     "plan_answer",
     "reflect_answer",
+    "describe_scene",
     "build_shapes_vlm",
     "train_reasoner",
     "evaluate_reasoner",
@@ -46,7 +51,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 PLAN_THINK = "as asked."
-_MATCH_THINK = "the image matches."
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,9 @@ class ReasonerRecipe:
     fresh_fraction: float = 0.5  # share of reflect images rendered afresh (new layouts) each step
     degrade_fraction: float = 0.5  # share of reflect images blurred / noised like generator output
     decision_weight: float = 6.0  # loss weight of the reflect decision token (stop vs edit)
+    vision_steps: int = 400  # dense patch pretraining of the vision tower first (cluster.shapes_vision)
+    vision_batch: int = 64
+    vision_lr: float = 3e-3
     plan_weight: float = 1.0
 
     def scaled(self, value: int, scale: float) -> int:
@@ -80,11 +87,19 @@ def plan_answer(meta: dict[str, Any]) -> str:
     return f"<think>{PLAN_THINK}</think>{meta['prompt']}"
 
 
-def reflect_answer(kind: str, instruction: str | None) -> str:
-    """The stop answer for a correct image (`instruction` None), else the kind and the fix."""
-    if instruction is None:
-        return f"<think>{_MATCH_THINK}</think>{STOP_PHRASE}"
-    return f"<think>wrong {kind}.</think>{instruction}"
+def reflect_answer(caption: str, instruction: str | None) -> str:
+    """`caption` (what the image shows) as the think, then the stop phrase for a correct image
+    (`instruction` None), else the fixing instruction."""
+    return f"<think>{caption}</think>{STOP_PHRASE if instruction is None else instruction}"
+
+
+def describe_scene(scene: Scene, meta: dict[str, Any]) -> str:
+    """The scene's objects as "colour shape", comma-separated, ordered top to bottom when the
+    prompt relates objects vertically (above / below), else left to right; "nothing." if empty.
+    E.g. "red circle, blue square, blue square." for two blue squares right of a red circle."""
+    vertical = any(r.get("position", ("",))[0] in ("above", "below") for r in meta["include"])
+    objs = sorted(scene.objects, key=lambda o: (o.cy, o.cx) if vertical else (o.cx, o.cy))
+    return (", ".join(f"{o.color} {o.shape}" for o in objs) or "nothing") + "."
 
 
 def build_shapes_vlm(out: Path, seed: int = 0, recipe: ReasonerRecipe | None = None) -> Path:
@@ -149,6 +164,12 @@ def train_reasoner(out: Path, pool: RenderedPool, s: PretrainSettings, gen) -> l
     build_shapes_vlm(out, seed=s.seed, recipe=r)
     processor = AutoProcessor.from_pretrained(out)
     model = Idefics3ForConditionalGeneration.from_pretrained(out)
+    from cluster.shapes_vision import pretrain_vision
+
+    pretrain_vision(
+        model, processor, pool, r.scaled(r.vision_steps, s.scale), r.vision_batch, r.vision_lr, r.patch,
+        np.random.default_rng(s.seed + 2), gen,
+    )  # fmt: skip
     data = _ReflectData(processor, pool, s.size, np.random.default_rng(s.seed + 1))
     plans = [_plan_example(processor, p, m) for p, m in zip(pool.prompts, pool.metas, strict=True)]
     steps = r.scaled(r.steps, s.scale)
@@ -193,7 +214,7 @@ def evaluate_reasoner(path: Path, tasks: list[dict[str, Any]], s: PretrainSettin
     t = Templates()
     answer = _greedy_answerer(processor, model)
     torch.manual_seed(s.seed)
-    m: dict[str, list[bool]] = {k: [] for k in ("plan_ok", "plan_exact", "stop", "stop_deg", "exact", "kind")}
+    m: dict[str, list[bool]] = {k: [] for k in ("plan_ok", "plan_exact", "stop", "stop_deg", "exact", "caption")}
     for i, p in enumerate(pool.prompts):
         parsed = parse_answer(answer(t.plan_messages(p)))
         m["plan_ok"].append(parsed.well_formed)
@@ -201,7 +222,10 @@ def evaluate_reasoner(path: Path, tasks: list[dict[str, Any]], s: PretrainSettin
         good, bad = (parse_answer(answer(t.reflect_messages(p, im))) for im in (pool.correct[i], pool.wrong[i]))
         m["stop"] += [is_stop(good.answer), not is_stop(bad.answer)]
         m["exact"].append(bad.answer == pool.instructions[i])
-        m["kind"].append(bad.think == f"wrong {pool.kinds[i]}.")
+        m["caption"] += [
+            good.think == describe_scene(pool.correct_scenes[i], pool.metas[i]),
+            bad.think == describe_scene(pool.wrong_scenes[i], pool.metas[i]),
+        ]
         good, bad = (parse_answer(answer(t.reflect_messages(p, im))) for im in (correct_deg[i], wrong_deg[i]))
         m["stop_deg"] += [is_stop(good.answer), not is_stop(bad.answer)]
     return {
@@ -210,7 +234,7 @@ def evaluate_reasoner(path: Path, tasks: list[dict[str, Any]], s: PretrainSettin
         "reflect_stop_accuracy": float(np.mean(m["stop"])),
         "reflect_stop_accuracy_degraded": float(np.mean(m["stop_deg"])),
         "reflect_instruction_exact": float(np.mean(m["exact"])),
-        "reflect_kind_accuracy": float(np.mean(m["kind"])),
+        "reflect_caption_exact": float(np.mean(m["caption"])),
         "n": len(pool.prompts),
     }
 
@@ -281,13 +305,13 @@ class _ReflectData:
         for i, ok in zip(idx, correct, strict=True):
             if rng.random() < r.fresh_fraction:
                 made = (render_correct if ok else render_wrong)(pool.metas[i], rng, size=self.size)
-                image, kind, instruction = made.image, made.kind, made.instruction
+                image, scene, instruction = made.image, made.scene, made.instruction
             elif ok:
-                image, kind, instruction = pool.correct[i], "", None
+                image, scene, instruction = pool.correct[i], pool.correct_scenes[i], None
             else:
-                image, kind, instruction = pool.wrong[i], pool.kinds[i], pool.instructions[i]
+                image, scene, instruction = pool.wrong[i], pool.wrong_scenes[i], pool.instructions[i]
             images.append(image)
-            answers.append(reflect_answer(kind, None if ok else instruction))
+            answers.append(reflect_answer(describe_scene(scene, pool.metas[i]), instruction))
         images = degrade_images(np.stack(images), rng, r.degrade_fraction)
         examples = [
             _with_answer(self.processor, self._prompt_ids(i, im), a, r.decision_weight)
@@ -333,11 +357,16 @@ def _pixels(processor, images: list[np.ndarray]):
 
 def _with_answer(processor, prompt: list[int], answer: str, decision_weight: float = 1.0):
     """(ids, labels, weights): the answer tokens + `<end_of_utterance>` carry the loss; the
-    first token inside `<think>` (the reflect decision) carries `decision_weight`."""
+    first token after `</think>` (the reflect decision: stop phrase or instruction) carries
+    `decision_weight`."""
     tok = processor.tokenizer
+    head = answer[: answer.index("</think>") + len("</think>")]
     ans = tok(answer, add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids("<end_of_utterance>")]
+    n_head = len(tok(head, add_special_tokens=False)["input_ids"])
+    if ans[:n_head] != tok(head, add_special_tokens=False)["input_ids"]:
+        raise ValueError(f"the think of {answer!r} does not tokenize apart from its answer")
     weights = [0.0] * len(prompt) + [1.0] * len(ans)
-    weights[len(prompt) + len(tok("<think>", add_special_tokens=False)["input_ids"])] = decision_weight
+    weights[len(prompt) + n_head] = decision_weight
     return prompt + ans, [-100] * len(prompt) + ans, weights
 
 
@@ -393,8 +422,8 @@ def _shared_prefix_len(ids, image_token_id: int) -> int:
     return min(k, ids.shape[1] - 2)
 
 
-def _greedy_answerer(processor, model, max_new_tokens: int = 48):
-    """messages -> the greedy answer text (the RL run's answer budget: 48 tokens)."""
+def _greedy_answerer(processor, model, max_new_tokens: int = 80):
+    """messages -> the greedy answer text (the RL run's answer budget: grpo.max_tokens 80)."""
     import torch
     from PIL import Image
 

@@ -18,8 +18,8 @@ def test_answers_are_well_formed_and_stop_only_when_correct():
     plan = parse_answer(plan_answer(meta))
     assert plan.well_formed and plan.answer == meta["prompt"]
     assert plan.think == "as asked."  # short constant think: the 48-token answer budget (shapes_reasoner)
-    stop = parse_answer(reflect_answer("", None))
-    fix = parse_answer(reflect_answer("color", "change the blue circle to red"))
+    stop = parse_answer(reflect_answer("red circle.", None))
+    fix = parse_answer(reflect_answer("blue circle.", "change the blue circle to red"))
     assert stop.well_formed and is_stop(stop.answer)
     assert fix.well_formed and not is_stop(fix.answer) and fix.answer == "change the blue circle to red"
 

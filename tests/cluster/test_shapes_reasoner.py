@@ -15,6 +15,7 @@ from cluster.shapes_reasoner import (
     balanced_reflect_batch,
     build_shapes_vlm,
     degrade_images,
+    describe_scene,
     plan_answer,
     reflect_answer,
 )
@@ -22,7 +23,7 @@ from rollout.parsing import is_stop, parse_answer
 from rollout.shapesworld.tasks import build_splits, metadata_for_prompt
 from rollout.templates import Templates
 
-ANSWER_BUDGET = 48  # grpo.max_tokens in configs/shapes_cpu.yaml: longer answers get truncated
+ANSWER_BUDGET = 80  # grpo.max_tokens in configs/shapes_cpu.yaml: longer answers get truncated
 
 
 @pytest.fixture(scope="module")
@@ -45,17 +46,38 @@ def test_plan_copies_the_prompt_and_reflect_answers_parse():
     meta = metadata_for_prompt("a photo of two circles left of a square")
     plan = parse_answer(plan_answer(meta))
     assert plan.well_formed and plan.answer == meta["prompt"] and plan.think == PLAN_THINK
-    stop = parse_answer(reflect_answer("", None))
-    fix = parse_answer(reflect_answer("color", "change the blue circle to red"))
-    assert stop.well_formed and is_stop(stop.answer)
+    stop = parse_answer(reflect_answer("red circle.", None))
+    fix = parse_answer(reflect_answer("blue circle.", "change the blue circle to red"))
+    assert stop.well_formed and is_stop(stop.answer) and stop.think == "red circle."
     assert fix.well_formed and not is_stop(fix.answer) and fix.answer == "change the blue circle to red"
-    assert fix.think == "wrong color."
+    assert fix.think == "blue circle."
+
+
+def test_scene_description_lists_objects_along_the_prompts_axis():
+    from rollout.shapesworld.render import Scene, ShapeObject
+
+    def obj(shape, color, cx, cy):
+        return ShapeObject(shape, color, cx, cy, 10.0, (0, 0, 0))
+
+    scene = Scene((obj("square", "blue", 40, 10), obj("circle", "red", 10, 50), obj("star", "green", 25, 30)),
+                  (255, 255, 255), 0, 0.0, 64)  # fmt: skip
+    beside = metadata_for_prompt("a photo of two circles left of a square")
+    above = metadata_for_prompt("a photo of a circle above a diamond")
+    assert describe_scene(scene, beside) == "red circle, green star, blue square."  # left to right
+    assert describe_scene(scene, above) == "blue square, green star, red circle."  # top to bottom
+    assert describe_scene(Scene((), (0, 0, 0), 0, 0.0, 64), beside) == "nothing."
 
 
 def test_every_answer_fits_the_rl_token_budget(processor, pool):
     tok = processor.tokenizer
-    answers = [plan_answer(m) for m in pool.metas] + [reflect_answer("", None)]
-    answers += [reflect_answer(k, i) for k, i in zip(pool.kinds, pool.instructions, strict=True)]
+    answers = [plan_answer(m) for m in pool.metas]
+    answers += [
+        reflect_answer(describe_scene(sc, m), None) for sc, m in zip(pool.correct_scenes, pool.metas, strict=True)
+    ]
+    answers += [
+        reflect_answer(describe_scene(sc, m), i)
+        for sc, m, i in zip(pool.wrong_scenes, pool.metas, pool.instructions, strict=True)
+    ]
     longest = max(len(tok(a, add_special_tokens=False)["input_ids"]) + 1 for a in answers)  # + <end_of_utterance>
     assert longest <= ANSWER_BUDGET
 
@@ -84,12 +106,12 @@ def test_degradation_is_seeded_bounded_and_only_on_the_chosen_share(pool):
 
 def test_loss_weights_cover_the_answer_and_the_decision_token(processor):
     prompt = [5, 6, 7]
-    ids, labels, weights = _with_answer(processor, prompt, reflect_answer("", None), decision_weight=4.0)
+    ids, labels, weights = _with_answer(processor, prompt, reflect_answer("red star.", None), decision_weight=4.0)
     tok = processor.tokenizer
-    n_think = len(tok("<think>", add_special_tokens=False)["input_ids"])
+    n_think = len(tok("<think>red star.</think>", add_special_tokens=False)["input_ids"])
     assert labels[:3] == [-100] * 3 and labels[3:] == ids[3:] and weights[:3] == [0.0] * 3
     assert weights[3 + n_think] == 4.0
-    wrong_ids, _, _ = _with_answer(processor, prompt, reflect_answer("count", "add one more star"))
+    wrong_ids, _, _ = _with_answer(processor, prompt, reflect_answer("red star.", "add one more star"))
     assert ids[: 3 + n_think] == wrong_ids[: 3 + n_think]  # the weighted token is where they part
     assert ids[3 + n_think] != wrong_ids[3 + n_think]
     assert ids[-1] == tok.convert_tokens_to_ids("<end_of_utterance>")
@@ -121,8 +143,8 @@ def test_shared_prefix_loss_equals_the_plain_loss(processor, pool, tmp_path):
     model = Idefics3ForConditionalGeneration.from_pretrained(build_shapes_vlm(tmp_path, seed=1, recipe=r))
     t = Templates()
     examples = [
-        _with_answer(processor, _prompt_ids(processor, t.reflect_messages(p, im)), reflect_answer(k, i), 3.0)
-        for p, im, k, i in zip(pool.prompts[:3], pool.wrong[:3], pool.kinds[:3], pool.instructions[:3], strict=True)
+        _with_answer(processor, _prompt_ids(processor, t.reflect_messages(p, im)), reflect_answer("a.", i), 3.0)
+        for p, im, i in zip(pool.prompts[:3], pool.wrong[:3], pool.instructions[:3], strict=True)
     ]
     reflect = _pad(examples, processor.tokenizer.pad_token_id)
     reflect["pixel_values"], reflect["pixel_attention_mask"] = _pixels(processor, list(pool.wrong[:3]))
