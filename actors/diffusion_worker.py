@@ -150,6 +150,11 @@ class DiffusionWorker(TorchWeightReceiver):
         )
         return prompt_embeds, pooled
 
+    def _uncond_embeds(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The empty prompt's embeddings (the unconditional branch of CFG), repeated `batch` times."""
+        embeds, pooled = self.encode([""])
+        return embeds.expand(batch, -1, -1), pooled.expand(batch, -1)
+
     @torch.no_grad()
     def initial_latents(
         self, requests: list[ImageRequest], height: int, width: int
@@ -209,12 +214,20 @@ class DiffusionWorker(TorchWeightReceiver):
         records: list[list[Any]] = [[] for _ in range(batch)]
         x = latents.float()
         trace = [x] if return_trace else None
+        uncond = self._uncond_embeds(batch) if settings.cfg_scale != 1.0 else None
         for i in range(start_step, n):
             velocity = flux_velocity(
                 self.transformer, x, sigmas[i], prompt_embeds, pooled_embeds, guidance,
                 settings.height, settings.width, source_latents,
                 vae_scale_factor=self.pipe.vae_scale_factor,
             )  # fmt: skip
+            if uncond is not None:  # the learner's `_guided` recomputes exactly this (same source, same scale)
+                v_u = flux_velocity(
+                    self.transformer, x, sigmas[i], uncond[0], uncond[1], guidance,
+                    settings.height, settings.width, source_latents,
+                    vae_scale_factor=self.pipe.vae_scale_factor,
+                )  # fmt: skip
+                velocity = v_u + settings.cfg_scale * (velocity - v_u)
             active = [i in steps for steps in chosen]
             if any(active) and settings.noise_level > 0:
                 level = torch.tensor([settings.noise_level if a else 0.0 for a in active], device=x.device)

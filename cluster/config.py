@@ -173,7 +173,9 @@ class FlowGRPOConfig(_Section):
     image_loss_weight: float = Field(2.0, ge=0)
     guidance: float = Field(3.5, ge=0, description="distilled guidance of the Flux transformer")
     train_cfg_scale: float = Field(
-        1.0, ge=1.0, description="train-time CFG scale (1 = off); the unconditional branch is detached"
+        1.0, ge=1.0,
+        description="true CFG scale (1 = off) of the workers' sampling (training and evaluation) and of the "
+        "learner's rescoring, where the unconditional branch is detached",
     )
     kl_mode: Literal["mean", "velocity"] = Field(
         "mean", description="KL on the SDE step mean, or on the velocity (no-CFG variant for unified models)"

@@ -20,7 +20,7 @@ def step_settings(cfg: R3Config) -> Any:
 
     f, g, m = cfg.flow_grpo, cfg.grpo, cfg.models.generator
     templates = build_templates(cfg)
-    common = dict(guidance=f.guidance, height=m.height, width=m.width)
+    common = dict(guidance=f.guidance, cfg_scale=f.train_cfg_scale, height=m.height, width=m.width)
     stage = StageSettings(
         group_size=cfg.r3.group_size, temperature=g.temperature, top_p=g.top_p, max_tokens=g.max_tokens,
         generate_sampler=SamplerSettings(num_steps=f.num_steps, noise_level=f.noise_level, stochastic=f.stochastic,
@@ -40,7 +40,8 @@ def eval_settings(cfg: R3Config) -> Any:
     from rollout.interfaces import SamplerSettings
 
     f, m = cfg.flow_grpo, cfg.models.generator
-    common = dict(guidance=f.guidance, height=m.height, width=m.width, stochastic="none", keep_training_data=False)
+    common = dict(guidance=f.guidance, cfg_scale=f.train_cfg_scale, height=m.height, width=m.width, stochastic="none",
+                  keep_training_data=False)
     return EvalSettings(
         max_rounds=cfg.train.eval_rounds, temperature=cfg.grpo.eval_temperature, max_tokens=cfg.grpo.max_tokens,
         generate_sampler=SamplerSettings(num_steps=f.eval_num_steps, noise_level=0.0, **common),

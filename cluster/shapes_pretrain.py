@@ -51,14 +51,16 @@ class PretrainSettings:
     vae_crop: int = 32
     vae_lr: float = 3e-3
     vae_foreground_weight: float = 10.0  # objects are ~10 % of pixels; plain MSE draws none
-    flow_steps: int = 600
+    flow_steps: int = 1100
     flow_lr: float = 1e-3
     edit_fraction: float = 0.35  # share of flow steps that train editing
+    uncond_fraction: float = 0.1  # share of texts replaced by "" so sampling can use true CFG
     batch: int = 32
     max_sequence_length: int = 48  # T5 tokens (prompts have <= 31); = models.generator.max_sequence_length
     eval_prompts: int = 90  # held-out prompts for the measurements in the manifest
     num_steps: int = 8  # sampler steps at evaluation
     guidance: float = 3.5
+    cfg_scale: float = 4.0  # true CFG at evaluation = flow_grpo.train_cfg_scale in configs/shapes_cpu.yaml
     scale: float = 1.0
 
     def steps(self, name: str) -> int:
@@ -188,6 +190,8 @@ def train_flow(pipe, pool: RenderedPool, s: PretrainSettings, gen) -> list[float
         x0 = (lat_fixed if edit else lat_correct)[idx]
         source = lat_wrong[idx] if edit else None
         texts = [(pool.instructions if edit else pool.prompts)[i] for i in idx]
+        drop = (torch.rand(s.batch, generator=gen) < s.uncond_fraction).tolist()
+        texts = ["" if d else t for t, d in zip(texts, drop, strict=True)]
         embeds, pooled, _ = pipe.encode_prompt(
             prompt=texts, prompt_2=None, device="cpu", max_sequence_length=s.max_sequence_length
         )
@@ -244,6 +248,7 @@ def evaluate_generator(path: Path, tasks: list[dict[str, Any]], s: PretrainSetti
         noise_level=0.0,
         stochastic="none",
         guidance=s.guidance,
+        cfg_scale=s.cfg_scale,
         height=s.size,
         width=s.size,
         keep_training_data=False,

@@ -64,6 +64,7 @@ class SamplerSettings:
     window_lo: int = 0
     window_hi: int = 1
     guidance: float = 3.5
+    cfg_scale: float = 1.0  # true CFG (1 = off): v_u + cfg_scale * (v_c - v_u), v_u from the empty prompt
     height: int = 64
     width: int = 64
     keep_training_data: bool = True

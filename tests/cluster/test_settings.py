@@ -10,7 +10,8 @@ from cluster.settings import build_templates, eval_settings, load_prompt_sets, s
 
 def test_step_and_eval_settings_follow_the_config():
     cfg = load_config("configs/cpu_tiny.yaml", ["flow_grpo.num_steps=6", "flow_grpo.window=[1,3]", "r3.group_size=3",
-                                                  "r3.stop_phrase=done editing", "r3.stop_match=done"])
+                                                  "r3.stop_phrase=done editing", "r3.stop_match=done",
+                                                  "flow_grpo.train_cfg_scale=2.5"])
     s = step_settings(cfg)
     assert s.stage.group_size == 3 and s.stage.generate_sampler.num_steps == 6
     assert (s.stage.generate_sampler.window_lo, s.stage.generate_sampler.window_hi) == (1, 3)
@@ -18,6 +19,9 @@ def test_step_and_eval_settings_follow_the_config():
     assert s.stage.templates.stop_phrase == "done editing" and s.stage.templates.stop_match == "done"
     e = eval_settings(cfg)
     assert e.stage_settings().generate_sampler.stochastic == "none" and e.temperature == cfg.grpo.eval_temperature
+    # the workers sample with the CFG scale the learner rescores with (else the first ratio is not 1)
+    samplers = (s.stage.generate_sampler, s.stage.edit_sampler, e.generate_sampler, e.edit_sampler)
+    assert [x.cfg_scale for x in samplers] == [2.5] * 4
 
 
 def test_unknown_template_key_is_refused():

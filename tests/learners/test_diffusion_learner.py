@@ -118,6 +118,40 @@ def test_train_time_cfg_with_velocity_kl(learner_ray, tiny_models, image_data):
     assert abs(first["ratio_mean"] - 1) > 1e-4  # the sampler did not guide: CFG changes the density
 
 
+def test_cfg_sampling_log_probs_round_trip(learner_ray, tiny_models):
+    """A worker sampling with true CFG (settings.cfg_scale) and a learner rescoring with the same
+    cfg_scale and the worker's empty-prompt embeddings agree: ratio 1 before any update. CFG
+    changes the samples (the same seeds without it give other latents)."""
+    from actors.diffusion_worker import DiffusionWorker
+    from learners.group import LearnerGroup
+    from rollout.interfaces import ImageRequest, SamplerSettings
+
+    worker = DiffusionWorker(str(tiny_models.flux))
+    try:
+        settings = SamplerSettings(num_steps=3, noise_level=0.7, stochastic="all", guidance=3.5, cfg_scale=3.0)
+        requests = [ImageRequest(prompt="a red circle", seed=0, noise_seed=0)]
+        guided = worker.sample(requests, settings)
+        plain = worker.sample(requests, SamplerSettings(num_steps=3, noise_level=0.7, stochastic="all", guidance=3.5))
+        edit = worker.sample([ImageRequest(prompt="make it blue", seed=1, noise_seed=1, source_image=guided[0].image)],
+                             settings)
+        neg, neg_pooled = worker.encode([""])
+    finally:
+        worker.shutdown()
+    assert not torch.allclose(torch.as_tensor(guided[0].latents[-1]), torch.as_tensor(plain[0].latents[-1]))
+    samples = guided + edit
+    negative = (neg[0].float().numpy(), neg_pooled[0].float().numpy())
+    group = LearnerGroup("diffusion", 1, num_cpus_per=1, name_prefix="test-diffusion-cfg-rt",
+                         model_path=str(tiny_models.flux), zero_stage=0, micro_batch_size=2, cfg_scale=3.0, **COMMON)
+    try:
+        recomputed = group.call_rank0("compute_log_probs", samples, negative_embeds=negative)
+    finally:
+        group.shutdown()
+    for sample, new in zip(samples, recomputed, strict=True):
+        assert len(new) == len(sample.log_probs) == 2
+        for a, b in zip(sample.log_probs.tolist(), new, strict=True):
+            assert abs(math.exp(b - a) - 1) < 1e-5
+
+
 def test_four_x_vae_generator_log_probs_round_trip(learner_ray, tmp_path):
     """A pipeline whose VAE downsamples by 4 (the ShapesWorld generator: 64 tokens for 64 px, not
     16): the worker samples and the learner rescores with the token grid of that VAE."""
