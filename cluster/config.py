@@ -119,6 +119,9 @@ class R3Settings(_Section):
     max_rounds: int = Field(4, ge=1, le=16, description="1 generation + (max_rounds-1) refinements")
     p_perfect: float = Field(0.15, ge=0, le=1, description="refine: probability to start from a perfect image")
     format_weight: float = Field(1.0, ge=0, description="w_f, weight of the format reward")
+    wrong_stop_penalty: float = Field(
+        0.0, ge=0, description="refine Δ of a stop on an imperfect image is minus this (paper: 0, stopping is free)"
+    )
     discount: float = Field(1.0, ge=0, le=1, description="chain mode: discount of per-round returns")
     buffer_size: int = Field(256, ge=1, description="rollout buffer capacity")
     stop_phrase: str = Field("no further edit needed", min_length=1, description="the stop phrase the reflect prompt asks for")

@@ -62,6 +62,7 @@ class R3StepSettings:
     discount: float | None = None
     format_weight: float = 1.0
     perfect_score: float = 1.0
+    wrong_stop_penalty: float = 0.0  # refine Δ of a stop on an imperfect image is −this (paper: 0)
     adv_std: Literal["none", "group", "global"] = "none"
     adv_eps: float = 1e-6
     drop_zero_variance: bool = False
@@ -187,6 +188,7 @@ def run_tree_step(
             [r.stopped for r in rounds],
             format_weight=settings.format_weight,
             perfect_score=settings.perfect_score,
+            wrong_stop_penalty=settings.wrong_stop_penalty,
         )
         m = _assign(
             ref, 1, shaped.text, shaped.image, shaped.image_trainable, settings, "refine", texts, images
@@ -225,6 +227,7 @@ def run_chain_step(
             format_weight=settings.format_weight,
             discount=settings.discount,
             perfect_score=settings.perfect_score,
+            wrong_stop_penalty=settings.wrong_stop_penalty,
         )
         for k, r in enumerate(rs):
             r.text_reward, r.image_reward = cr.text[k], cr.image[k]  # the advantage uses the credit

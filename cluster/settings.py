@@ -32,6 +32,7 @@ def step_settings(cfg: R3Config) -> Any:
     return R3StepSettings(tree_schedule=cfg.r3.tree_schedule,
         mode=cfg.r3.mode, stage=stage, refine_groups=cfg.r3.prompts_per_step, max_rounds=cfg.r3.max_rounds,
         discount=cfg.r3.discount, format_weight=cfg.r3.format_weight, adv_std=cfg.r3.adv_std, seed=cfg.train.seed,
+        wrong_stop_penalty=cfg.r3.wrong_stop_penalty,
     )
 
 

@@ -7,6 +7,9 @@ f = 1 if the answer is `<think>…</think>answer` with a non-empty answer, w_f =
 - generate stage: text = r·f + w_f·f; image = r.
 - refine stage:   Δ = r_new − r_prev, except Δ = +1 (`stop_bonus`) when r_prev = 1 (>= `perfect_score`)
                   and the answer is the stop phrase; text = w_f·f + Δ·f; image = r_new.
+                  Beyond the paper: a stop on an imperfect image gets Δ = −`wrong_stop_penalty`
+                  (paper: 0), so that stopping is not free when the editor is weak and every edit
+                  tends to lower the score (GRPO then learns "always stop", whatever the image).
                   A stopped attempt keeps its input image, so r_new = r_prev and it is not trainable
                   on the image side (image advantage forced to 0 by the caller via `image_trainable`).
 - chain mode:     round 0 as the generate stage, round k >= 1 as the refine stage with
@@ -79,15 +82,24 @@ def generate_rewards(
 
 
 def refine_delta(
-    prev: float, new: float, stopped: bool, *, perfect_score: float = 1.0, stop_bonus: float = 1.0
+    prev: float,
+    new: float,
+    stopped: bool,
+    *,
+    perfect_score: float = 1.0,
+    stop_bonus: float = 1.0,
+    wrong_stop_penalty: float = 0.0,
 ) -> float:
-    """Δ = r_new − r_prev; `stop_bonus` (+1) for a stop on an already-perfect image."""
+    """Δ = r_new − r_prev; `stop_bonus` (+1) for a stop on an already-perfect image,
+    −`wrong_stop_penalty` for a stop on an imperfect one."""
+    if wrong_stop_penalty < 0 or math.isnan(wrong_stop_penalty):
+        raise ValueError(f"wrong_stop_penalty={wrong_stop_penalty}; allowed: a number >= 0")
     if stopped:
         if new != prev:
             raise ValueError(
                 f"a stopped attempt keeps its image, so r_new must equal r_prev; got {new} != {prev}"
             )
-        return stop_bonus if prev >= perfect_score else 0.0
+        return stop_bonus if prev >= perfect_score else -wrong_stop_penalty
     return float(new) - float(prev)
 
 
@@ -100,6 +112,7 @@ def refine_rewards(
     format_weight: float = 1.0,
     perfect_score: float = 1.0,
     stop_bonus: float = 1.0,
+    wrong_stop_penalty: float = 0.0,
 ) -> RefineRewards:
     """Refine stage: text w_f·f + Δ·f, image r_new, stopped attempts not image-trainable."""
     _check_lengths(prev_scores=prev_scores, new_scores=new_scores, well_formed=well_formed, stopped=stopped)
@@ -107,7 +120,9 @@ def refine_rewards(
     _check_scores(new_scores, "new_scores")
     _check_weight(format_weight)
     delta = [
-        refine_delta(p, n, s, perfect_score=perfect_score, stop_bonus=stop_bonus)
+        refine_delta(
+            p, n, s, perfect_score=perfect_score, stop_bonus=stop_bonus, wrong_stop_penalty=wrong_stop_penalty
+        )
         for p, n, s in zip(prev_scores, new_scores, stopped, strict=True)
     ]
     text = [(format_weight + d) * _f(f) for d, f in zip(delta, well_formed, strict=True)]
@@ -123,6 +138,7 @@ def chain_rewards(
     discount: float | None = None,
     perfect_score: float = 1.0,
     stop_bonus: float = 1.0,
+    wrong_stop_penalty: float = 0.0,
 ) -> ChainRewards:
     """Per-round rewards of one chain trajectory (rounds 0..K−1 it actually ran).
 
@@ -148,6 +164,7 @@ def chain_rewards(
         format_weight=format_weight,
         perfect_score=perfect_score,
         stop_bonus=stop_bonus,
+        wrong_stop_penalty=wrong_stop_penalty,
     )
     text = gen.text + ref.text
     credit = text if discount is None else discounted_returns(text, discount)

@@ -68,6 +68,15 @@ def test_refine_weight_and_threshold():
     assert out.delta == pytest.approx([1.0, 0.4]) and out.text == pytest.approx([1.0, 0.4])
 
 
+def test_wrong_stop_penalty():
+    # stops: imperfect -> -0.5 (text w_f + Δ = 0.5), perfect -> +1 unchanged; edits unaffected
+    out = refine_rewards([0.5, 1.0, 0.5], [0.5, 1.0, 0.25], [True] * 3, [True, True, False], wrong_stop_penalty=0.5)
+    assert out.delta == pytest.approx([-0.5, 1.0, -0.25])
+    assert out.text == pytest.approx([0.5, 2.0, 0.75])
+    chain = chain_rewards([0.5, 0.5], [True, True], [False, True], wrong_stop_penalty=0.5)
+    assert chain.delta == pytest.approx([0.0, -0.5]) and chain.text == pytest.approx([1.5, 0.5])
+
+
 def test_chain_rewards_per_round_and_returns():
     # round 0: r=0.5 f=1 -> 1.5; round 1: 0.5->1.0 f=1 -> Δ .5, 1.5; round 2: stop on perfect f=1 -> Δ 1, 2.0
     out = chain_rewards([0.5, 1.0, 1.0], [True, True, True], [False, False, True])
@@ -94,6 +103,7 @@ def test_discounted_returns():
         (lambda: generate_rewards([float("nan")], [True]), "judge score"),
         (lambda: generate_rewards([0.5], [True], format_weight=-1), "format_weight"),
         (lambda: refine_rewards([0.5], [0.7], [True], [True]), "r_new must equal r_prev"),
+        (lambda: refine_rewards([0.5], [0.5], [True], [True], wrong_stop_penalty=-1), "wrong_stop_penalty"),
         (lambda: chain_rewards([0.5, 0.5], [True, True], [True, False]), "round 0"),
         (lambda: chain_rewards([0.5, 0.5, 0.5], [True] * 3, [False, True, False]), "last round"),
     ],
