@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-__all__ = ["build_tiny_flux", "TINY_FLUX_T5_MAX_LENGTH"]
+__all__ = ["build_tiny_flux", "flux_tokenizer", "TINY_FLUX_T5_MAX_LENGTH"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +46,8 @@ def build_tiny_flux(out_dir: Path, seed: int = 0):
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tok_clip = _tokenizer(_CLIP_MAX_LENGTH)
-    tok_t5 = _tokenizer(TINY_FLUX_T5_MAX_LENGTH)
+    tok_clip = flux_tokenizer(_CLIP_MAX_LENGTH)
+    tok_t5 = flux_tokenizer(TINY_FLUX_T5_MAX_LENGTH)
     vocab = len(tok_clip)
 
     torch.manual_seed(seed)
@@ -128,8 +128,9 @@ def build_tiny_flux(out_dir: Path, seed: int = 0):
     return out_dir
 
 
-def _tokenizer(max_length: int):
-    """The project's byte-level BPE, appending eos like CLIP/T5 tokenizers do.
+def flux_tokenizer(max_length: int, **bpe_kwargs):
+    """The project's byte-level BPE (`bpe_kwargs` go to `build_byte_bpe`), appending eos like
+    CLIP/T5 tokenizers do.
 
     CLIP pools its output at the first eos token; without an appended eos the pooled embedding
     would only see the first token of the prompt.
@@ -138,7 +139,7 @@ def _tokenizer(max_length: int):
 
     from actors.tokenizer import build_byte_bpe
 
-    tok = build_byte_bpe(model_max_length=max_length)
+    tok = build_byte_bpe(model_max_length=max_length, **bpe_kwargs)
     eos = tok.eos_token
     tok._tokenizer.post_processor = processors.TemplateProcessing(
         single=f"$A {eos}", pair=f"$A {eos} $B {eos}", special_tokens=[(eos, tok.eos_token_id)]

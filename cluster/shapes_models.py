@@ -12,13 +12,34 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-__all__ = ["SHAPES_VERSION", "SHAPES_MODELS", "shapes_cache_dir", "shapes_model_path", "build_shapes_flux"]
+__all__ = [
+    "SHAPES_VERSION",
+    "SHAPES_MODELS",
+    "SHAPES_VOCAB_SIZE",
+    "shapes_cache_dir",
+    "shapes_model_path",
+    "shapes_corpus",
+    "build_shapes_flux",
+]
 
 logger = logging.getLogger(__name__)
 
 # Bump when the architecture or the training recipe changes, so stale warm starts are not reused.
-SHAPES_VERSION = "shapes-v3"
+SHAPES_VERSION = "shapes-v4"
 SHAPES_MODELS = {"shapes-flux": "flux", "shapes-vlm": "vlm"}
+# BPE vocabulary of the ShapesWorld tokenizers: large enough that every word of `shapes_corpus`
+# is one token (the 384-token project BPE cut "triangles" into 5 pieces and "yellow" into 5).
+SHAPES_VOCAB_SIZE = 1024
+# Instruction and answer words that prompts do not contain (rollout.shapesworld.render, parsing).
+_EXTRA_WORDS = "change the to add one more remove move so it is no further edit needed nothing as asked"
+
+
+def shapes_corpus() -> list[str]:
+    """Every ShapesWorld prompt plus the edit-instruction and answer words, for BPE merges."""
+    from actors.tokenizer import TOKENIZER_CORPUS
+    from rollout.shapesworld.tasks import all_tasks
+
+    return [t["prompt"] for t in all_tasks()] + ([_EXTRA_WORDS] + _EXTRA_WORDS.split()) * 50 + TOKENIZER_CORPUS
 
 
 def shapes_cache_dir(cache_dir: Path | None = None) -> Path:
@@ -59,10 +80,14 @@ def build_shapes_flux(out: Path, seed: int = 0):
     from diffusers import AutoencoderKL, FluxKontextPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    from actors.tiny_flux import build_tiny_flux
+    from actors.tiny_flux import build_tiny_flux, flux_tokenizer
 
     tiny = FluxKontextPipeline.from_pretrained(str(build_tiny_flux(Path(out) / "tiny", seed=seed)))
-    tok_clip, tok_t5 = tiny.tokenizer, tiny.tokenizer_2
+    corpus = shapes_corpus()
+    tok_clip, tok_t5 = (
+        flux_tokenizer(t.model_max_length, vocab_size=SHAPES_VOCAB_SIZE, corpus=corpus)
+        for t in (tiny.tokenizer, tiny.tokenizer_2)
+    )
     vocab = len(tok_clip)
     torch.manual_seed(seed)
     transformer = FluxTransformer2DModel(

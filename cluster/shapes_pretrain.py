@@ -5,7 +5,8 @@ Trains, on rendered ShapesWorld data (train split only), on the CPU:
    latent shift/scale so scaled latents have mean 0 and std 1;
 2. the generator's transformer and text encoders with the flow-matching loss (DESIGN.md §4
    convention: x_σ = (1−σ)·x0 + σ·ε, target v = ε − x0), on text-to-image batches (prompt →
-   correct render) and edit batches (wrong render + fixing instruction → the fixed render);
+   correct render) and edit batches (wrong render + fixing instruction → the fixed render; half
+   of the sources degraded like generated images, which are what RL edits);
 3. the reasoner (Idefics3 VLM) on plan answers and reflect answers (`cluster.shapes_reasoner`).
 
 The step counts stop deliberately early (the RL run is meant to improve on it). Everything is
@@ -53,10 +54,12 @@ class PretrainSettings:
     vae_foreground_weight: float = 10.0  # objects are ~10 % of pixels; plain MSE draws none
     flow_steps: int = 1100
     flow_lr: float = 1e-3
+    flow_sigma_mean: float = 0.0  # σ = sigmoid(N(mean, 1)); > 0 trains more at high noise, where layouts form
     edit_fraction: float = 0.35  # share of flow steps that train editing
     uncond_fraction: float = 0.1  # share of texts replaced by "" so sampling can use true CFG
+    degraded_source_fraction: float = 0.5  # edit sources blurred/noised like generated images (RL edits those)
     batch: int = 32
-    max_sequence_length: int = 48  # T5 tokens (prompts have <= 31); = models.generator.max_sequence_length
+    max_sequence_length: int = 20  # T5 tokens (whole-word BPE: prompts and instructions have <= 12); = models.generator.max_sequence_length
     eval_prompts: int = 90  # held-out prompts for the measurements in the manifest
     num_steps: int = 8  # sampler steps at evaluation
     guidance: float = 3.5
@@ -182,20 +185,28 @@ def train_flow(pipe, pool: RenderedPool, s: PretrainSettings, gen) -> list[float
     for m in (pipe.transformer, pipe.text_encoder, pipe.text_encoder_2):
         m.train()
     pipe.vae.requires_grad_(False)
-    lat_correct, lat_wrong, lat_fixed = (_latents(pipe, a) for a in (pool.correct, pool.wrong, pool.fixed))
+    from cluster.shapes_reasoner import degrade_images
+
+    degraded = degrade_images(pool.wrong, np.random.default_rng(s.seed + 3), 1.0)
+    lat_correct, lat_wrong, lat_fixed, lat_degraded = (
+        _latents(pipe, a) for a in (pool.correct, pool.wrong, pool.fixed, degraded)
+    )
     losses = []
     for _ in range(steps):
         idx = torch.randint(0, len(pool.prompts), (s.batch,), generator=gen).numpy()
         edit = bool(torch.rand((), generator=gen) < s.edit_fraction)
         x0 = (lat_fixed if edit else lat_correct)[idx]
-        source = lat_wrong[idx] if edit else None
+        source = None
+        if edit:
+            use_degraded = torch.rand(s.batch, generator=gen) < s.degraded_source_fraction
+            source = torch.where(use_degraded[:, None, None], lat_degraded[idx], lat_wrong[idx])
         texts = [(pool.instructions if edit else pool.prompts)[i] for i in idx]
         drop = (torch.rand(s.batch, generator=gen) < s.uncond_fraction).tolist()
         texts = ["" if d else t for t, d in zip(texts, drop, strict=True)]
         embeds, pooled, _ = pipe.encode_prompt(
             prompt=texts, prompt_2=None, device="cpu", max_sequence_length=s.max_sequence_length
         )
-        sigma = torch.sigmoid(torch.randn(s.batch, generator=gen))  # (B,)
+        sigma = torch.sigmoid(s.flow_sigma_mean + torch.randn(s.batch, generator=gen))  # (B,)
         eps = torch.randn(x0.shape, generator=gen)
         x_t = (1 - sigma[:, None, None]) * x0 + sigma[:, None, None] * eps
         guidance = 1.0 + 4.0 * torch.rand(s.batch, generator=gen)

@@ -112,8 +112,14 @@ def build_shapes_vlm(out: Path, seed: int = 0, recipe: ReasonerRecipe | None = N
     from actors.models import VLM_CHAT_TEMPLATE, VLM_SPECIAL_TOKENS, save_idefics3
     from actors.tokenizer import build_byte_bpe
 
+    from cluster.shapes_models import SHAPES_VOCAB_SIZE, shapes_corpus
+    from rollout.templates import DEFAULT_PLAN, DEFAULT_REFLECT, DEFAULT_SYSTEM
+
     r = recipe or ReasonerRecipe()
-    tok = build_byte_bpe(extra_special_tokens=VLM_SPECIAL_TOKENS, model_max_length=1024)
+    corpus = shapes_corpus() + [DEFAULT_SYSTEM, DEFAULT_PLAN, DEFAULT_REFLECT] * 20  # whole-word tokens
+    tok = build_byte_bpe(
+        vocab_size=SHAPES_VOCAB_SIZE, extra_special_tokens=VLM_SPECIAL_TOKENS, model_max_length=1024, corpus=corpus
+    )
     image_processor = Idefics3ImageProcessorPil(
         size={"longest_edge": r.image_size},
         max_image_size={"longest_edge": r.image_size},

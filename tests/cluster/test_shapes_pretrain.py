@@ -17,7 +17,7 @@ def test_answers_are_well_formed_and_stop_only_when_correct():
     meta = metadata_for_prompt("a photo of two circles left of a square")
     plan = parse_answer(plan_answer(meta))
     assert plan.well_formed and plan.answer == meta["prompt"]
-    assert plan.think == "as asked."  # short constant think: the 48-token answer budget (shapes_reasoner)
+    assert plan.think == "as asked."  # short constant think: the answer budget (shapes_reasoner)
     stop = parse_answer(reflect_answer("red circle.", None))
     fix = parse_answer(reflect_answer("blue circle.", "change the blue circle to red"))
     assert stop.well_formed and is_stop(stop.answer)
@@ -34,8 +34,8 @@ def test_pool_pairs_wrong_images_with_their_fix():
 
 
 def test_settings_scale_and_schedule():
-    s = PretrainSettings(scale=0.01)
-    assert s.steps("flow_steps") == 6 and s.steps("vae_steps") == 8
+    s = PretrainSettings(scale=0.01, flow_steps=600, vae_steps=800, pool=40)
+    assert s.steps("flow_steps") == 6 and s.steps("vae_steps") == 8 and s.steps("pool") == 1
     f = warmup_cosine(100)
     assert f(0) == pytest.approx(0.2) and f(4) == pytest.approx(1.0) and f(99) < 0.01
 
@@ -103,3 +103,23 @@ def test_shortened_shapes_run_writes_results(warm_cache, tmp_path, monkeypatch):
     assert "| **overall** |" in (run / "results.md").read_text()
     assert (run / "results.png").read_bytes()[:4] == b"\x89PNG"
     assert (run / "eval-before" / "eval.json").is_file() and (run / "eval-final" / "eval.json").is_file()
+
+
+def test_shapes_tokenizers_give_one_token_per_word():
+    """The ShapesWorld generator's BPE reads every prompt and instruction word as one token (the
+    project's 384-token BPE cut "triangles" into 5 pieces), and each fits models.generator's
+    max_sequence_length with its eos."""
+    from actors.tiny_flux import flux_tokenizer
+    from cluster.shapes_models import SHAPES_VOCAB_SIZE, shapes_corpus
+    from rollout.shapesworld.render import render_wrong
+    from rollout.shapesworld.tasks import all_tasks
+
+    tok = flux_tokenizer(64, vocab_size=SHAPES_VOCAB_SIZE, corpus=shapes_corpus())
+    tasks = all_tasks()
+    rng = np.random.default_rng(0)
+    texts = [t["prompt"] for t in tasks[::50]]
+    texts += [render_wrong(tasks[i], rng).instruction for i in rng.choice(len(tasks), 100, replace=False)]
+    for text in texts:
+        ids = tok(text)["input_ids"]
+        assert len(ids) == len(text.split()) + 1 <= PretrainSettings().max_sequence_length, text
+    assert len(tok("a photo of four pink triangles")["input_ids"]) == 7
