@@ -428,8 +428,8 @@ def _shared_prefix_len(ids, image_token_id: int) -> int:
     return min(k, ids.shape[1] - 2)
 
 
-def _greedy_answerer(processor, model, max_new_tokens: int = 80):
-    """messages -> the greedy answer text (the RL run's answer budget: grpo.max_tokens 80)."""
+def _greedy_answerer(processor, model, max_new_tokens: int = 40):
+    """messages -> the greedy answer text (the RL run's answer budget: grpo.max_tokens 40)."""
     import torch
     from PIL import Image
 

@@ -92,6 +92,19 @@ def test_refine_step_delta_rewards_and_stopped_attempts():
     assert len(buf) == 1  # refined images stay out unless buffer_refined
 
 
+def test_wrong_stop_penalty_charges_only_stops_on_imperfect_images():
+    def refine_rewards(penalty: float) -> list[float]:
+        buf = RolloutBuffer(seed=0)
+        buf.add(BufferEntry("cats", fake_image(9), 0.5, False, {"tag": "a"}))
+        res = run_tree_step(1, PROMPTS, *_roles(), buf, _settings(wrong_stop_penalty=penalty))
+        assert [t.rounds[1].stopped for t in res.trajectories] == [True, False, False, False]
+        return [t.rounds[1].text_reward for t in res.trajectories]
+
+    free, charged = refine_rewards(0.0), refine_rewards(0.5)
+    assert free[0] == pytest.approx(1.0) and charged[0] == pytest.approx(0.5)  # w_f + Δ, Δ = 0 vs -0.5
+    assert charged[1:] == pytest.approx(free[1:])
+
+
 def test_step_trajectories_round_trip_through_parquet(tmp_path):
     buf = RolloutBuffer()
     res = run_tree_step(0, PROMPTS, *_roles(), buf, _settings(tree_schedule="both"))

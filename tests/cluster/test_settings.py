@@ -11,8 +11,9 @@ from cluster.settings import build_templates, eval_settings, load_prompt_sets, s
 def test_step_and_eval_settings_follow_the_config():
     cfg = load_config("configs/cpu_tiny.yaml", ["flow_grpo.num_steps=6", "flow_grpo.window=[1,3]", "r3.group_size=3",
                                                   "r3.stop_phrase=done editing", "r3.stop_match=done",
-                                                  "flow_grpo.train_cfg_scale=2.5"])
+                                                  "flow_grpo.train_cfg_scale=2.5", "r3.wrong_stop_penalty=0.25"])
     s = step_settings(cfg)
+    assert s.wrong_stop_penalty == 0.25 and step_settings(load_config("configs/cpu_tiny.yaml")).wrong_stop_penalty == 0
     assert s.stage.group_size == 3 and s.stage.generate_sampler.num_steps == 6
     assert (s.stage.generate_sampler.window_lo, s.stage.generate_sampler.window_hi) == (1, 3)
     assert s.stage.edit_sampler.noise_level == cfg.flow_grpo.edit_noise_level

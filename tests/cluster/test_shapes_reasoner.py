@@ -23,7 +23,7 @@ from rollout.parsing import is_stop, parse_answer
 from rollout.shapesworld.tasks import build_splits, metadata_for_prompt
 from rollout.templates import Templates
 
-ANSWER_BUDGET = 80  # grpo.max_tokens in configs/shapes_cpu.yaml: longer answers get truncated
+ANSWER_BUDGET = 40  # grpo.max_tokens in configs/shapes_cpu.yaml: longer answers get truncated
 
 
 @pytest.fixture(scope="module")
