@@ -20,12 +20,13 @@ __all__ = [
     "shapes_model_path",
     "shapes_corpus",
     "build_shapes_flux",
+    "adaln_zero_",
 ]
 
 logger = logging.getLogger(__name__)
 
 # Bump when the architecture or the training recipe changes, so stale warm starts are not reused.
-SHAPES_VERSION = "shapes-v4"
+SHAPES_VERSION = "shapes-v5"
 SHAPES_MODELS = {"shapes-flux": "flux", "shapes-vlm": "vlm"}
 # BPE vocabulary of the ShapesWorld tokenizers: large enough that every word of `shapes_corpus`
 # is one token (the 384-token project BPE cut "triangles" into 5 pieces and "yellow" into 5).
@@ -154,3 +155,19 @@ def build_shapes_flux(out: Path, seed: int = 0):
         tokenizer_2=tok_t5,
         transformer=transformer,
     )
+
+
+def adaln_zero_(transformer) -> None:
+    """DiT's adaLN-Zero initialisation, in place: every block's modulation (shift, scale, gate)
+    and the output projection start at zero, so each block starts as the identity and the model
+    predicts v = 0. diffusers' Flux layers keep their random init (they expect pretrained
+    weights); trained from scratch, random gates slow the early steps down."""
+    import torch
+    from diffusers.models.normalization import AdaLayerNormContinuous, AdaLayerNormZero, AdaLayerNormZeroSingle
+
+    zeroed = [m.linear for m in transformer.modules() if isinstance(m, (AdaLayerNormZero, AdaLayerNormZeroSingle, AdaLayerNormContinuous))]
+    with torch.no_grad():
+        for layer in [*zeroed, transformer.proj_out]:
+            layer.weight.zero_()
+            if layer.bias is not None:
+                layer.bias.zero_()

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from cluster.shapes_models import SHAPES_VERSION, build_shapes_flux, shapes_cache_dir
+from cluster.shapes_models import SHAPES_VERSION, adaln_zero_, build_shapes_flux, shapes_cache_dir
 from rollout.shapesworld.render import Scene, render_correct, render_wrong
 from rollout.shapesworld.tasks import build_splits, sample_tasks
 
@@ -53,7 +53,8 @@ class PretrainSettings:
     vae_lr: float = 3e-3
     vae_foreground_weight: float = 10.0  # objects are ~10 % of pixels; plain MSE draws none
     flow_steps: int = 1100
-    flow_lr: float = 1e-3
+    flow_lr: float = 2e-3  # with adaLN-Zero: held-out flow loss at 500 steps 0.213 vs 0.266 at 1e-3 (σ = 0.6)
+    flow_adaln_zero: bool = True  # DiT's adaLN-Zero init of the from-scratch transformer (cluster.shapes_models)
     flow_sigma_mean: float = 0.0  # σ = sigmoid(N(mean, 1)); > 0 trains more at high noise, where layouts form
     edit_fraction: float = 0.35  # share of flow steps that train editing
     uncond_fraction: float = 0.1  # share of texts replaced by "" so sampling can use true CFG
@@ -319,6 +320,8 @@ def pretrain(s: PretrainSettings, cache_dir: Path | None = None, force: bool = F
 
         t = time.perf_counter()
         pipe = build_shapes_flux(tmp / "build", seed=s.seed)
+        if s.flow_adaln_zero:
+            adaln_zero_(pipe.transformer)
         vae_losses = train_vae(
             pipe.vae, pool, s.steps("vae_steps"), s.vae_batch, s.vae_lr, gen, s.vae_foreground_weight, s.vae_crop
         )

@@ -123,3 +123,23 @@ def test_shapes_tokenizers_give_one_token_per_word():
         ids = tok(text)["input_ids"]
         assert len(ids) == len(text.split()) + 1 <= PretrainSettings().max_sequence_length, text
     assert len(tok("a photo of four pink triangles")["input_ids"]) == 7
+
+
+def test_adaln_zero_starts_every_block_as_identity_and_still_learns():
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    from cluster.shapes_models import adaln_zero_
+    from rollout.flux_forward import flux_velocity
+
+    torch.manual_seed(0)
+    t = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                               num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+                               guidance_embeds=True, axes_dims_rope=[4, 6, 6])  # fmt: skip
+    args = (torch.randn(2, 4, 64), torch.tensor([0.3, 0.8]), torch.randn(2, 5, 32), torch.randn(2, 32), torch.ones(2))
+    assert flux_velocity(t, *args, 32, 32, None, vae_scale_factor=8).abs().sum() > 0
+    adaln_zero_(t)
+    v = flux_velocity(t, *args, 32, 32, None, vae_scale_factor=8)
+    assert torch.equal(v, torch.zeros_like(v))
+    (v - 1.0).pow(2).mean().backward()
+    assert t.proj_out.weight.grad.abs().sum() > 0  # the output layer learns first, then the gates
