@@ -69,12 +69,13 @@ def test_shortened_warm_start_saves_loadable_models(warm_cache):
 
     root = warm_cache / SHAPES_VERSION
     manifest = json.loads((root / "manifest.json").read_text())
-    assert manifest["losses"]["flow"]["steps"] == 6
+    assert manifest["losses"]["flow"]["steps"] == PretrainSettings(scale=0.01).steps("flow_steps")
     assert 0.0 <= manifest["generator_eval"]["t2i_accuracy"] <= 1.0
     assert 0.0 <= manifest["reasoner_eval"]["reflect_stop_accuracy"] <= 1.0
     pipe = FluxKontextPipeline.from_pretrained(str(shapes_model_path("shapes-flux", warm_cache)))
     assert pipe.transformer.config.num_layers == 2 and pipe.vae.config.scaling_factor != 1.0
     assert pipe.vae_scale_factor == 4
+    assert pipe.tokenizer_2.tokenize(" triangles") == ["Ġtriangles"]  # the saved whole-word BPE
     Idefics3ForConditionalGeneration.from_pretrained(shapes_model_path("shapes-vlm", warm_cache))
 
 
