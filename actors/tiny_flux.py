@@ -13,12 +13,12 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-__all__ = ["build_tiny_flux", "flux_tokenizer", "TINY_FLUX_T5_MAX_LENGTH"]
+__all__ = ["build_tiny_flux", "flux_scheduler", "flux_tokenizer", "TINY_FLUX_T5_MAX_LENGTH", "CLIP_MAX_LENGTH"]
 
 logger = logging.getLogger(__name__)
 
 TINY_FLUX_T5_MAX_LENGTH = 512
-_CLIP_MAX_LENGTH = 77
+CLIP_MAX_LENGTH = 77
 # A random VAE maps images to nearly identical latents and latents to nearly flat images;
 # `_calibrate_vae` rescales both output convs to these spreads.
 _TARGET_LATENT_STD = 1.0
@@ -36,17 +36,12 @@ def build_tiny_flux(out_dir: Path, seed: int = 0):
         `out_dir` as a `Path`, loadable with `FluxKontextPipeline.from_pretrained`.
     """
     import torch
-    from diffusers import (
-        AutoencoderKL,
-        FlowMatchEulerDiscreteScheduler,
-        FluxKontextPipeline,
-        FluxTransformer2DModel,
-    )
+    from diffusers import AutoencoderKL, FluxKontextPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tok_clip = flux_tokenizer(_CLIP_MAX_LENGTH)
+    tok_clip = flux_tokenizer(CLIP_MAX_LENGTH)
     tok_t5 = flux_tokenizer(TINY_FLUX_T5_MAX_LENGTH)
     vocab = len(tok_clip)
 
@@ -86,7 +81,7 @@ def build_tiny_flux(out_dir: Path, seed: int = 0):
             num_attention_heads=4,
             num_hidden_layers=2,
             projection_dim=32,
-            max_position_embeddings=_CLIP_MAX_LENGTH,
+            max_position_embeddings=CLIP_MAX_LENGTH,
             vocab_size=vocab,
             bos_token_id=tok_clip.bos_token_id,
             eos_token_id=tok_clip.eos_token_id,
@@ -106,16 +101,8 @@ def build_tiny_flux(out_dir: Path, seed: int = 0):
             decoder_start_token_id=tok_t5.pad_token_id,
         )
     )
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        shift=3.0,
-        use_dynamic_shifting=True,
-        base_shift=0.5,
-        max_shift=1.15,
-        base_image_seq_len=256,
-        max_image_seq_len=4096,
-    )
     pipe = FluxKontextPipeline(
-        scheduler=scheduler,
+        scheduler=flux_scheduler(),
         vae=vae.eval(),
         text_encoder=clip.eval(),
         tokenizer=tok_clip,
@@ -126,6 +113,20 @@ def build_tiny_flux(out_dir: Path, seed: int = 0):
     pipe.save_pretrained(str(out_dir), safe_serialization=True)
     logger.info("tiny FLUX.1-Kontext-style pipeline saved to %s", out_dir)
     return out_dir
+
+
+def flux_scheduler():
+    """FLUX.1's flow-matching Euler scheduler (resolution-dependent shift), as its checkpoints ship it."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
 
 
 def flux_tokenizer(max_length: int, **bpe_kwargs):

@@ -3,7 +3,7 @@
 `python -m cluster.shapes_pretrain` writes `$R3RL_CACHE/<SHAPES_VERSION>/{flux,vlm}` (diffusers
 FluxKontextPipeline and HF Idefics3 folders) plus `manifest.json` with what it measured; configs
 name them `tiny:shapes-flux` and `tiny:shapes-vlm`. The generator is a larger sibling of
-`actors.tiny_flux` (same classes, tokenizers and scheduler; wider and deeper transformer, text
+`actors.tiny_flux` (same classes and scheduler, a whole-word tokenizer; wider and deeper transformer, text
 encoders and VAE) so it has room to learn ShapesWorld.
 """
 
@@ -68,26 +68,25 @@ def shapes_model_path(name: str, cache_dir: Path | None = None) -> Path:
     return path
 
 
-def build_shapes_flux(out: Path, seed: int = 0):
+def build_shapes_flux(seed: int = 0):
     """Build an untrained FluxKontextPipeline for ShapesWorld and return it (not saved).
 
     Transformer: 2 double + 2 single blocks, 4 heads × 32 (vs 1 + 2 blocks, 2 × 16 in the test
     model); T5/CLIP width 64. VAE: widths (16, 32, 64), so it downsamples by 4, not FLUX's 8 (an 8×
     VAE of this size blurred 10-px shapes into blobs: 6 % judge accuracy on reconstructions), with 16
     latent channels and no mid-block attention; a 64-px image is 8 × 8 = 64 packed tokens.
-    Tokenizers and scheduler come from `actors.tiny_flux`, built into `out / "tiny"`.
+    Scheduler and tokenizer builder come from `actors.tiny_flux`; the tokenizers' merges come
+    from `shapes_corpus` (whole words).
     """
     import torch
     from diffusers import AutoencoderKL, FluxKontextPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    from actors.tiny_flux import build_tiny_flux, flux_tokenizer
+    from actors.tiny_flux import CLIP_MAX_LENGTH, TINY_FLUX_T5_MAX_LENGTH, flux_scheduler, flux_tokenizer
 
-    tiny = FluxKontextPipeline.from_pretrained(str(build_tiny_flux(Path(out) / "tiny", seed=seed)))
     corpus = shapes_corpus()
     tok_clip, tok_t5 = (
-        flux_tokenizer(t.model_max_length, vocab_size=SHAPES_VOCAB_SIZE, corpus=corpus)
-        for t in (tiny.tokenizer, tiny.tokenizer_2)
+        flux_tokenizer(n, vocab_size=SHAPES_VOCAB_SIZE, corpus=corpus) for n in (CLIP_MAX_LENGTH, TINY_FLUX_T5_MAX_LENGTH)
     )
     vocab = len(tok_clip)
     torch.manual_seed(seed)
@@ -147,7 +146,7 @@ def build_shapes_flux(out: Path, seed: int = 0):
         )
     )
     return FluxKontextPipeline(
-        scheduler=tiny.scheduler,
+        scheduler=flux_scheduler(),
         vae=vae,
         text_encoder=clip,
         tokenizer=tok_clip,
@@ -163,7 +162,11 @@ def adaln_zero_(transformer) -> None:
     predicts v = 0. diffusers' Flux layers keep their random init (they expect pretrained
     weights); trained from scratch, random gates slow the early steps down."""
     import torch
-    from diffusers.models.normalization import AdaLayerNormContinuous, AdaLayerNormZero, AdaLayerNormZeroSingle
+    from diffusers.models.normalization import (
+        AdaLayerNormContinuous,
+        AdaLayerNormZero,
+        AdaLayerNormZeroSingle,
+    )
 
     zeroed = [m.linear for m in transformer.modules() if isinstance(m, (AdaLayerNormZero, AdaLayerNormZeroSingle, AdaLayerNormContinuous))]
     with torch.no_grad():

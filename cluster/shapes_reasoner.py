@@ -111,7 +111,6 @@ def build_shapes_vlm(out: Path, seed: int = 0, recipe: ReasonerRecipe | None = N
 
     from actors.models import VLM_CHAT_TEMPLATE, VLM_SPECIAL_TOKENS, save_idefics3
     from actors.tokenizer import build_byte_bpe
-
     from cluster.shapes_models import SHAPES_VOCAB_SIZE, shapes_corpus
     from rollout.templates import DEFAULT_PLAN, DEFAULT_REFLECT, DEFAULT_SYSTEM
 

@@ -160,7 +160,7 @@ def test_four_x_vae_generator_log_probs_round_trip(learner_ray, tmp_path):
     from learners.group import LearnerGroup
     from rollout.interfaces import ImageRequest, SamplerSettings
 
-    pipe = build_shapes_flux(tmp_path / "build")
+    pipe = build_shapes_flux()
     assert pipe.vae_scale_factor == 4
     pipe.save_pretrained(str(tmp_path / "flux"))
     worker = DiffusionWorker(str(tmp_path / "flux"), max_sequence_length=48)
