@@ -1,10 +1,11 @@
 """Supervised ShapesWorld warm start: `python -m cluster.shapes_pretrain [--seed 0] [--scale 1.0]`.
 
-Trains, on rendered ShapesWorld data (train split only), on the CPU:
+Trains, on rendered ShapesWorld data (train split only; canonical layout by default: one image
+per prompt, see `rollout.shapesworld.render.canonical_objects`), on the CPU:
 1. the generator's VAE as an autoencoder (a random VAE cannot draw anything), then sets its
    latent shift/scale so scaled latents have mean 0 and std 1;
 2. the generator's transformer and text encoders with the flow-matching loss (DESIGN.md §4
-   convention: x_σ = (1−σ)·x0 + σ·ε, target v = ε − x0), on text-to-image batches (prompt →
+   convention: x_σ = (1−σ)·x0 + σ·ε, target v = ε − x0; σ uniform), on text-to-image batches (prompt →
    correct render) and edit batches (wrong render + fixing instruction → the fixed render; half
    of the sources degraded like generated images, which are what RL edits);
 3. the reasoner (Idefics3 VLM) on plan answers and reflect answers (`cluster.shapes_reasoner`).
@@ -35,9 +36,25 @@ from cluster.shapes_models import SHAPES_VERSION, adaln_zero_, build_shapes_flux
 from rollout.shapesworld.render import Scene, render_correct, render_wrong
 from rollout.shapesworld.tasks import build_splits, sample_tasks
 
-__all__ = ["PretrainSettings", "RenderedPool", "make_pool", "pretrain", "main"]
+__all__ = ["PretrainSettings", "RenderedPool", "SIGMA_SAMPLERS", "sample_sigmas", "make_pool", "pretrain", "main"]
 
 logger = logging.getLogger(__name__)
+
+
+SIGMA_SAMPLERS = ("uniform", "logit_normal")
+
+
+def sample_sigmas(kind: str, n: int, gen):
+    """(n,) flow-matching noise levels. "logit_normal" (SD3's σ = sigmoid(N(0, 1))) rarely
+    visits σ > 0.9, where the sampler's first steps decide what the image shows from the text
+    alone; on canonical renders (one image per prompt) "uniform" trains that regime as well."""
+    import torch
+
+    if kind == "uniform":
+        return torch.rand(n, generator=gen)
+    if kind == "logit_normal":
+        return torch.sigmoid(torch.randn(n, generator=gen))
+    raise ValueError(f"flow_sigma={kind!r}; allowed: {list(SIGMA_SAMPLERS)}")
 
 
 @dataclass(frozen=True)
@@ -47,12 +64,14 @@ class PretrainSettings:
     seed: int = 0
     size: int = 64
     pool: int = 1500  # rendered (prompt, correct, wrong, fixed, instruction) tuples
+    layout: str = "canonical"  # of the pool's renders (rollout.shapesworld.render.LAYOUTS); see train_flow
     vae_steps: int = 800
     vae_batch: int = 32
     vae_crop: int = 32
     vae_lr: float = 3e-3
     vae_foreground_weight: float = 10.0  # objects are ~10 % of pixels; plain MSE draws none
     flow_steps: int = 1100
+    flow_sigma: str = "uniform"  # σ sampling of the flow loss: "uniform" or "logit_normal" (SD3's)
     flow_lr: float = 2e-3  # with adaLN-Zero: held-out flow loss at 500 steps 0.213 vs 0.266 at 1e-3 (σ = 0.6)
     flow_adaln_zero: bool = True  # DiT's adaLN-Zero init of the from-scratch transformer (cluster.shapes_models)
     edit_fraction: float = 0.35  # share of flow steps that train editing
@@ -65,6 +84,14 @@ class PretrainSettings:
     guidance: float = 3.5
     cfg_scale: float = 4.0  # true CFG at evaluation = flow_grpo.train_cfg_scale in configs/shapes_cpu.yaml
     scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        from rollout.shapesworld.render import LAYOUTS
+
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout={self.layout!r}; allowed: {list(LAYOUTS)}")
+        if self.flow_sigma not in SIGMA_SAMPLERS:
+            raise ValueError(f"flow_sigma={self.flow_sigma!r}; allowed: {list(SIGMA_SAMPLERS)}")
 
     def steps(self, name: str) -> int:
         return max(1, int(round(getattr(self, name) * self.scale)))
@@ -85,11 +112,13 @@ class RenderedPool:
     wrong_scenes: list[Scene]
 
 
-def make_pool(tasks: list[dict[str, Any]], n: int, seed: int, size: int = 64) -> RenderedPool:
+def make_pool(
+    tasks: list[dict[str, Any]], n: int, seed: int, size: int = 64, layout: str = "random"
+) -> RenderedPool:
     rng = np.random.default_rng(seed)
     metas = sample_tasks(tasks, n, rng)
-    good = [render_correct(m, rng, size=size) for m in metas]
-    bad = [render_wrong(m, rng, size=size) for m in metas]
+    good = [render_correct(m, rng, size=size, layout=layout) for m in metas]
+    bad = [render_wrong(m, rng, size=size, layout=layout) for m in metas]
     return RenderedPool(
         prompts=[m["prompt"] for m in metas],
         metas=metas,
@@ -206,7 +235,7 @@ def train_flow(pipe, pool: RenderedPool, s: PretrainSettings, gen) -> list[float
         embeds, pooled, _ = pipe.encode_prompt(
             prompt=texts, prompt_2=None, device="cpu", max_sequence_length=s.max_sequence_length
         )
-        sigma = torch.sigmoid(torch.randn(s.batch, generator=gen))  # (B,)
+        sigma = sample_sigmas(s.flow_sigma, s.batch, gen)  # (B,)
         eps = torch.randn(x0.shape, generator=gen)
         x_t = (1 - sigma[:, None, None]) * x0 + sigma[:, None, None] * eps
         guidance = 1.0 + 4.0 * torch.rand(s.batch, generator=gen)
@@ -234,7 +263,7 @@ def vae_recon_accuracy(vae, tasks: list[dict[str, Any]], s: PretrainSettings) ->
     from reward.shapes_judge import ShapesJudge
     from rollout.interfaces import JudgeItem
 
-    pool = make_pool(tasks, s.eval_prompts, seed=s.seed + 30_000, size=s.size)
+    pool = make_pool(tasks, s.eval_prompts, seed=s.seed + 30_000, size=s.size, layout=s.layout)
     with torch.no_grad():
         rec = vae.decode(vae.encode(_to_tensor(pool.correct)).latent_dist.mean).sample
     images = ((rec.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
@@ -253,7 +282,7 @@ def evaluate_generator(path: Path, tasks: list[dict[str, Any]], s: PretrainSetti
 
     worker = DiffusionWorker(str(path), seed=s.seed, max_sequence_length=s.max_sequence_length)
     judge = ShapesJudge()
-    pool = make_pool(tasks, s.eval_prompts, seed=s.seed + 10_000, size=s.size)
+    pool = make_pool(tasks, s.eval_prompts, seed=s.seed + 10_000, size=s.size, layout=s.layout)
     settings = SamplerSettings(
         num_steps=s.num_steps,
         noise_level=0.0,
@@ -314,7 +343,7 @@ def pretrain(s: PretrainSettings, cache_dir: Path | None = None, force: bool = F
         times: dict[str, float] = {}
         t = time.perf_counter()
         splits = build_splits(seed=0)
-        pool = make_pool(splits.train, s.steps("pool"), seed=s.seed, size=s.size)
+        pool = make_pool(splits.train, s.steps("pool"), seed=s.seed, size=s.size, layout=s.layout)
         times["render_s"] = time.perf_counter() - t
 
         t = time.perf_counter()

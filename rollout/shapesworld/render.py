@@ -7,6 +7,13 @@ which the judge reuses as its shape templates. Scenes keep every object's box cl
 by `GAP` pixels and of the border by `MARGIN`, so objects never merge and the border shows only
 background. Relations are placed with a margin over GenEval's rule (`relative_position` at
 threshold 0.2 instead of 0.1) so that one-pixel measurement errors cannot flip them.
+
+Two layouts of correct scenes: "random" (random sizes, places, colour jitter and background: the
+judge's and the reasoner's test bed) and "canonical" (`canonical_objects`: each object's place,
+size and colour follow from the task's structure alone, on a fixed grey background). A prompt has
+exactly one canonical image, so a small generator trained on canonical renders learns a function
+of the text instead of a wide distribution (cluster.shapes_pretrain); mistakes are made the same
+way in both layouts.
 """
 
 from __future__ import annotations
@@ -23,6 +30,8 @@ __all__ = [
     "Scene",
     "Rendering",
     "WRONG_KINDS",
+    "LAYOUTS",
+    "canonical_objects",
     "shape_mask",
     "shape_mask_uv",
     "draw_scene",
@@ -36,6 +45,8 @@ MARGIN = 2  # pixels of pure background along the border
 GAP = 2  # pixels between any two object boxes
 _ROBUST_THRESHOLD = 0.2  # placement margin over GenEval's 0.1
 _CROSS_ARM = 0.34  # half-width of a cross arm, in half-box units
+LAYOUTS: tuple[str, ...] = ("random", "canonical")
+CANONICAL_BACKGROUND = (225, 225, 225)
 
 
 @dataclass(frozen=True)
@@ -119,10 +130,11 @@ def draw_scene(scene: Scene) -> np.ndarray:
 
 
 def render_correct(
-    meta: dict[str, Any], rng: np.random.Generator, size: int = 64, noise: float = 2.0
+    meta: dict[str, Any], rng: np.random.Generator, size: int = 64, noise: float = 2.0, layout: str = "random"
 ) -> Rendering:
-    """A random image that satisfies the task `meta` (GenEval format) by GenEval's rules."""
-    scene = _correct_scene(meta, rng, size, noise)
+    """An image that satisfies the task `meta` (GenEval format) by GenEval's rules, in `layout`
+    (one of `LAYOUTS`; "canonical" uses `rng` only for the pixel noise)."""
+    scene = _correct_scene(meta, rng, size, noise, layout)
     return Rendering(draw_scene(scene), scene, "correct")
 
 
@@ -148,9 +160,11 @@ def render_wrong(
     kind: str | None = None,
     size: int = 64,
     noise: float = 2.0,
+    layout: str = "random",
 ) -> Rendering:
-    """A correct scene with exactly one controlled mistake of `kind` (random applicable kind when
-    None), the instruction that undoes it, and the correct image as `fixed_image`.
+    """A correct scene (in `layout`) with exactly one controlled mistake of `kind` (random
+    applicable kind when None), the instruction that undoes it, and the correct image as
+    `fixed_image`.
 
     Raises:
         ValueError: `kind` is unknown or not applicable to `meta`.
@@ -161,7 +175,7 @@ def render_wrong(
     if kind not in kinds:
         raise ValueError(f"kind={kind!r} not applicable to {meta['prompt']!r}; allowed: {list(kinds)}")
     for _ in range(_RESTARTS):
-        good = _correct_scene(meta, rng, size, noise)
+        good = _correct_scene(meta, rng, size, noise, layout)
         made = _MISTAKES[kind](meta, good, rng)
         if made is not None:
             bad, instruction = made
@@ -268,7 +282,14 @@ def _place(
     return out
 
 
-def _correct_scene(meta: dict[str, Any], rng: np.random.Generator, size: int, noise: float) -> Scene:
+def _correct_scene(
+    meta: dict[str, Any], rng: np.random.Generator, size: int, noise: float, layout: str = "random"
+) -> Scene:
+    if layout == "canonical":
+        objs = canonical_objects(meta, size)
+        return Scene(tuple(objs), CANONICAL_BACKGROUND, int(rng.integers(2**31)), noise, size)
+    if layout != "random":
+        raise ValueError(f"layout={layout!r}; allowed: {list(LAYOUTS)}")
     todo = []
     for i, r in enumerate(meta["include"]):
         for _ in range(r["count"]):
@@ -282,6 +303,47 @@ def _correct_scene(meta: dict[str, Any], rng: np.random.Generator, size: int, no
             bg = np.clip(g + rng.uniform(-10, 10, size=3), 0, 255)
             return Scene(tuple(objs), tuple(int(c) for c in bg), int(rng.integers(2**31)), noise, size)
     raise RuntimeError(f"could not place {meta['prompt']!r} at size {size} in {_RESTARTS} tries")
+
+
+def canonical_objects(meta: dict[str, Any], size: int = 64) -> list[ShapeObject]:
+    """The one canonical scene of `meta`. Without a relation, all objects in include order on
+    fixed slots (1: centre; 2 or 3: a row; 4: a 2 × 2 grid). With "A rel B", A's and B's groups
+    in two lines across the relation's axis (left and right columns, or top and bottom rows),
+    each group spread along its line. Colour: the asked one, else a fixed colour per shape.
+    Every canonical scene passes the renderer's own placement check (tested over all tasks)."""
+    inc = meta["include"]
+    k = size / 64  # slots are laid out for 64 px and scaled
+
+    def color(r: dict[str, Any]) -> str:
+        return r.get("color") or _COLORS[SHAPES.index(r["class"]) % len(_COLORS)]
+
+    def obj(r: dict[str, Any], req: int, x: float, y: float, side: float) -> ShapeObject:
+        return ShapeObject(r["class"], color(r), x * k, y * k, side * k, PALETTE[color(r)], req)
+
+    rels = _constraints(meta)
+    if not rels:
+        items = [(i, r) for i, r in enumerate(inc) for _ in range(r["count"])]
+        side = 16.0 if len(items) < 3 else 14.0
+        return [obj(r, i, x, y, side) for (i, r), (x, y) in zip(items, _SLOTS[len(items)], strict=True)]
+    a, rel, b = rels[0]
+    first, second = (a, b) if rel in ("left of", "above") else (b, a)
+    objs = []
+    for g, across in ((first, 16.0), (second, 48.0)):
+        n = inc[g]["count"]
+        for along in _LINE[n]:
+            x, y = (across, along) if rel in ("left of", "right of") else (along, across)
+            objs.append(obj(inc[g], g, x, y, 14.0 if n < 4 else 12.0))
+    return objs
+
+
+_COLORS = list(PALETTE)
+_SLOTS = {
+    1: [(32, 32)],
+    2: [(18, 32), (46, 32)],
+    3: [(14, 32), (32, 32), (50, 32)],
+    4: [(20, 20), (44, 20), (20, 44), (44, 44)],
+}
+_LINE = {1: [32], 2: [21, 43], 3: [14, 32, 50], 4: [11, 25, 39, 53]}
 
 
 # --- mistakes: each returns (wrong scene, instruction) or None to retry ------------------------

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from cluster.shapes_models import SHAPES_VERSION, shapes_model_path
-from cluster.shapes_pretrain import PretrainSettings, make_pool
+from cluster.shapes_pretrain import PretrainSettings, make_pool, sample_sigmas
 from cluster.shapes_reasoner import plan_answer, reflect_answer, warmup_cosine
 from rollout.parsing import is_stop, parse_answer
 from rollout.shapesworld.tasks import TAGS, build_splits, metadata_for_prompt
@@ -38,6 +38,24 @@ def test_settings_scale_and_schedule():
     assert s.steps("flow_steps") == 6 and s.steps("vae_steps") == 8 and s.steps("pool") == 1
     f = warmup_cosine(100)
     assert f(0) == pytest.approx(0.2) and f(4) == pytest.approx(1.0) and f(99) < 0.01
+
+
+def test_pool_layout_and_sigma_sampling_are_settings():
+    canon = make_pool(build_splits().train, 6, seed=0, layout="canonical")
+    rand = make_pool(build_splits().train, 6, seed=0)
+    assert canon.prompts == rand.prompts and not np.array_equal(canon.correct, rand.correct)
+    assert {s.background for s in canon.correct_scenes} == {(225, 225, 225)}  # one image per prompt
+    assert PretrainSettings().layout == "canonical" and PretrainSettings().flow_sigma == "uniform"
+    with pytest.raises(ValueError, match="layout='grid'"):
+        PretrainSettings(layout="grid")
+    with pytest.raises(ValueError, match="flow_sigma='normal'"):
+        PretrainSettings(flow_sigma="normal")
+    import torch
+
+    uni = sample_sigmas("uniform", 20_000, torch.Generator().manual_seed(0))
+    logit = sample_sigmas("logit_normal", 20_000, torch.Generator().manual_seed(0))
+    assert 0 <= float(uni.min()) and float(uni.max()) < 1 and float((uni > 0.9).float().mean()) == pytest.approx(0.1, abs=0.01)
+    assert float((logit > 0.9).float().mean()) == pytest.approx(0.014, abs=0.005)  # P(N(0,1) > logit(0.9) = 2.197)
 
 
 def test_model_path_says_how_to_build(tmp_path):

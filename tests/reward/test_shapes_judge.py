@@ -7,7 +7,7 @@ import pytest
 
 from reward.shapes_judge import Detection, ShapesJudge, build_shapes_judge, evaluate_detections
 from rollout.interfaces import Judge, JudgeItem
-from rollout.shapesworld.render import Scene, ShapeObject, draw_scene, render_correct, render_wrong
+from rollout.shapesworld.render import LAYOUTS, Scene, ShapeObject, draw_scene, render_correct, render_wrong
 from rollout.shapesworld.tasks import PALETTE, TAGS, build_splits, metadata_for_prompt, sample_tasks
 
 N = 1000
@@ -35,9 +35,10 @@ def test_is_a_judge_and_builds_from_kwargs():
         ShapesJudge(min_iou=1.5)
 
 
-def test_ground_truth_renders_are_judged_correct(judge, tasks):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_ground_truth_renders_are_judged_correct(judge, tasks, layout):
     rng = np.random.default_rng(0)
-    renders = [render_correct(m, rng) for m in tasks]
+    renders = [render_correct(m, rng, layout=layout) for m in tasks]
     results = judge.score(_items(renders, tasks))
     assert {m["tag"] for m in tasks} == set(TAGS)
     acc = np.mean([r.correct for r in results])
@@ -47,9 +48,10 @@ def test_ground_truth_renders_are_judged_correct(judge, tasks):
     assert all(r.error is None and (r.score == 1.0) == r.correct for r in results)
 
 
-def test_wrong_renders_are_judged_wrong(judge, tasks):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_wrong_renders_are_judged_wrong(judge, tasks, layout):
     rng = np.random.default_rng(1)
-    renders = [render_wrong(m, rng) for m in tasks]
+    renders = [render_wrong(m, rng, layout=layout) for m in tasks]
     assert {r.kind for r in renders} == {"color", "count", "position", "missing", "shape"}
     results = judge.score(_items(renders, tasks))
     false_ok = [(m["prompt"], w.kind) for m, w, r in zip(tasks, renders, results, strict=True) if r.correct]

@@ -9,8 +9,11 @@ import pytest
 
 from rollout.datasets import load_geneval
 from rollout.shapesworld.render import (
+    GAP,
+    MARGIN,
     WRONG_KINDS,
     applicable_wrong_kinds,
+    canonical_objects,
     draw_scene,
     render_correct,
     render_wrong,
@@ -178,6 +181,56 @@ def test_render_correct_is_seeded_and_sized(size):
     objs = a.scene.objects
     assert len(objs) == 3 and {o.shape for o in objs} == {"square"} and {o.color for o in objs} == {"blue"}
     assert not np.array_equal(a.image, render_correct(meta, np.random.default_rng(8), size=size).image)
+
+
+def test_canonical_layout_hand_checked():
+    def where(prompt):
+        return [(o.shape, o.color, o.cx, o.cy, o.size) for o in canonical_objects(metadata_for_prompt(prompt))]
+
+    assert where("a photo of a red circle left of a blue square") == [
+        ("circle", "red", 16.0, 32.0, 14.0),
+        ("square", "blue", 48.0, 32.0, 14.0),
+    ]
+    # "A below B": B's group is the top row, A's the bottom row, each spread along its row.
+    assert where("a photo of two stars below a cross") == [
+        ("cross", COLORS[SHAPES.index("cross")], 32.0, 16.0, 14.0),
+        ("star", COLORS[SHAPES.index("star")], 21.0, 48.0, 14.0),
+        ("star", COLORS[SHAPES.index("star")], 43.0, 48.0, 14.0),
+    ]
+    assert [(x, y) for *_, x, y, _ in where("a photo of four green diamonds")] == [
+        (20.0, 20.0), (44.0, 20.0), (20.0, 44.0), (44.0, 44.0)
+    ]  # fmt: skip
+    assert [o.cx for o in canonical_objects(metadata_for_prompt("a photo of a circle"), size=128)] == [64.0]
+
+
+def test_canonical_layout_is_one_valid_image_per_prompt():
+    """Every task's canonical scene is what the prompt asks, inside the margin, with boxes GAP
+    apart and relations holding at the renderer's robust threshold; the rng only adds pixel noise."""
+    for meta in all_tasks():
+        objs = canonical_objects(meta)
+        for i, r in enumerate(meta["include"]):
+            mine = [o for o in objs if o.req == i]
+            assert len(mine) == r["count"] and {o.shape for o in mine} == {r["class"]}
+            assert r.get("color") is None or {o.color for o in mine} == {r["color"]}
+            if "position" in r:
+                rel, j = r["position"][0], int(r["position"][1])
+                assert all(
+                    rel in relative_position(a.box, b.box, 0.2) for a in mine for b in objs if b.req == j
+                ), meta["prompt"]
+        for k, a in enumerate(objs):
+            assert min(a.box) >= MARGIN and max(a.box) <= 64 - MARGIN, meta["prompt"]
+            for b in objs[:k]:
+                ax0, ay0, ax1, ay1 = a.box
+                bx0, by0, bx1, by1 = b.box
+                assert ax1 + GAP <= bx0 or bx1 + GAP <= ax0 or ay1 + GAP <= by0 or by1 + GAP <= ay0
+    meta = metadata_for_prompt("a photo of two circles above a star")
+    a, b = (render_correct(meta, np.random.default_rng(s), noise=0.0, layout="canonical") for s in (1, 2))
+    assert np.array_equal(a.image, b.image) and a.scene.background == b.scene.background
+    for seed in range(5):  # a mistake is made on the canonical scene, and undone back to it
+        wrong = render_wrong(meta, np.random.default_rng(seed), noise=0.0, layout="canonical")
+        assert np.array_equal(wrong.fixed_image, a.image) and not np.array_equal(wrong.image, a.image)
+    with pytest.raises(ValueError, match="layout='grid'"):
+        render_correct(meta, np.random.default_rng(0), layout="grid")
 
 
 def test_render_correct_places_relations_with_margin():
