@@ -41,20 +41,23 @@ __all__ = ["PretrainSettings", "RenderedPool", "SIGMA_SAMPLERS", "sample_sigmas"
 logger = logging.getLogger(__name__)
 
 
-SIGMA_SAMPLERS = ("uniform", "logit_normal")
+# σ samplers of the flow loss, by name. "logit_normal" (SD3's σ = sigmoid(N(0, 1))) rarely visits
+# σ > 0.9, where the sampler's first steps decide what the image shows from the text alone; on
+# canonical renders (one image per prompt) "uniform" trains that regime as well.
+_SIGMA_SAMPLERS = {
+    "uniform": lambda torch, n, gen: torch.rand(n, generator=gen),
+    "logit_normal": lambda torch, n, gen: torch.sigmoid(torch.randn(n, generator=gen)),
+}
+SIGMA_SAMPLERS = tuple(_SIGMA_SAMPLERS)
 
 
 def sample_sigmas(kind: str, n: int, gen):
-    """(n,) flow-matching noise levels. "logit_normal" (SD3's σ = sigmoid(N(0, 1))) rarely
-    visits σ > 0.9, where the sampler's first steps decide what the image shows from the text
-    alone; on canonical renders (one image per prompt) "uniform" trains that regime as well."""
+    """(n,) flow-matching noise levels drawn by the sampler named `kind` (one of `SIGMA_SAMPLERS`)."""
     import torch
 
-    if kind == "uniform":
-        return torch.rand(n, generator=gen)
-    if kind == "logit_normal":
-        return torch.sigmoid(torch.randn(n, generator=gen))
-    raise ValueError(f"flow_sigma={kind!r}; allowed: {list(SIGMA_SAMPLERS)}")
+    if kind not in _SIGMA_SAMPLERS:
+        raise ValueError(f"flow_sigma={kind!r}; allowed: {list(SIGMA_SAMPLERS)}")
+    return _SIGMA_SAMPLERS[kind](torch, n, gen)
 
 
 @dataclass(frozen=True)
@@ -64,7 +67,7 @@ class PretrainSettings:
     seed: int = 0
     size: int = 64
     pool: int = 1500  # rendered (prompt, correct, wrong, fixed, instruction) tuples
-    layout: str = "canonical"  # of the pool's renders (rollout.shapesworld.render.LAYOUTS); see train_flow
+    layout: str = "canonical"  # of the generator's pool and evaluation renders (rollout.shapesworld.render.LAYOUTS)
     vae_steps: int = 800
     vae_batch: int = 32
     vae_crop: int = 32

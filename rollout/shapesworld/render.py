@@ -321,6 +321,8 @@ def canonical_objects(meta: dict[str, Any], size: int = 64) -> list[ShapeObject]
         return ShapeObject(r["class"], color(r), x * k, y * k, side * k, PALETTE[color(r)], req)
 
     rels = _constraints(meta)
+    if len(rels) > 1 or (rels and len(inc) > 2):
+        raise ValueError(f"no canonical layout for {meta['prompt']!r}: only one relation between two groups")
     if not rels:
         items = [(i, r) for i, r in enumerate(inc) for _ in range(r["count"])]
         side = 16.0 if len(items) < 3 else 14.0

@@ -231,6 +231,9 @@ def test_canonical_layout_is_one_valid_image_per_prompt():
         assert np.array_equal(wrong.fixed_image, a.image) and not np.array_equal(wrong.image, a.image)
     with pytest.raises(ValueError, match="layout='grid'"):
         render_correct(meta, np.random.default_rng(0), layout="grid")
+    three = {"include": [*meta["include"], {"class": "cross", "count": 1, "position": ["left of", 0]}], "prompt": "x"}
+    with pytest.raises(ValueError, match="only one relation between two groups"):
+        canonical_objects(three)
 
 
 def test_render_correct_places_relations_with_margin():
