@@ -229,6 +229,9 @@ class DataConfig(_Section):
     test: str = Field("geneval", description="evaluation prompts")
     exclude_test_overlap: bool = Field(True, description="drop train prompts that appear in the test set")
     limit: int | None = Field(None, ge=1, description="use only the first N train prompts")
+    balance_categories: bool = Field(
+        False, description="draw train prompts category-balanced (small categories repeated; after limit)"
+    )
     eval_limit: int | None = Field(8, ge=1, description="evaluate on the first N test prompts")
     shuffle: bool = True
 

@@ -65,7 +65,7 @@ def build_templates(cfg: R3Config) -> Any:
 
 
 def load_prompt_sets(cfg: R3Config) -> tuple[list[Any], list[Any]]:
-    from rollout.datasets import load_prompts, remove_overlap
+    from rollout.datasets import balance_categories, load_prompts, remove_overlap
 
     def load(spec: str) -> list[Any]:
         if spec == "geneval":
@@ -85,6 +85,8 @@ def load_prompt_sets(cfg: R3Config) -> tuple[list[Any], list[Any]]:
         log.info("removed %d train prompts that appear in the test set", before - len(train))
     if cfg.data.limit:
         train = train[: cfg.data.limit]
+    if cfg.data.balance_categories:
+        train = balance_categories(train)
     if cfg.data.eval_limit:
         test = spread_over_categories(test, cfg.data.eval_limit)
     if not train:

@@ -38,3 +38,13 @@ def test_prompt_sets_drop_test_overlap_and_spread_eval_over_tags():
     assert not {t.prompt for t in test} & {t.prompt for t in train}
     assert Counter(t.category for t in test) == {c: 2 for c in
         ["single_object", "two_object", "counting", "colors", "position", "color_attr"]}
+
+
+def test_balanced_shapes_train_prompts_cover_every_tag_equally():
+    cfg = load_config("configs/shapes_cpu.yaml", ["data.balance_categories=true"])
+    raw, _ = load_prompt_sets(load_config("configs/shapes_cpu.yaml", ["data.balance_categories=false"]))
+    train, test = load_prompt_sets(cfg)
+    counts = Counter(t.category for t in train)
+    assert len(counts) == 9 and len(set(counts.values())) == 1  # every tag equally often
+    assert {t.prompt for t in train} == {t.prompt for t in raw}  # nothing dropped or invented
+    assert not {t.prompt for t in test} & {t.prompt for t in train}

@@ -8,6 +8,7 @@ import pytest
 from rollout.datasets import (
     PromptIterator,
     PromptRecord,
+    balance_categories,
     load_geneval,
     load_prompts,
     load_tiif,
@@ -166,3 +167,12 @@ def test_iterator_state_dict_resumes_exactly():
         PromptIterator(recs[:4], seed=11).load_state_dict(state)
     with pytest.raises(ValueError, match="seed"):
         PromptIterator(recs, seed=12).load_state_dict(state)
+
+
+def test_balance_categories_cycles_small_categories_up_to_the_largest():
+    recs = [PromptRecord(f"a{i}", category="a") for i in range(5)] + [
+        PromptRecord("b0", category="b"), PromptRecord("b1", category="b"), PromptRecord("c0", category="c")
+    ]
+    out = [r.prompt for r in balance_categories(recs)]
+    assert out == ["a0", "b0", "c0", "a1", "b1", "c0", "a2", "b0", "c0", "a3", "b1", "c0", "a4", "b0", "c0"]
+    assert balance_categories([]) == []
