@@ -69,6 +69,30 @@ def test_model_path_says_how_to_build(tmp_path):
     assert shapes_model_path("shapes-flux", tmp_path) == root / "flux"
 
 
+@pytest.mark.integration
+def test_failed_parallel_reasoner_stage_is_reported(tmp_path):
+    """The child process's failure surfaces in the parent as an error naming the stage, not a
+    missing file later."""
+    import torch
+
+    from cluster.shapes_pretrain import _ReasonerStage
+
+    if torch.get_num_threads() < 2:
+        pytest.skip("the reasoner stage runs in a child process only with >= 2 threads")
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")  # the child cannot create its model folder under a file
+    s = PretrainSettings(scale=0.01, pool=4)
+    pool = make_pool(build_splits(seed=0).train, 4, seed=0)
+    stage = _ReasonerStage(blocker / "vlm", pool, [], s)
+    try:
+        with pytest.raises(RuntimeError, match="reasoner stage .* failed with exit code 1"):
+            stage.handoff(s.steps("flow_steps_beside_reasoner"))
+        assert torch.get_num_threads() < stage._threads  # not handed back after a failure
+    finally:
+        stage.stop()
+        torch.set_num_threads(stage._threads)
+
+
 @pytest.fixture(scope="module")
 def warm_cache(tmp_path_factory):
     """A 1 %-scale warm start (every stage runs a few steps) in a cache of its own."""
@@ -90,6 +114,10 @@ def test_shortened_warm_start_saves_loadable_models(warm_cache):
     assert manifest["losses"]["flow"]["steps"] == PretrainSettings(scale=0.01).steps("flow_steps")
     assert 0.0 <= manifest["generator_eval"]["t2i_accuracy"] <= 1.0
     assert 0.0 <= manifest["reasoner_eval"]["reflect_stop_accuracy"] <= 1.0
+    threads = manifest["threads"]  # every thread again after the handoff
+    assert manifest["reasoner_threads"] == (threads // 2 if threads >= 2 else threads)
+    assert {"reasoner_s", "reasoner_eval_s", "reasoner_wait_s", "flow_s", "total_s"} <= set(manifest["times"])
+    assert not (root / "reasoner.json").exists()  # the child's result file is read and removed
     pipe = FluxKontextPipeline.from_pretrained(str(shapes_model_path("shapes-flux", warm_cache)))
     assert pipe.transformer.config.num_layers == 2 and pipe.vae.config.scaling_factor != 1.0
     assert pipe.vae_scale_factor == 4
