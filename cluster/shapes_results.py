@@ -21,7 +21,9 @@ PLATEAU_TOLERANCE = 0.01  # a round is on the plateau when within 1 point of the
 def reflection_accuracy(trajectories: Sequence[Trajectory]) -> dict[str, float | int]:
     """How often the reasoner says "no further edit" exactly when the judge calls the image it looked
     at correct. Every reflect decision counts (round r ≥ 1 reflects on round r−1's image), until the
-    sample stops. Also split by the truth: stop rate on correct images, edit rate on wrong ones."""
+    sample stops. Also split by the truth: stop rate on correct images, edit rate on wrong ones, and
+    their mean ("balanced"): most images are wrong, so a reasoner that always edits scores high on
+    plain accuracy and exactly 0.5 on the balanced one."""
     hits, stops_on_correct, edits_on_wrong, n_correct, n_wrong = 0, 0, 0, 0, 0
     for t in trajectories:
         for prev, cur in zip(t.rounds, t.rounds[1:], strict=False):
@@ -35,10 +37,13 @@ def reflection_accuracy(trajectories: Sequence[Trajectory]) -> dict[str, float |
             if cur.stopped:
                 break
     n = n_correct + n_wrong
+    stop_when_correct = stops_on_correct / n_correct if n_correct else float("nan")
+    edit_when_wrong = edits_on_wrong / n_wrong if n_wrong else float("nan")
     return {
         "accuracy": hits / n if n else float("nan"),
-        "stop_when_correct": stops_on_correct / n_correct if n_correct else float("nan"),
-        "edit_when_wrong": edits_on_wrong / n_wrong if n_wrong else float("nan"),
+        "balanced_accuracy": (stop_when_correct + edit_when_wrong) / 2,
+        "stop_when_correct": stop_when_correct,
+        "edit_when_wrong": edit_when_wrong,
         "decisions": n,
     }
 
@@ -80,6 +85,7 @@ def summarize_run(
             "final_round_accuracy": a["accuracy_per_round"][-1] - b["accuracy_per_round"][-1],
             "round0_accuracy": a["accuracy_per_round"][0] - b["accuracy_per_round"][0],
             "reflection_accuracy": a["reflection"]["accuracy"] - b["reflection"]["accuracy"],
+            "reflection_balanced_accuracy": a["reflection"]["balanced_accuracy"] - b["reflection"]["balanced_accuracy"],
             "plateau_round": a["plateau_round"] - b["plateau_round"],
         },
         "reward_curve": curve,
@@ -121,6 +127,8 @@ def results_markdown(results: dict[str, Any]) -> str:
         f"{100 * d['round0_accuracy']:+.1f} points |",
         f"| reflection accuracy (%) | {_pct(rb['accuracy'])} | {_pct(ra['accuracy'])} | "
         f"{100 * d['reflection_accuracy']:+.1f} points |",
+        f"| balanced reflection accuracy (%) | {_pct(rb['balanced_accuracy'])} | {_pct(ra['balanced_accuracy'])} | "
+        f"{100 * d['reflection_balanced_accuracy']:+.1f} points |",
         f"| stop when correct (%) | {_pct(rb['stop_when_correct'])} | {_pct(ra['stop_when_correct'])} | |",
         f"| edit when wrong (%) | {_pct(rb['edit_when_wrong'])} | {_pct(ra['edit_when_wrong'])} | |",
         f"| rounds to plateau | {b['plateau_round']} | {a['plateau_round']} | {d['plateau_round']:+d} |",

@@ -93,6 +93,23 @@ def test_failed_parallel_reasoner_stage_is_reported(tmp_path):
         torch.set_num_threads(stage._threads)
 
 
+@pytest.mark.integration
+def test_reasoner_stage_without_parallelism_runs_in_this_process(tmp_path):
+    import torch
+
+    from cluster.shapes_pretrain import _ReasonerStage
+
+    threads = torch.get_num_threads()
+    s = PretrainSettings(scale=0.01, pool=8, eval_prompts=3, parallel_reasoner=False)
+    splits = build_splits(seed=0)
+    stage = _ReasonerStage(tmp_path / "vlm", make_pool(splits.train, 8, seed=0), splits.test, s)
+    stage.handoff(s.steps("flow_steps_beside_reasoner"))  # nothing to hand off
+    result = stage.result()
+    assert torch.get_num_threads() == threads and result["threads"] == threads
+    assert len(result["losses"]) == 11 and result["eval"]["n"] == 2  # 1100 steps and 3 // 3 prompts (>= 2) at 1 %
+    assert (tmp_path / "vlm" / "config.json").is_file() and not (tmp_path / "reasoner.json").exists()
+
+
 @pytest.fixture(scope="module")
 def warm_cache(tmp_path_factory):
     """A 1 %-scale warm start (every stage runs a few steps) in a cache of its own."""

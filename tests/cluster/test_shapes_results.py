@@ -37,6 +37,16 @@ def test_reflection_accuracy_counts_each_decision_until_the_stop() -> None:
     assert r["stop_when_correct"] == pytest.approx(2 / 4)
     # wrong images looked at: a:round0 (edited), a':round0 (stopped) -> 1 of 2
     assert r["edit_when_wrong"] == pytest.approx(1 / 2)
+    assert r["balanced_accuracy"] == pytest.approx((2 / 4 + 1 / 2) / 2)
+
+
+def test_balanced_reflection_accuracy_sees_through_always_editing() -> None:
+    # 1 correct and 9 wrong round-0 images; the reasoner edits every one of them
+    trajs = [_traj("c", [(True, False, 1.0), (True, False, 1.0)])] + [
+        _traj(f"w{i}", [(False, False, 0.2), (False, False, 0.2)]) for i in range(9)
+    ]
+    r = reflection_accuracy(trajs)
+    assert r["accuracy"] == pytest.approx(0.9) and r["balanced_accuracy"] == pytest.approx(0.5)
 
 
 def test_reflection_accuracy_without_decisions_is_nan() -> None:
