@@ -19,7 +19,7 @@ from typing import Any
 
 log = logging.getLogger("r3rl")
 
-__all__ = ["collect_results", "main"]
+__all__ = ["before_eval_dir", "collect_results", "main"]
 
 
 def _report(eval_dir: Path, max_rounds: int) -> Any:
@@ -30,13 +30,33 @@ def _report(eval_dir: Path, max_rounds: int) -> Any:
     return summarize(trajectories, [t.metadata.get("tag", "") for t in trajectories], max_rounds)
 
 
-def collect_results(run_dir: Path, extra: dict[str, Any] | None = None) -> dict[str, Path]:
-    """Read a finished run's `eval-before/`, `eval-final/` and `metrics.jsonl`; write the results."""
+def before_eval_dir(run_dir: Path, resumed_from: Path | None) -> Path:
+    """The evaluation before any RL: the run's own `eval-before/`, or, for a run resumed from a
+    checkpoint (the driver evaluates "before" only at step 0), that of the run the checkpoint
+    belongs to (`<run>/checkpoints/step-N`)."""
+    own = run_dir / "eval-before"
+    if (own / "eval.json").is_file():
+        return own
+    if resumed_from is not None:
+        origin = Path(resumed_from).parent.parent / "eval-before"
+        if (origin / "eval.json").is_file():
+            return origin
+        raise FileNotFoundError(
+            f"no before-RL evaluation: {own} is missing (resumed run) and so is {origin} of the run "
+            f"that checkpoint {resumed_from} belongs to"
+        )
+    raise FileNotFoundError(f"no before-RL evaluation: {own} is missing (was train.eval_before off?)")
+
+
+def collect_results(run_dir: Path, extra: dict[str, Any] | None = None, before_dir: Path | None = None) -> dict[str, Path]:
+    """Read a finished run's `eval-before/` (or `before_dir`), `eval-final/` and `metrics.jsonl`;
+    write the results."""
     from cluster.shapes_results import summarize_run, write_results
 
-    before_json = json.loads((run_dir / "eval-before" / "eval.json").read_text())
+    before_dir = before_dir if before_dir is not None else run_dir / "eval-before"
+    before_json = json.loads((before_dir / "eval.json").read_text())
     rounds = int(before_json["max_rounds"])
-    before, after = _report(run_dir / "eval-before", rounds), _report(run_dir / "eval-final", rounds)
+    before, after = _report(before_dir, rounds), _report(run_dir / "eval-final", rounds)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return write_results(run_dir, summarize_run(before, after, rows, extra))
 
@@ -69,9 +89,11 @@ def main(argv: list[str] | None = None) -> int:
     warm = pretrain(settings)
     manifest = json.loads((warm / "manifest.json").read_text())
 
+    from cluster.checkpoint import resolve_resume
     from cluster.driver import run_training
     from cluster.failures import LearnerFailure
 
+    resumed_from = resolve_resume(cfg.checkpoint.resume, Path(cfg.train.run_dir).resolve())  # as the driver does
     try:
         run_dir = run_training(cfg)
     except LearnerFailure as e:
@@ -80,7 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     extra = {"warm_start": {k: manifest.get(k) for k in ("version", "times", "generator_eval", "reasoner_eval")},
              "config": {"steps": cfg.train.steps, "group_size": cfg.r3.group_size,
                         "prompts_per_step": cfg.r3.prompts_per_step, "eval_prompts": cfg.data.eval_limit}}
-    paths = collect_results(run_dir, extra)
+    before_dir = before_eval_dir(run_dir, resumed_from)
+    extra["before_eval"] = str(before_dir)
+    extra["resumed_from"] = str(resumed_from) if resumed_from else None  # metrics.jsonl: this run's steps only
+    paths = collect_results(run_dir, extra, before_dir)
     print(paths["md"].read_text())
     print(f"results: {paths['json']}  {paths['md']}  {paths['png']}")
     return 0

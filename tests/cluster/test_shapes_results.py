@@ -91,3 +91,22 @@ def test_summary_markdown_and_plot(tmp_path) -> None:
     with Image.open(paths["png"]) as im:
         assert im.size == (1000, 400)
         assert len(set(im.convert("RGB").getdata())) > 10  # drew lines, not a blank canvas
+
+
+def test_before_eval_of_a_resumed_run_comes_from_the_run_it_resumed(tmp_path) -> None:
+    from cluster.shapes_run import before_eval_dir
+
+    origin, resumed = tmp_path / "first", tmp_path / "second"
+    ckpt = origin / "checkpoints" / "step-000100"
+    ckpt.mkdir(parents=True)
+    resumed.mkdir()
+    with pytest.raises(FileNotFoundError, match="step-000100"):  # neither run has one yet
+        before_eval_dir(resumed, ckpt)
+    (origin / "eval-before").mkdir()
+    (origin / "eval-before" / "eval.json").write_text("{}")
+    assert before_eval_dir(resumed, ckpt) == origin / "eval-before"
+    with pytest.raises(FileNotFoundError, match="eval_before"):  # a fresh run without one
+        before_eval_dir(resumed, None)
+    (resumed / "eval-before").mkdir()
+    (resumed / "eval-before" / "eval.json").write_text("{}")
+    assert before_eval_dir(resumed, ckpt) == resumed / "eval-before"  # its own comes first
