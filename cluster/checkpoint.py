@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CheckpointDir", "find_latest", "resolve_resume", "save_pending_rollout", "load_pending_rollout"]
+__all__ = ["CheckpointDir", "find_latest", "run_dir_of", "resolve_resume", "save_pending_rollout", "load_pending_rollout"]
 
 _STEP_DIR = re.compile(r"^step-(\d{6})$")
 COMPLETE = "COMPLETE"
@@ -50,6 +50,11 @@ def find_latest(root: str | Path) -> Path | None:
         return None
     done = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / COMPLETE).is_file()]
     return max(done, key=lambda p: int(_STEP_DIR.match(p.name).group(1)), default=None)
+
+
+def run_dir_of(checkpoint: str | Path) -> Path:
+    """The run folder a checkpoint folder belongs to (`<run>/checkpoints/step-N` -> `<run>`)."""
+    return Path(checkpoint).parent.parent
 
 
 def resolve_resume(resume: str | None, run_root: Path) -> Path | None:

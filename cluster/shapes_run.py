@@ -34,11 +34,13 @@ def before_eval_dir(run_dir: Path, resumed_from: Path | None) -> Path:
     """The evaluation before any RL: the run's own `eval-before/`, or, for a run resumed from a
     checkpoint (the driver evaluates "before" only at step 0), that of the run the checkpoint
     belongs to (`<run>/checkpoints/step-N`)."""
+    from cluster.checkpoint import run_dir_of
+
     own = run_dir / "eval-before"
     if (own / "eval.json").is_file():
         return own
     if resumed_from is not None:
-        origin = Path(resumed_from).parent.parent / "eval-before"
+        origin = run_dir_of(resumed_from) / "eval-before"
         if (origin / "eval.json").is_file():
             return origin
         raise FileNotFoundError(
@@ -93,7 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     from cluster.driver import run_training
     from cluster.failures import LearnerFailure
 
-    resumed_from = resolve_resume(cfg.checkpoint.resume, Path(cfg.train.run_dir).resolve())  # as the driver does
+    resumed_from = resolve_resume(cfg.checkpoint.resume, Path(cfg.train.run_dir).resolve())
+    if resumed_from is not None:  # pinned, so the driver resumes exactly this one ("auto" resolved once)
+        cfg.checkpoint.resume = str(resumed_from)
     try:
         run_dir = run_training(cfg)
     except LearnerFailure as e:
