@@ -39,7 +39,7 @@ from cluster.shapes_models import SHAPES_VERSION, adaln_zero_, build_shapes_flux
 from rollout.shapesworld.render import Scene, render_correct, render_wrong
 from rollout.shapesworld.tasks import build_splits, sample_tasks
 
-__all__ = ["PretrainSettings", "RenderedPool", "SIGMA_SAMPLERS", "sample_sigmas", "make_pool", "pretrain", "main"]
+__all__ = ["PretrainSettings", "RenderedPool", "SIGMA_SAMPLERS", "sample_sigmas", "make_pool", "foreground_weight", "pretrain", "main"]
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +76,7 @@ class PretrainSettings:
     vae_crop: int = 32
     vae_lr: float = 3e-3
     vae_foreground_weight: float = 10.0  # objects are ~10 % of pixels; plain MSE draws none
+    vae_foreground_margin: int = 2  # px around objects weighted too (`foreground_weight`); 0 bloats shapes
     flow_steps: int = 2400  # at batch 16: 2600 x 16 drew 11.1 % / edited 18.9 % vs 1500 x 32 7.8 % / 15.6 % in less time
     flow_sigma: str = "uniform"  # σ sampling of the flow loss: "uniform" or "logit_normal" (SD3's)
     flow_lr: float = 2e-3  # with adaLN-Zero: held-out flow loss at 500 steps 0.213 vs 0.266 at 1e-3 (σ = 0.6)
@@ -151,14 +152,37 @@ def _to_tensor(images: np.ndarray):
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (B, 3, H, W) in [-1, 1]
 
 
+def foreground_weight(x, fg_weight: float, margin: int):
+    """Per-pixel weight (B, 1, H, W) of the VAE loss: 1 + `fg_weight` on object pixels (far from
+    the border's median colour) and on the `margin` pixels around them. Without the margin,
+    painting background pixels in the object's colour was cheap and the decoder learnt bloated,
+    rounded shapes (v7: squares merged, diamonds judged circles; held-out reconstruction accuracy
+    79 % at 700 steps, 100 % with margin 1 or 2)."""
+    import torch
+
+    border = torch.cat([x[:, :, 0], x[:, :, -1]], 2).median(dim=2).values[:, :, None, None]  # (B, 3, 1, 1)
+    mask = ((x - border).abs().amax(1, keepdim=True) > 0.15).float()
+    if margin:
+        mask = torch.nn.functional.max_pool2d(mask, 2 * margin + 1, stride=1, padding=margin)
+    return 1 + fg_weight * mask
+
+
 def train_vae(
-    vae, pool: RenderedPool, steps: int, batch: int, lr: float, gen, fg_weight: float = 10.0, crop: int = 32
+    vae,
+    pool: RenderedPool,
+    steps: int,
+    batch: int,
+    lr: float,
+    gen,
+    fg_weight: float = 10.0,
+    crop: int = 32,
+    fg_margin: int = 0,
 ) -> list[float]:
     """Autoencoder training on all rendered images, on random `crop`-px crops (the VAE is
     convolutional, so a quarter of the pixels costs a quarter of the time): MSE + L1 (L1 keeps
     shape edges sharp) of decode(mean latent + small noise), so the decoder tolerates the flow
-    model's imperfect latents, with object pixels (far from the border's median colour) weighted
-    1 + `fg_weight` (unweighted, objects came out as colourless blobs); a light L2 bounds latents."""
+    model's imperfect latents, weighted by `foreground_weight` (unweighted, objects came out as
+    colourless blobs); a light L2 bounds latents."""
     import torch
 
     from cluster.shapes_reasoner import warmup_cosine
@@ -174,10 +198,7 @@ def train_vae(
     for _ in range(steps):
         idx = torch.randint(0, len(images), (batch,), generator=gen)
         x = _to_tensor(images[idx.numpy()])
-        border = (
-            torch.cat([x[:, :, 0], x[:, :, -1]], 2).median(dim=2).values[:, :, None, None]
-        )  # (B, 3, 1, 1)
-        weight = 1 + fg_weight * ((x - border).abs().amax(1, keepdim=True) > 0.15).float()  # (B, 1, H, W)
+        weight = foreground_weight(x, fg_weight, fg_margin)
         oy, ox = (int(v) * 8 for v in torch.randint(0, (size - crop) // 8 + 1, (2,), generator=gen))
         x, weight = x[:, :, oy : oy + crop, ox : ox + crop], weight[:, :, oy : oy + crop, ox : ox + crop]
         z = vae.encode(x).latent_dist.mean
@@ -370,7 +391,15 @@ def pretrain(s: PretrainSettings, cache_dir: Path | None = None, force: bool = F
             if s.flow_adaln_zero:
                 adaln_zero_(pipe.transformer)
             vae_losses = train_vae(
-                pipe.vae, pool, s.steps("vae_steps"), s.vae_batch, s.vae_lr, gen, s.vae_foreground_weight, s.vae_crop
+                pipe.vae,
+                pool,
+                s.steps("vae_steps"),
+                s.vae_batch,
+                s.vae_lr,
+                gen,
+                s.vae_foreground_weight,
+                s.vae_crop,
+                s.vae_foreground_margin,
             )
             times["vae_s"] = time.perf_counter() - t
             recon = vae_recon_accuracy(pipe.vae, splits.test, s)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from cluster.shapes_models import SHAPES_VERSION, shapes_model_path
-from cluster.shapes_pretrain import PretrainSettings, make_pool, sample_sigmas
+from cluster.shapes_pretrain import PretrainSettings, foreground_weight, make_pool, sample_sigmas
 from cluster.shapes_reasoner import plan_answer, reflect_answer, warmup_cosine
 from rollout.parsing import is_stop, parse_answer
 from rollout.shapesworld.tasks import TAGS, build_splits, metadata_for_prompt
@@ -56,6 +56,19 @@ def test_pool_layout_and_sigma_sampling_are_settings():
     logit = sample_sigmas("logit_normal", 20_000, torch.Generator().manual_seed(0))
     assert 0 <= float(uni.min()) and float(uni.max()) < 1 and float((uni > 0.9).float().mean()) == pytest.approx(0.1, abs=0.01)
     assert float((logit > 0.9).float().mean()) == pytest.approx(0.014, abs=0.005)  # P(N(0,1) > logit(0.9) = 2.197)
+
+
+def test_vae_weight_covers_objects_and_a_margin_around_them():
+    import torch
+
+    x = torch.full((1, 3, 8, 8), 0.8)  # grey background (border median)
+    x[0, :, 3, 4] = torch.tensor([1.0, -1.0, -1.0])  # one red pixel
+    plain = foreground_weight(x, 10.0, margin=0)[0, 0]
+    assert plain.shape == (8, 8) and plain[3, 4] == 11 and float(plain.sum()) == 64 + 10
+    wide = foreground_weight(x, 10.0, margin=1)[0, 0]
+    assert torch.equal(wide[2:5, 3:6], torch.full((3, 3), 11.0))  # the pixel and its 8 neighbours
+    assert float(wide.sum()) == 64 + 9 * 10
+    assert PretrainSettings().vae_foreground_margin == 2
 
 
 def test_model_path_says_how_to_build(tmp_path):
