@@ -106,6 +106,8 @@ class PretrainSettings:
             raise ValueError(f"layout={self.layout!r}; allowed: {list(LAYOUTS)}")
         if self.flow_sigma not in SIGMA_SAMPLERS:
             raise ValueError(f"flow_sigma={self.flow_sigma!r}; allowed: {list(SIGMA_SAMPLERS)}")
+        if self.vae_foreground_margin < 0:
+            raise ValueError(f"vae_foreground_margin={self.vae_foreground_margin}; allowed: >= 0 pixels")
 
     def steps(self, name: str) -> int:
         return max(1, int(round(getattr(self, name) * self.scale)))
@@ -176,7 +178,7 @@ def train_vae(
     gen,
     fg_weight: float = 10.0,
     crop: int = 32,
-    fg_margin: int = 0,
+    fg_margin: int = 2,
 ) -> list[float]:
     """Autoencoder training on all rendered images, on random `crop`-px crops (the VAE is
     convolutional, so a quarter of the pixels costs a quarter of the time): MSE + L1 (L1 keeps

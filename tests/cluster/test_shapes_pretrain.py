@@ -69,6 +69,8 @@ def test_vae_weight_covers_objects_and_a_margin_around_them():
     assert torch.equal(wide[2:5, 3:6], torch.full((3, 3), 11.0))  # the pixel and its 8 neighbours
     assert float(wide.sum()) == 64 + 9 * 10
     assert PretrainSettings().vae_foreground_margin == 2
+    with pytest.raises(ValueError, match="vae_foreground_margin=-1"):
+        PretrainSettings(vae_foreground_margin=-1)
 
 
 def test_model_path_says_how_to_build(tmp_path):
