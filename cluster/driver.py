@@ -260,10 +260,10 @@ class Trainer:
         one-step-off mode the rollout already made for the next step (so a resume continues exactly)."""
         import ray
 
-        from cluster.checkpoint import CheckpointDir, save_pending_rollout
+        from cluster.checkpoint import CheckpointDir, checkpoints_dir, save_pending_rollout
         from learners.checkpointing import save_learner_state
 
-        ck = CheckpointDir(self.run_dir / "checkpoints", self.step_index)
+        ck = CheckpointDir(checkpoints_dir(self.run_dir), self.step_index)
         refs = []
         for kind, group in (("text_learner", self.roles.text_learners), ("diffusion_learner", self.roles.diffusion_learners)):
             refs += [a.__ray_call__.remote(save_learner_state, str(ck.path / kind)) for a in group.actors]
