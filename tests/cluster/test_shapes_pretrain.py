@@ -160,7 +160,7 @@ def test_shortened_warm_start_saves_loadable_models(warm_cache):
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_shortened_shapes_run_writes_results(warm_cache, tmp_path, monkeypatch):
+def test_shortened_shapes_run_writes_results(warm_cache, tmp_path, monkeypatch, capsys):
     """`make shapes`'s entry, shortened: evaluation → 2 RL steps → evaluation → results files."""
     from cluster.shapes_run import main
 
@@ -168,7 +168,7 @@ def test_shortened_shapes_run_writes_results(warm_cache, tmp_path, monkeypatch):
     overrides = [
         f"train.run_dir={tmp_path / 'runs'}", "train.run_name=short", "train.steps=2", "train.eval_rounds=2",
         "data.eval_limit=4", "r3.group_size=2", "r3.prompts_per_step=2", "flow_grpo.num_steps=4",
-        "flow_grpo.eval_num_steps=4", "flow_grpo.edit_num_steps=4", "checkpoint.every=0", "grpo.max_tokens=24",
+        "flow_grpo.eval_num_steps=4", "flow_grpo.edit_num_steps=4", "checkpoint.every=2", "grpo.max_tokens=24",
     ]
     assert main(["--config", "configs/shapes_cpu.yaml", "--cache", str(warm_cache), *overrides]) == 0
     run = tmp_path / "runs" / "short"
@@ -183,6 +183,29 @@ def test_shortened_shapes_run_writes_results(warm_cache, tmp_path, monkeypatch):
     assert "| **overall** |" in (run / "results.md").read_text()
     assert (run / "results.png").read_bytes()[:4] == b"\x89PNG"
     assert (run / "eval-before" / "eval.json").is_file() and (run / "eval-final" / "eval.json").is_file()
+
+    # The paired probe compares the run's generator with the warm start's on the same prompts and noise.
+    from cluster.shapes_probe import main as probe_main
+
+    capsys.readouterr()
+    assert probe_main(["--prompts", "3", "--cache", str(warm_cache), str(run / "checkpoints" / "step-000002")]) == 0
+    assert "| short/step-000002 |" in capsys.readouterr().out
+    probe = json.loads((run / "probe.json").read_text())["results"]
+    assert list(probe) == ["warm start", "short/step-000002"]
+    assert all(probe[v][s]["n"] == 3 for v in probe for s in ("train", "test"))
+    assert probe_main(["--cache", str(warm_cache), str(run / "checkpoints")]) == 2  # not a checkpoint: refused
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_probe_pairs_prompts_and_noise(warm_cache):
+    """The warm start's own transformer loaded as a "checkpoint" gives exactly the warm start's
+    results: same prompts, same noise, so differences between variants are the weights' alone."""
+    from cluster.shapes_probe import probe_generator, probe_prompts
+
+    base = shapes_model_path("shapes-flux", warm_cache)
+    results = probe_generator(base, {"a": None, "b": base / "transformer"}, probe_prompts(4), num_steps=2)
+    assert results["a"] == results["b"]
 
 
 def test_shapes_tokenizers_give_one_token_per_word():

@@ -1,0 +1,132 @@
+"""Paired generator probe: `python -m cluster.shapes_probe [--prompts 270] CHECKPOINT ...`.
+
+Did RL change the generator? The R3 evaluation answers on 90 held-out prompts (about ±5 points of
+noise), and the per-step training accuracy moves with the prompts each step happens to draw (two
+runs with the same seed draw the same prompts and show the same wiggles). This probe draws
+text-to-image (round 0, ODE) images from the warm-started generator and from each checkpoint's
+transformer on the *same* fixed, tag-balanced train and held-out prompt sets with the *same*
+initial noise per prompt, so the differences are the weights' alone, on both splits.
+Prints a table and writes `probe.json` (default: beside the first checkpoint's run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["probe_prompts", "probe_generator", "main"]
+
+log = logging.getLogger(__name__)
+
+
+def probe_prompts(n: int, seed: int = 123) -> dict[str, list[dict[str, Any]]]:
+    """`n` tag-balanced tasks from each ShapesWorld split (drawn with replacement; fixed by `seed`)."""
+    from rollout.shapesworld.tasks import build_splits, sample_tasks
+
+    if n < 1:
+        raise ValueError(f"prompts={n}; allowed: >= 1")
+    splits = build_splits(seed=0)
+    return {name: sample_tasks(getattr(splits, name), n, np.random.default_rng(seed)) for name in ("train", "test")}
+
+
+def probe_generator(
+    base: Path, weights: dict[str, Path | None], prompts: dict[str, list[dict[str, Any]]], *,
+    num_steps: int = 8, guidance: float = 3.5, cfg_scale: float = 4.0, size: int = 64, max_sequence_length: int = 20,
+) -> dict[str, dict[str, Any]]:  # fmt: skip
+    """Judge accuracy and mean score per split (and per tag) for each named transformer weights
+    folder (None: `base`'s own), every variant on the same prompts and noise."""
+    from actors.diffusion_worker import DiffusionWorker
+    from reward.shapes_judge import ShapesJudge
+    from rollout.interfaces import ImageRequest, JudgeItem, SamplerSettings
+
+    settings = SamplerSettings(
+        num_steps=num_steps, noise_level=0.0, stochastic="none", guidance=guidance, cfg_scale=cfg_scale,
+        height=size, width=size, keep_training_data=False,
+    )  # fmt: skip
+    judge = ShapesJudge()
+    out: dict[str, dict[str, Any]] = {}
+    for name, folder in weights.items():
+        worker = DiffusionWorker(str(base), seed=0, max_sequence_length=max_sequence_length)
+        try:
+            if folder is not None:
+                worker.load_weights(1, str(folder))
+            result: dict[str, Any] = {}
+            for split, metas in prompts.items():
+                requests = [ImageRequest(m["prompt"], seed=i, noise_seed=i) for i, m in enumerate(metas)]
+                images = worker.sample(requests, settings)
+                verdicts = judge.score([JudgeItem(x.image, m["prompt"], m) for x, m in zip(images, metas, strict=True)])
+                by_tag: dict[str, list[bool]] = {}
+                for m, v in zip(metas, verdicts, strict=True):
+                    by_tag.setdefault(m["tag"], []).append(v.correct)
+                result[split] = {
+                    "accuracy": float(np.mean([v.correct for v in verdicts])),
+                    "score": float(np.mean([v.score for v in verdicts])),
+                    "accuracy_by_tag": {t: float(np.mean(v)) for t, v in sorted(by_tag.items())},
+                    "n": len(metas),
+                }
+        finally:
+            worker.shutdown()
+        out[name] = result
+        log.info("%s: %s", name, {s: round(r["accuracy"], 3) for s, r in result.items()})
+    return out
+
+
+def to_markdown(results: dict[str, dict[str, Any]]) -> str:
+    """One row per variant: accuracy and mean score on each split, with the change from the first row."""
+    names = list(results)
+    splits = list(results[names[0]])
+    head = "| generator | " + " | ".join(f"{s} accuracy (%) | {s} score" for s in splits) + " |"
+    lines = [head, "|---|" + "---|---|" * len(splits)]
+    first = results[names[0]]
+    for name in names:
+        cells = []
+        for s in splits:
+            acc, score = 100 * results[name][s]["accuracy"], results[name][s]["score"]
+            d_acc, d_score = acc - 100 * first[s]["accuracy"], score - first[s]["score"]
+            delta = name != names[0]
+            cells.append(f"{acc:.1f}" + (f" ({d_acc:+.1f})" if delta else ""))
+            cells.append(f"{score:.3f}" + (f" ({d_score:+.3f})" if delta else ""))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from cluster.checkpoint import COMPLETE, run_dir_of
+    from cluster.shapes_models import shapes_model_path
+
+    ap = argparse.ArgumentParser(prog="python -m cluster.shapes_probe", description=__doc__.split("\n")[0])
+    ap.add_argument("checkpoints", nargs="*", help="checkpoint folders (<run>/checkpoints/step-N) to compare")
+    ap.add_argument("--prompts", type=int, default=270, help="prompts per split (tag-balanced)")
+    ap.add_argument("--cache", type=Path, default=None, help="cache root of the warm start")
+    ap.add_argument("--out", type=Path, default=None, help="JSON output (default: <first run>/probe.json)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        base = shapes_model_path("shapes-flux", args.cache)
+        checkpoints = [Path(c) for c in args.checkpoints]
+        for ck in checkpoints:
+            if not (ck / COMPLETE).is_file():
+                raise ValueError(f"{ck} is not a complete checkpoint folder (no {COMPLETE} marker)")
+        prompts = probe_prompts(args.prompts)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    weights: dict[str, Path | None] = {"warm start": None}
+    for ck in checkpoints:
+        weights[f"{run_dir_of(ck).name}/{ck.name}"] = ck / "diffusion_learner" / "weights"
+    results = probe_generator(base, weights, prompts)
+    out = args.out or ((run_dir_of(checkpoints[0]) if checkpoints else Path("runs")) / "probe.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"prompts_per_split": args.prompts, "results": results}, indent=1))
+    sys.stdout.write(to_markdown(results) + f"written to {out}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
