@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["probe_prompts", "probe_generator", "main"]
+__all__ = ["probe_prompts", "probe_generator", "to_markdown", "main"]
 
 log = logging.getLogger(__name__)
 
