@@ -199,8 +199,9 @@ def test_shortened_shapes_run_writes_results(warm_cache, tmp_path, monkeypatch, 
 @pytest.mark.integration
 @pytest.mark.slow
 def test_probe_pairs_prompts_and_noise(warm_cache):
-    """The warm start's own transformer loaded as a "checkpoint" gives exactly the warm start's
-    results: same prompts, same noise, so differences between variants are the weights' alone."""
+    """The warm start's own transformer loaded as a "checkpoint" reproduces the warm start's
+    results exactly (same prompts, per-prompt noise, deterministic ODE sampling), so differences
+    between variants come from their weights alone."""
     from cluster.shapes_probe import probe_generator, probe_prompts
 
     base = shapes_model_path("shapes-flux", warm_cache)
