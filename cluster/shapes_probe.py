@@ -5,7 +5,8 @@ noise), and the per-step training accuracy moves with the prompts each step happ
 runs with the same seed draw the same prompts and show the same wiggles). This probe draws
 text-to-image (round 0, ODE) images from the warm-started generator and from each checkpoint's
 transformer on the *same* fixed, tag-balanced train and held-out prompt sets with the *same*
-initial noise per prompt, so the differences are the weights' alone, on both splits.
+initial noise per prompt, so the differences are the weights' alone, on both splits; and edits of
+held-out wrong renders (canonical layout, as the warm start's) with the instruction that fixes them.
 Prints a table and writes `probe.json` (default: beside the first checkpoint's run).
 """
 
@@ -36,45 +37,59 @@ def probe_prompts(n: int, seed: int = 123) -> dict[str, list[dict[str, Any]]]:
 
 
 def probe_generator(
-    base: Path, weights: dict[str, Path | None], prompts: dict[str, list[dict[str, Any]]], *,
+    base: Path, weights: dict[str, Path | None], prompts: dict[str, list[dict[str, Any]]], *, edits: Any = None,
     num_steps: int = 8, guidance: float = 3.5, cfg_scale: float = 4.0, size: int = 64, max_sequence_length: int = 20,
 ) -> dict[str, dict[str, Any]]:  # fmt: skip
     """Judge accuracy and mean score per split (and per tag) for each named transformer weights
-    folder (None: `base`'s own), every variant on the same prompts and noise."""
+    folder (None: `base`'s own), every variant on the same prompts and noise. With `edits` (a
+    `cluster.shapes_pretrain.RenderedPool`), also "edit": each wrong render edited with the
+    instruction that fixes it, judged against its prompt."""
     from actors.diffusion_worker import DiffusionWorker
-    from reward.shapes_judge import ShapesJudge
-    from rollout.interfaces import ImageRequest, JudgeItem, SamplerSettings
+    from rollout.interfaces import ImageRequest, SamplerSettings
 
     settings = SamplerSettings(
         num_steps=num_steps, noise_level=0.0, stochastic="none", guidance=guidance, cfg_scale=cfg_scale,
         height=size, width=size, keep_training_data=False,
     )  # fmt: skip
-    judge = ShapesJudge()
+    jobs = {
+        split: ([ImageRequest(m["prompt"], seed=i, noise_seed=i) for i, m in enumerate(metas)], metas)
+        for split, metas in prompts.items()
+    }
+    if edits is not None:
+        jobs["edit"] = (
+            [
+                ImageRequest(ins, seed=i, noise_seed=i, source_image=w)
+                for i, (ins, w) in enumerate(zip(edits.instructions, edits.wrong, strict=True))
+            ],
+            edits.metas,
+        )
     out: dict[str, dict[str, Any]] = {}
     for name, folder in weights.items():
         worker = DiffusionWorker(str(base), seed=0, max_sequence_length=max_sequence_length)
         try:
             if folder is not None:
                 worker.load_weights(1, str(folder))
-            result: dict[str, Any] = {}
-            for split, metas in prompts.items():
-                requests = [ImageRequest(m["prompt"], seed=i, noise_seed=i) for i, m in enumerate(metas)]
-                images = worker.sample(requests, settings)
-                verdicts = judge.score([JudgeItem(x.image, m["prompt"], m) for x, m in zip(images, metas, strict=True)])
-                by_tag: dict[str, list[bool]] = {}
-                for m, v in zip(metas, verdicts, strict=True):
-                    by_tag.setdefault(m["tag"], []).append(v.correct)
-                result[split] = {
-                    "accuracy": float(np.mean([v.correct for v in verdicts])),
-                    "score": float(np.mean([v.score for v in verdicts])),
-                    "accuracy_by_tag": {t: float(np.mean(v)) for t, v in sorted(by_tag.items())},
-                    "n": len(metas),
-                }
+            out[name] = {split: _judged(worker.sample(reqs, settings), metas) for split, (reqs, metas) in jobs.items()}
         finally:
             worker.shutdown()
-        out[name] = result
-        log.info("%s: %s", name, {s: round(r["accuracy"], 3) for s, r in result.items()})
+        log.info("%s: %s", name, {s: round(r["accuracy"], 3) for s, r in out[name].items()})
     return out
+
+
+def _judged(images: list[Any], metas: list[dict[str, Any]]) -> dict[str, Any]:
+    from reward.shapes_judge import ShapesJudge
+    from rollout.interfaces import JudgeItem
+
+    verdicts = ShapesJudge().score([JudgeItem(x.image, m["prompt"], m) for x, m in zip(images, metas, strict=True)])
+    by_tag: dict[str, list[bool]] = {}
+    for m, v in zip(metas, verdicts, strict=True):
+        by_tag.setdefault(m["tag"], []).append(v.correct)
+    return {
+        "accuracy": float(np.mean([v.correct for v in verdicts])),
+        "score": float(np.mean([v.score for v in verdicts])),
+        "accuracy_by_tag": {t: float(np.mean(v)) for t, v in sorted(by_tag.items())},
+        "n": len(metas),
+    }
 
 
 def to_markdown(results: dict[str, dict[str, Any]]) -> str:
@@ -120,7 +135,11 @@ def main(argv: list[str] | None = None) -> int:
     weights: dict[str, Path | None] = {"warm start": None}
     for ck in checkpoints:
         weights[f"{run_dir_of(ck).name}/{ck.name}"] = ck / "diffusion_learner" / "weights"
-    results = probe_generator(base, weights, prompts)
+    from cluster.shapes_pretrain import make_pool
+    from rollout.shapesworld.tasks import build_splits
+
+    edits = make_pool(build_splits(seed=0).test, args.prompts, seed=456, layout="canonical")
+    results = probe_generator(base, weights, prompts, edits=edits)
     out = args.out or ((run_dir_of(checkpoints[0]) if checkpoints else Path("runs")) / "probe.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"prompts_per_split": args.prompts, "results": results}, indent=1))

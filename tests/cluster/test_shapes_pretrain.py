@@ -192,7 +192,7 @@ def test_shortened_shapes_run_writes_results(warm_cache, tmp_path, monkeypatch, 
     assert "| short/step-000002 |" in capsys.readouterr().out
     probe = json.loads((run / "probe.json").read_text())["results"]
     assert list(probe) == ["warm start", "short/step-000002"]
-    assert all(probe[v][s]["n"] == 3 for v in probe for s in ("train", "test"))
+    assert all(list(probe[v]) == ["train", "test", "edit"] and probe[v]["edit"]["n"] == 3 for v in probe)
     assert probe_main(["--cache", str(warm_cache), str(run / "checkpoints")]) == 2  # not a checkpoint: refused
 
 
