@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CheckpointDir", "find_latest", "checkpoints_dir", "run_dir_of", "resolve_resume", "save_pending_rollout", "load_pending_rollout"]
+__all__ = ["CheckpointDir", "find_latest", "require_complete", "checkpoints_dir", "run_dir_of", "resolve_resume", "save_pending_rollout", "load_pending_rollout"]
 
 _STEP_DIR = re.compile(r"^step-(\d{6})$")
 COMPLETE = "COMPLETE"
@@ -52,6 +52,14 @@ def find_latest(root: str | Path) -> Path | None:
     return max(done, key=lambda p: int(_STEP_DIR.match(p.name).group(1)), default=None)
 
 
+def require_complete(path: str | Path, name: str | None = None) -> Path:
+    """`path` as a Path if it is a complete checkpoint folder; else ValueError naming it (`name`, default the path)."""
+    path = Path(path)
+    if not (path / COMPLETE).is_file():
+        raise ValueError(f"{name or path} is not a complete checkpoint folder (no {COMPLETE} marker)")
+    return path
+
+
 def checkpoints_dir(run_dir: str | Path) -> Path:
     """Where a run keeps its checkpoints: `<run>/checkpoints/step-N` (`run_dir_of` inverts it)."""
     return Path(run_dir) / "checkpoints"
@@ -70,10 +78,7 @@ def resolve_resume(resume: str | None, run_root: Path) -> Path | None:
     if resume == "auto":
         candidates = [c for c in (find_latest(checkpoints_dir(d)) for d in Path(run_root).glob("*") if d.is_dir()) if c]
         return max(candidates, key=lambda p: (json.loads((p / "meta.json").read_text())["saved_at"]), default=None)
-    path = Path(resume)
-    if not (path / COMPLETE).is_file():
-        raise ValueError(f"checkpoint.resume={resume!r} is not a complete checkpoint folder (no {COMPLETE} marker)")
-    return path
+    return require_complete(resume, f"checkpoint.resume={resume!r}")
 
 
 def save_pending_rollout(directory: Path, result: Any, rollout_seconds: float) -> None:

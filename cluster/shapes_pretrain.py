@@ -316,52 +316,21 @@ def vae_recon_accuracy(vae, tasks: list[dict[str, Any]], s: PretrainSettings) ->
 
 def evaluate_generator(path: Path, tasks: list[dict[str, Any]], s: PretrainSettings) -> dict[str, Any]:
     """Held-out judge accuracy of the saved pipeline through the real `DiffusionWorker` (ODE):
-    text-to-image per tag, and edits of wrong renders with their fixing instructions."""
-    from actors.diffusion_worker import DiffusionWorker
-    from reward.shapes_judge import ShapesJudge
-    from rollout.interfaces import ImageRequest, JudgeItem, SamplerSettings
+    text-to-image per tag, and edits of wrong renders with their fixing instructions
+    (`cluster.shapes_probe.probe_generator` on this one variant)."""
+    from cluster.shapes_probe import probe_generator
 
-    worker = DiffusionWorker(str(path), seed=s.seed, max_sequence_length=s.max_sequence_length)
-    judge = ShapesJudge()
     pool = make_pool(tasks, s.eval_prompts, seed=s.seed + 10_000, size=s.size, layout=s.layout)
-    settings = SamplerSettings(
-        num_steps=s.num_steps,
-        noise_level=0.0,
-        stochastic="none",
-        guidance=s.guidance,
-        cfg_scale=s.cfg_scale,
-        height=s.size,
-        width=s.size,
-        keep_training_data=False,
-    )
-    try:
-        t2i = worker.sample(
-            [ImageRequest(p, seed=i, noise_seed=i) for i, p in enumerate(pool.prompts)], settings
-        )
-        edits = worker.sample(
-            [
-                ImageRequest(ins, seed=i, noise_seed=i, source_image=w)
-                for i, (ins, w) in enumerate(zip(pool.instructions, pool.wrong, strict=True))
-            ],
-            settings,
-        )
-    finally:
-        worker.shutdown()
-    gen_res = judge.score(
-        [JudgeItem(x.image, p, m) for x, p, m in zip(t2i, pool.prompts, pool.metas, strict=True)]
-    )
-    edit_res = judge.score(
-        [JudgeItem(x.image, p, m) for x, p, m in zip(edits, pool.prompts, pool.metas, strict=True)]
-    )
-    by_tag: dict[str, list[bool]] = {}
-    for m, r in zip(pool.metas, gen_res, strict=True):
-        by_tag.setdefault(m["tag"], []).append(r.correct)
+    r = probe_generator(
+        path, {"warm start": None}, {"t2i": pool.metas}, edits=pool, num_steps=s.num_steps, guidance=s.guidance,
+        cfg_scale=s.cfg_scale, size=s.size, max_sequence_length=s.max_sequence_length,
+    )["warm start"]  # fmt: skip
     return {
-        "t2i_accuracy": float(np.mean([r.correct for r in gen_res])),
-        "t2i_score": float(np.mean([r.score for r in gen_res])),
-        "t2i_accuracy_by_tag": {t: float(np.mean(v)) for t, v in sorted(by_tag.items())},
-        "edit_accuracy": float(np.mean([r.correct for r in edit_res])),
-        "edit_score": float(np.mean([r.score for r in edit_res])),
+        "t2i_accuracy": r["t2i"]["accuracy"],
+        "t2i_score": r["t2i"]["score"],
+        "t2i_accuracy_by_tag": r["t2i"]["accuracy_by_tag"],
+        "edit_accuracy": r["edit"]["accuracy"],
+        "edit_score": r["edit"]["score"],
         "n": len(pool.prompts),
     }
 

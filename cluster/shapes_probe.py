@@ -112,7 +112,7 @@ def to_markdown(results: dict[str, dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from cluster.checkpoint import COMPLETE, run_dir_of
+    from cluster.checkpoint import require_complete, run_dir_of
     from cluster.shapes_models import shapes_model_path
 
     ap = argparse.ArgumentParser(prog="python -m cluster.shapes_probe", description=__doc__.split("\n")[0])
@@ -124,10 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         base = shapes_model_path("shapes-flux", args.cache)
-        checkpoints = [Path(c) for c in args.checkpoints]
-        for ck in checkpoints:
-            if not (ck / COMPLETE).is_file():
-                raise ValueError(f"{ck} is not a complete checkpoint folder (no {COMPLETE} marker)")
+        checkpoints = [require_complete(c) for c in args.checkpoints]
         prompts = probe_prompts(args.prompts)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
