@@ -32,6 +32,7 @@ from rollout.templates import Templates
 if TYPE_CHECKING:
 
     from cluster.shapes_pretrain import PretrainSettings, RenderedPool
+    from reward.shapes_judge import Detection
     from rollout.shapesworld.render import Scene
 
 __all__ = [
@@ -40,6 +41,8 @@ __all__ = [
     "plan_answer",
     "reflect_answer",
     "describe_scene",
+    "describe_detections",
+    "describe_objects",
     "build_shapes_vlm",
     "train_reasoner",
     "evaluate_reasoner",
@@ -94,12 +97,26 @@ def reflect_answer(caption: str, instruction: str | None) -> str:
 
 
 def describe_scene(scene: Scene, meta: dict[str, Any]) -> str:
-    """The scene's objects as "colour shape", comma-separated, ordered top to bottom when the
-    prompt relates objects vertically (above / below), else left to right; "nothing." if empty.
-    E.g. "red circle, blue square, blue square." for two blue squares right of a red circle."""
+    """What a rendered image shows, as `describe_objects` phrases it."""
+    return describe_objects([(o.color, o.shape, o.cx, o.cy) for o in scene.objects], meta)
+
+
+def describe_detections(dets: list[Detection], meta: dict[str, Any]) -> str:
+    """What the exact judge sees in an image, as `describe_objects` phrases it; objects it cannot
+    classify as a shape are left out (a caption names shapes)."""
+    return describe_objects(
+        [(d.color, d.shape, (d.box[0] + d.box[2]) / 2, (d.box[1] + d.box[3]) / 2) for d in dets if d.shape], meta
+    )
+
+
+def describe_objects(objs: list[tuple[str, str, float, float]], meta: dict[str, Any]) -> str:
+    """(colour, shape, centre x, centre y) objects as "colour shape", comma-separated, ordered top
+    to bottom when the prompt relates objects vertically (above / below), else left to right;
+    "nothing." if empty. E.g. "red circle, blue square, blue square." for two blue squares right
+    of a red circle."""
     vertical = any(r.get("position", ("",))[0] in ("above", "below") for r in meta["include"])
-    objs = sorted(scene.objects, key=lambda o: (o.cy, o.cx) if vertical else (o.cx, o.cy))
-    return (", ".join(f"{o.color} {o.shape}" for o in objs) or "nothing") + "."
+    ordered = sorted(objs, key=lambda o: (o[3], o[2]) if vertical else (o[2], o[3]))
+    return (", ".join(f"{color} {shape}" for color, shape, _, _ in ordered) or "nothing") + "."
 
 
 def build_shapes_vlm(out: Path, seed: int = 0, recipe: ReasonerRecipe | None = None) -> Path:

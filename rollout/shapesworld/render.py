@@ -38,6 +38,10 @@ __all__ = [
     "render_correct",
     "render_wrong",
     "applicable_wrong_kinds",
+    "describe_requirement",
+    "with_article",
+    "relation_phrase",
+    "placement_phrase",
 ]
 
 WRONG_KINDS: tuple[str, ...] = ("color", "count", "position", "missing", "shape")
@@ -348,21 +352,35 @@ _SLOTS = {
 _LINE = {1: [32], 2: [21, 43], 3: [14, 32, 50], 4: [11, 25, 39, 53]}
 
 
-# --- mistakes: each returns (wrong scene, instruction) or None to retry ------------------------
+# --- instruction phrases; mistakes: each returns (wrong scene, instruction) or None to retry -----
 
 
-def _desc(req: dict[str, Any], color: str | None = None, plural: bool = False) -> str:
+def describe_requirement(req: dict[str, Any], color: str | None = None, plural: bool = False) -> str:
+    """"red square(s)" / "square(s)": how instructions name an include's objects."""
     color = color or req.get("color")
     noun = PLURALS[req["class"]] if plural else req["class"]
     return f"{color} {noun}" if color else noun
 
 
-def _a(words: str) -> str:
+def with_article(words: str) -> str:
     return ("an " if words[0] in "aeiou" else "a ") + words
 
 
-def _rel_phrase(rel: str) -> str:
+def relation_phrase(rel: str) -> str:
     return f"to the {rel}" if rel in ("left of", "right of") else rel
+
+
+def placement_phrase(inc: list[dict[str, Any]], i: int) -> str:
+    """" <relation> the <objects>" placing include `i` against the include it relates to (either
+    direction), or "" when it relates to none: where an added object must go."""
+    if "position" in inc[i]:
+        rel, j = inc[i]["position"][0], int(inc[i]["position"][1])
+        return f" {relation_phrase(rel)} the {describe_requirement(inc[j], plural=inc[j]['count'] > 1)}"
+    for r in inc:
+        if "position" in r and int(r["position"][1]) == i:
+            rel = INVERSE_RELATION[r["position"][0]]
+            return f" {relation_phrase(rel)} the {describe_requirement(r, plural=r['count'] > 1)}"
+    return ""
 
 
 def _count_variants(meta: dict[str, Any], i: int) -> list[str]:
@@ -399,7 +417,7 @@ def _mistake_count(meta, scene, rng):
     if variant == "fewer":
         drop = _pick(rng, mine)
         objs = tuple(o for k, o in enumerate(scene.objects) if k != drop)
-        return replace(scene, objects=objs), f"add one more {_desc(inc[i])}"
+        return replace(scene, objects=objs), f"add one more {describe_requirement(inc[i])}"
     color = inc[i].get("color") or scene.objects[mine[0]].color
     objs = _place(
         [(inc[i]["class"], color, i)],
@@ -411,7 +429,7 @@ def _mistake_count(meta, scene, rng):
     )
     if objs is None:
         return None
-    return replace(scene, objects=tuple(objs)), f"remove one {_desc(inc[i])}"
+    return replace(scene, objects=tuple(objs)), f"remove one {describe_requirement(inc[i])}"
 
 
 def _mistake_position(meta, scene, rng):
@@ -437,17 +455,17 @@ def _mistake_position(meta, scene, rng):
             moved = [(o.shape, o.color, o.req) for o in scene.objects if o.req == mover]
             objs = _place(moved, keep, flipped, rng, scene.size, len(scene.objects))
         if objs is not None:
-            what = _desc(inc[mover], plural=inc[mover]["count"] > 1)
-            where = _desc(inc[other], plural=inc[other]["count"] > 1)
-            return replace(scene, objects=tuple(objs)), f"move the {what} {_rel_phrase(how)} the {where}"
+            what = describe_requirement(inc[mover], plural=inc[mover]["count"] > 1)
+            where = describe_requirement(inc[other], plural=inc[other]["count"] > 1)
+            return replace(scene, objects=tuple(objs)), f"move the {what} {relation_phrase(how)} the {where}"
     # No room beside the kept objects (e.g. three crosses hugging a border): lay out afresh.
     objs = _place(
         [(o.shape, o.color, o.req) for o in scene.objects], [], flipped, rng, scene.size, len(scene.objects)
     )
     if objs is None:
         return None
-    what = _desc(inc[i], plural=inc[i]["count"] > 1)
-    return replace(scene, objects=tuple(objs)), f"move the {what} {_rel_phrase(rel)} the {_desc(inc[j])}"
+    what = describe_requirement(inc[i], plural=inc[i]["count"] > 1)
+    return replace(scene, objects=tuple(objs)), f"move the {what} {relation_phrase(rel)} the {describe_requirement(inc[j])}"
 
 
 def _mistake_missing(meta, scene, rng):
@@ -455,18 +473,9 @@ def _mistake_missing(meta, scene, rng):
     i = _pick(rng, [i for i, r in enumerate(inc) if r["count"] == 1])
     gone = next(o for o in scene.objects if o.req == i)
     objs = tuple(o for o in scene.objects if o.req != i)
-    where = ""
-    if "position" in inc[i]:
-        rel, j = inc[i]["position"][0], int(inc[i]["position"][1])
-        where = f" {_rel_phrase(rel)} the {_desc(inc[j], plural=inc[j]['count'] > 1)}"
-    else:
-        for r in inc:
-            if "position" in r and int(r["position"][1]) == i:
-                where = f" {_rel_phrase(INVERSE_RELATION[r['position'][0]])} the {_desc(r, plural=r['count'] > 1)}"
-                break
     color = inc[i].get("color") or gone.color
-    what = _a(f"{color} {inc[i]['class']}")
-    return replace(scene, objects=objs), f"add {what}{where}"
+    what = with_article(f"{color} {inc[i]['class']}")
+    return replace(scene, objects=objs), f"add {what}{placement_phrase(inc, i)}"
 
 
 def _mistake_shape(meta, scene, rng):
@@ -477,7 +486,7 @@ def _mistake_shape(meta, scene, rng):
     new = _pick(rng, [s for s in SHAPES if s not in used])
     objs = list(scene.objects)
     objs[k] = replace(old, shape=new, req=-1)
-    return replace(scene, objects=tuple(objs)), f"change the {new} to {_a(old.shape)}"
+    return replace(scene, objects=tuple(objs)), f"change the {new} to {with_article(old.shape)}"
 
 
 _MISTAKES = {

@@ -20,7 +20,7 @@ from cluster.shapes_reasoner import (
     reflect_answer,
 )
 from rollout.parsing import is_stop, parse_answer
-from rollout.shapesworld.tasks import build_splits, metadata_for_prompt
+from rollout.shapesworld.tasks import build_splits, metadata_for_prompt, sample_tasks
 from rollout.templates import Templates
 
 ANSWER_BUDGET = 40  # grpo.max_tokens in configs/shapes_cpu.yaml: longer answers get truncated
@@ -163,3 +163,20 @@ def test_shared_prefix_loss_equals_the_plain_loss(processor, pool, tmp_path):
         torch.testing.assert_close(head0, head1, atol=1e-5, rtol=1e-4)
         if batch is reflect:  # the image features get the same gradient through the shared cache
             torch.testing.assert_close(patch0, patch1, atol=1e-6, rtol=1e-4)
+
+
+def test_detection_caption_matches_the_scene_caption():
+    """The judge's view of a render, captioned, is the renderer's caption of its scene."""
+    from cluster.shapes_reasoner import describe_detections
+    from reward.shapes_judge import Detection, ShapesJudge
+    from rollout.shapesworld.render import render_correct, render_wrong
+
+    judge, rng = ShapesJudge(), np.random.default_rng(4)
+    metas = sample_tasks(build_splits().test, 100, rng)
+    renders = [f(m, rng) for m in metas for f in (render_correct, render_wrong)]
+    same = [describe_detections(judge.detect(r.image), m) == describe_scene(r.scene, m)
+            for r, m in zip(renders, [m for m in metas for _ in range(2)], strict=True)]  # fmt: skip
+    assert np.mean(same) >= 0.97
+    blob = Detection(None, "red", (0, 0, 9, 9), 81, 0.2)
+    meta = metadata_for_prompt("a photo of a circle")
+    assert describe_detections([blob, Detection("circle", "blue", (20, 0, 30, 10), 80, 0.9)], meta) == "blue circle."
