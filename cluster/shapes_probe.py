@@ -33,12 +33,16 @@ def probe_prompts(n: int, seed: int = 123) -> dict[str, list[dict[str, Any]]]:
     if n < 1:
         raise ValueError(f"prompts={n}; allowed: >= 1")
     splits = build_splits(seed=0)
-    return {name: sample_tasks(getattr(splits, name), n, np.random.default_rng(seed)) for name in ("train", "test")}
+    return {
+        name: sample_tasks(getattr(splits, name), n, np.random.default_rng(seed))
+        for name in ("train", "test")
+    }
 
 
 def probe_generator(
     base: Path, weights: dict[str, Path | None], prompts: dict[str, list[dict[str, Any]]], *, edits: Any = None,
-    num_steps: int = 8, guidance: float = 3.5, cfg_scale: float = 4.0, size: int = 64, max_sequence_length: int = 20,
+    oracle_rounds: int = 0, num_steps: int = 8, guidance: float = 3.5, cfg_scale: float = 4.0, size: int = 64,
+    max_sequence_length: int = 20,
 ) -> dict[str, dict[str, Any]]:  # fmt: skip
     """Judge accuracy and mean score per split (and per tag) for each named transformer weights
     folder (None: `base`'s own), every variant on the same prompts and noise. With `edits` (a
@@ -69,18 +73,51 @@ def probe_generator(
         try:
             if folder is not None:
                 worker.load_weights(1, str(folder))
-            out[name] = {split: _judged(worker.sample(reqs, settings), metas) for split, (reqs, metas) in jobs.items()}
+            images = {
+                split: [x.image for x in worker.sample(reqs, settings)] for split, (reqs, _) in jobs.items()
+            }
+            out[name] = {split: _judged(images[split], metas) for split, (_, metas) in jobs.items()}
+            if oracle_rounds:
+                out[name]["oracle"] = _oracle_r3(
+                    worker, settings, images["test"], prompts["test"], oracle_rounds
+                )
         finally:
             worker.shutdown()
         log.info("%s: %s", name, {s: round(r["accuracy"], 3) for s, r in out[name].items()})
     return out
 
 
+def _oracle_r3(
+    worker, settings, images: list[Any], metas: list[dict[str, Any]], rounds: int
+) -> dict[str, Any]:
+    """Rounds 1..`rounds` of R3 with the judge as the reasoner; round r's edit noise is seeded
+    apart from round 0's and from the other rounds' (`noise_seed` = prompt index + 100000 r)."""
+    from reward.shapes_fixes import fixing_instruction
+    from reward.shapes_judge import ShapesJudge
+    from rollout.interfaces import ImageRequest
+
+    judge, images = ShapesJudge(), list(images)
+    fixes = [fixing_instruction(m, judge.detect(im)) for m, im in zip(metas, images, strict=True)]
+    by_round = [float(np.mean([f is None for f in fixes]))]
+    for r in range(1, rounds + 1):
+        wrong = [k for k, f in enumerate(fixes) if f is not None]
+        reqs = [
+            ImageRequest(fixes[k], seed=k, noise_seed=k + 100_000 * r, source_image=images[k]) for k in wrong
+        ]
+        for k, x in zip(wrong, worker.sample(reqs, settings) if reqs else [], strict=True):
+            images[k] = x.image
+            fixes[k] = fixing_instruction(metas[k], judge.detect(x.image))
+        by_round.append(float(np.mean([f is None for f in fixes])))
+    return {**_judged(images, metas), "accuracy_by_round": by_round}
+
+
 def _judged(images: list[Any], metas: list[dict[str, Any]]) -> dict[str, Any]:
     from reward.shapes_judge import ShapesJudge
     from rollout.interfaces import JudgeItem
 
-    verdicts = ShapesJudge().score([JudgeItem(x.image, m["prompt"], m) for x, m in zip(images, metas, strict=True)])
+    verdicts = ShapesJudge().score(
+        [JudgeItem(im, m["prompt"], m) for im, m in zip(images, metas, strict=True)]
+    )
     by_tag: dict[str, list[bool]] = {}
     for m, v in zip(metas, verdicts, strict=True):
         by_tag.setdefault(m["tag"], []).append(v.correct)
@@ -119,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("checkpoints", nargs="*", help="checkpoint folders (<run>/checkpoints/step-N) to compare")
     ap.add_argument("--prompts", type=int, default=270, help="prompts per split (tag-balanced)")
     ap.add_argument("--cache", type=Path, default=None, help="cache root of the warm start")
+    ap.add_argument(
+        "--oracle-rounds", type=int, default=3, help="edit rounds of R3 with the judge as reasoner (0: skip)"
+    )
     ap.add_argument("--out", type=Path, default=None, help="JSON output (default: <first run>/probe.json)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -126,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         base = shapes_model_path("shapes-flux", args.cache)
         checkpoints = [require_complete(c) for c in args.checkpoints]
         prompts = probe_prompts(args.prompts)
+        if args.oracle_rounds < 0:
+            raise ValueError(f"--oracle-rounds={args.oracle_rounds}; allowed: >= 0")
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -136,11 +178,16 @@ def main(argv: list[str] | None = None) -> int:
     from rollout.shapesworld.tasks import build_splits
 
     edits = make_pool(build_splits(seed=0).test, args.prompts, seed=456, layout="canonical")
-    results = probe_generator(base, weights, prompts, edits=edits)
+    results = probe_generator(base, weights, prompts, edits=edits, oracle_rounds=args.oracle_rounds)
     out = args.out or ((run_dir_of(checkpoints[0]) if checkpoints else Path("runs")) / "probe.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"prompts_per_split": args.prompts, "results": results}, indent=1))
-    sys.stdout.write(to_markdown(results) + f"written to {out}\n")
+    rounds = {n: r["oracle"]["accuracy_by_round"] for n, r in results.items() if "oracle" in r}
+    lines = [
+        f"oracle R3 accuracy by round, {n}: " + " ".join(f"{100 * a:.1f}" for a in acc)
+        for n, acc in rounds.items()
+    ]
+    sys.stdout.write(to_markdown(results) + "".join(f"{line}\n" for line in lines) + f"written to {out}\n")
     return 0
 
 
