@@ -73,6 +73,15 @@ def test_vae_weight_covers_objects_and_a_margin_around_them():
         PretrainSettings(vae_foreground_margin=-1)
 
 
+def test_own_image_reflect_command_refuses_bad_values(tmp_path, capsys):
+    from cluster.shapes_selfreflect import main
+
+    assert main(["--out", str(tmp_path), "--steps", "0", "--cache", str(tmp_path)]) == 2
+    assert "--steps=0" in capsys.readouterr().err
+    assert main(["--out", str(tmp_path), "--cache", str(tmp_path)]) == 2  # no warm start there
+    assert "python -m cluster.shapes_pretrain" in capsys.readouterr().err
+
+
 def test_model_path_says_how_to_build(tmp_path):
     with pytest.raises(ValueError, match="known"):
         shapes_model_path("shapes-lm", tmp_path)
@@ -192,7 +201,8 @@ def test_shortened_shapes_run_writes_results(warm_cache, tmp_path, monkeypatch, 
     assert "| short/step-000002 |" in capsys.readouterr().out
     probe = json.loads((run / "probe.json").read_text())["results"]
     assert list(probe) == ["warm start", "short/step-000002"]
-    assert all(list(probe[v]) == ["train", "test", "edit"] and probe[v]["edit"]["n"] == 3 for v in probe)
+    assert all(list(probe[v]) == ["train", "test", "edit", "oracle"] and probe[v]["edit"]["n"] == 3 for v in probe)
+    assert all(len(probe[v]["oracle"]["accuracy_by_round"]) == 4 for v in probe)  # rounds 0-3
     assert probe_main(["--cache", str(warm_cache), str(run / "checkpoints")]) == 2  # not a checkpoint: refused
 
 
@@ -247,3 +257,48 @@ def test_adaln_zero_starts_every_block_as_identity_and_still_learns():
     assert torch.equal(v, torch.zeros_like(v))
     (v - 1.0).pow(2).mean().backward()
     assert t.proj_out.weight.grad.abs().sum() > 0  # the output layer learns first, then the gates
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_reflect_training_on_own_images(warm_cache, tmp_path):
+    """The warm start's generator draws and edits; the judge labels; the reasoner fine-tunes on a
+    balanced mix and its measures are computed on the labels."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    from cluster.shapes_selfreflect import (
+        draw_own_images,
+        evaluate_on_own_images,
+        finetune_on_own_images,
+        label_images,
+    )
+    from rollout.shapesworld.render import render_correct
+
+    s = PretrainSettings(scale=0.01, eval_prompts=4)
+    metas = build_splits().train[:4]
+    own = draw_own_images(shapes_model_path("shapes-flux", warm_cache), metas, s, seed=0)
+    redrawn = [m["prompt"] for m, ok in zip(metas, own.correct[:4], strict=True) if not ok]
+    assert len(own) == 4 + len(redrawn) and own.prompts[4:] == redrawn  # one edit of each wrong image
+    for ans, ok, fix in zip(own.answers, own.correct, own.fixes, strict=True):
+        parsed = parse_answer(ans)
+        assert parsed.well_formed and is_stop(parsed.answer) == ok and (fix is None) == ok
+        assert ok or parsed.answer == fix
+    renders = label_images([render_correct(m, np.random.default_rng(0)).image for m in metas], metas)
+    assert renders.correct.all()  # the judge passes every ground-truth render
+    vlm = tmp_path / "vlm"
+    shutil.copytree(shapes_model_path("shapes-vlm", warm_cache), vlm)
+    before = load_file(vlm / "model.safetensors")
+    both = label_images(list(own.images) + list(renders.images), own.metas + renders.metas)
+    pool = make_pool(build_splits().train, 4, seed=0)
+    losses = finetune_on_own_images(vlm, both, pool, s, steps=2, lr=1e-3, gen=torch.Generator().manual_seed(0))
+    assert len(losses) == 2 and all(np.isfinite(losses))
+    after = load_file(vlm / "model.safetensors")
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    m = evaluate_on_own_images(vlm, both)
+    assert m["n"] == len(both) and m["n_correct"] == int(both.correct.sum()) >= 4
+    assert 0.0 <= m["balanced_reflect_accuracy"] <= 1.0 and 0.0 <= m["stop_when_correct"] <= 1.0
+    with pytest.raises(ValueError, match="need both kinds"):
+        finetune_on_own_images(vlm, renders, pool, s, steps=1, lr=1e-3, gen=torch.Generator())
