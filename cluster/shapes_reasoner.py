@@ -20,6 +20,7 @@ reads the generator's imperfect images.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -45,6 +46,7 @@ __all__ = [
     "describe_objects",
     "build_shapes_vlm",
     "train_reasoner",
+    "fit_reasoner",
     "evaluate_reasoner",
     "balanced_reflect_batch",
     "degrade_images",
@@ -174,7 +176,9 @@ def build_shapes_vlm(out: Path, seed: int = 0, recipe: ReasonerRecipe | None = N
     return save_idefics3(out, processor, text_config, vision_config, seed)
 
 
-def train_reasoner(out: Path, pool: RenderedPool, s: PretrainSettings, gen) -> list[float]:
+def train_reasoner(
+    out: Path, pool: RenderedPool, s: PretrainSettings, gen, recipe: ReasonerRecipe | None = None
+) -> list[float]:
     """Build the ShapesWorld VLM (seeded), fine-tune it on plan + reflect answers, save it to `out`.
 
     `gen` (torch.Generator) draws the batches; fresh renders and degradations use a numpy
@@ -182,7 +186,7 @@ def train_reasoner(out: Path, pool: RenderedPool, s: PretrainSettings, gen) -> l
     import torch
     from transformers import AutoProcessor, Idefics3ForConditionalGeneration
 
-    r = ReasonerRecipe()
+    r = recipe or ReasonerRecipe()
     build_shapes_vlm(out, seed=s.seed, recipe=r)
     processor = AutoProcessor.from_pretrained(out)
     model = Idefics3ForConditionalGeneration.from_pretrained(out)
@@ -194,16 +198,31 @@ def train_reasoner(out: Path, pool: RenderedPool, s: PretrainSettings, gen) -> l
     )  # fmt: skip
     data = _ReflectData(processor, pool, s.size, np.random.default_rng(s.seed + 1))
     plans = [_plan_example(processor, p, m) for p, m in zip(pool.prompts, pool.metas, strict=True)]
-    steps = r.scaled(r.steps, s.scale)
-    opt = torch.optim.AdamW(model.parameters(), lr=r.lr, betas=(0.9, 0.98), weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(steps))
     pad = processor.tokenizer.pad_token_id
+
+    def batches() -> list[tuple[float, dict[str, Any]]]:
+        plan_idx = torch.randint(0, len(plans), (r.plan_batch,), generator=gen).tolist()
+        return [(r.plan_weight, _pad([plans[i] for i in plan_idx], pad)), (1.0, data.batch(r, gen))]
+
+    losses = fit_reasoner(model, batches, r.scaled(r.steps, s.scale), r.lr, "reasoner")
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return losses
+
+
+def fit_reasoner(model, batches: Callable[[], list[tuple[float, dict[str, Any]]]], steps: int, lr: float, name: str):
+    """`steps` AdamW steps (warm-up + cosine, gradients clipped to 1) on the weighted sum of the
+    `_weighted_loss` of each (weight, batch) that `batches()` draws; the losses per step. Leaves
+    the model in eval mode."""
+    import torch
+
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(steps))
     model.train()
     losses: list[float] = []
     for _ in range(steps):
-        plan_idx = torch.randint(0, len(plans), (r.plan_batch,), generator=gen).tolist()
-        loss = r.plan_weight * _weighted_loss(model, _pad([plans[i] for i in plan_idx], pad))
-        loss = loss + _weighted_loss(model, data.batch(r, gen))
+        weighted = batches()
+        loss = sum(w * _weighted_loss(model, b) for w, b in weighted)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -211,10 +230,8 @@ def train_reasoner(out: Path, pool: RenderedPool, s: PretrainSettings, gen) -> l
         sched.step()
         losses.append(float(loss.detach()))
         if len(losses) % max(1, steps // 10) == 0:
-            logger.info("reasoner step %d/%d loss %.4f", len(losses), steps, float(np.mean(losses[-10:])))
+            logger.info("%s step %d/%d loss %.4f", name, len(losses), steps, float(np.mean(losses[-10:])))
     model.eval()
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
     return losses
 
 

@@ -98,9 +98,8 @@ def finetune_on_own_images(
         _plan_example,
         _prompt_ids,
         _ReflectData,
-        _weighted_loss,
         _with_answer,
-        warmup_cosine,
+        fit_reasoner,
     )  # fmt: skip
     from rollout.templates import Templates
 
@@ -114,11 +113,8 @@ def finetune_on_own_images(
     plans = [_plan_example(processor, p, m) for p, m in zip(pool.prompts, pool.metas, strict=True)]
     templates, pad = Templates(), processor.tokenizer.pad_token_id
     by_verdict = {True: np.flatnonzero(own.correct), False: np.flatnonzero(~own.correct)}
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(steps))
-    model.train()
-    losses: list[float] = []
-    for step in range(steps):
+
+    def batches() -> list[tuple[float, dict[str, Any]]]:
         half = r.reflect_batch // 2
         picks = [
             int(by_verdict[ok][int(j)])
@@ -128,9 +124,7 @@ def finetune_on_own_images(
         images = own.images[picks]
         examples = [
             _with_answer(
-                processor,
-                _prompt_ids(processor, templates.reflect_messages(own.prompts[k], im)),
-                own.answers[k],
+                processor, _prompt_ids(processor, templates.reflect_messages(own.prompts[k], im)), own.answers[k],
                 r.decision_weight,
             )  # fmt: skip
             for k, im in zip(picks, images, strict=True)
@@ -138,19 +132,10 @@ def finetune_on_own_images(
         batch = _pad(examples, pad)
         batch["pixel_values"], batch["pixel_attention_mask"] = _pixels(processor, list(images))
         plan_idx = torch.randint(0, len(plans), (r.plan_batch,), generator=gen).tolist()
-        loss = _weighted_loss(model, batch) + _weighted_loss(model, rendered.batch(r, gen))
-        loss = loss + r.plan_weight * _weighted_loss(model, _pad([plans[i] for i in plan_idx], pad))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(float(loss.detach()))
-        if (step + 1) % max(1, steps // 10) == 0:
-            logger.info(
-                "own-image reflect step %d/%d loss %.4f", step + 1, steps, float(np.mean(losses[-10:]))
-            )
-    model.eval()
+        plans_batch = _pad([plans[i] for i in plan_idx], pad)
+        return [(1.0, batch), (1.0, rendered.batch(r, gen)), (r.plan_weight, plans_batch)]
+
+    losses = fit_reasoner(model, batches, steps, lr, "own-image reflect")
     model.save_pretrained(vlm)
     processor.save_pretrained(vlm)
     return losses
