@@ -26,7 +26,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 # Bump when the architecture or the training recipe changes, so stale warm starts are not reused.
-SHAPES_VERSION = "shapes-v8"
+SHAPES_VERSION = "shapes-v9"
 SHAPES_MODELS = {"shapes-flux": "flux", "shapes-vlm": "vlm"}
 # BPE vocabulary of the ShapesWorld tokenizers: large enough that every word of `shapes_corpus`
 # is one token (the 384-token project BPE cut "triangles" into 5 pieces and "yellow" into 5).
