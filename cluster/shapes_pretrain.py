@@ -113,6 +113,8 @@ class PretrainSettings:
             raise ValueError(f"layout={self.layout!r}; allowed: {list(LAYOUTS)}")
         if self.flow_sigma not in SIGMA_SAMPLERS:
             raise ValueError(f"flow_sigma={self.flow_sigma!r}; allowed: {list(SIGMA_SAMPLERS)}")
+        if self.flow_continue_steps < 0:
+            raise ValueError(f"flow_continue_steps={self.flow_continue_steps}; allowed: >= 0 (0 skips the second stage)")
         if self.vae_foreground_margin < 0:
             raise ValueError(f"vae_foreground_margin={self.vae_foreground_margin}; allowed: >= 0 pixels")
 

@@ -71,6 +71,8 @@ def test_vae_weight_covers_objects_and_a_margin_around_them():
     assert PretrainSettings().vae_foreground_margin == 2
     with pytest.raises(ValueError, match="vae_foreground_margin=-1"):
         PretrainSettings(vae_foreground_margin=-1)
+    with pytest.raises(ValueError, match="flow_continue_steps=-1"):
+        PretrainSettings(flow_continue_steps=-1)
 
 
 def test_own_image_reflect_command_refuses_bad_values(tmp_path, capsys):
