@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["probe_prompts", "probe_generator", "to_markdown", "main"]
+__all__ = ["probe_prompts", "probe_generator", "ode_settings", "to_markdown", "main"]
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +49,9 @@ def probe_generator(
     `cluster.shapes_pretrain.RenderedPool`), also "edit": each wrong render edited with the
     instruction that fixes it, judged against its prompt."""
     from actors.diffusion_worker import DiffusionWorker
-    from rollout.interfaces import ImageRequest, SamplerSettings
+    from rollout.interfaces import ImageRequest
 
-    settings = SamplerSettings(
-        num_steps=num_steps, noise_level=0.0, stochastic="none", guidance=guidance, cfg_scale=cfg_scale,
-        height=size, width=size, keep_training_data=False,
-    )  # fmt: skip
+    settings = ode_settings(num_steps, guidance, cfg_scale, size)
     jobs = {
         split: ([ImageRequest(m["prompt"], seed=i, noise_seed=i) for i, m in enumerate(metas)], metas)
         for split, metas in prompts.items()
@@ -85,6 +82,16 @@ def probe_generator(
             worker.shutdown()
         log.info("%s: %s", name, {s: round(r["accuracy"], 3) for s, r in out[name].items()})
     return out
+
+
+def ode_settings(num_steps: int, guidance: float, cfg_scale: float, size: int):
+    """Deterministic (ODE) sampling as the evaluations judge it: no SDE step, nothing kept for a learner."""
+    from rollout.interfaces import SamplerSettings
+
+    return SamplerSettings(
+        num_steps=num_steps, noise_level=0.0, stochastic="none", guidance=guidance, cfg_scale=cfg_scale,
+        height=size, width=size, keep_training_data=False,
+    )  # fmt: skip
 
 
 def _oracle_r3(

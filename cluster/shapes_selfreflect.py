@@ -58,12 +58,10 @@ def draw_own_images(flux: Path, metas: list[dict[str, Any]], s: PretrainSettings
     """Text-to-image (ODE, `s.num_steps`, true CFG `s.cfg_scale`) for every task in `metas`, then
     one edit of every wrong image with the judge's fix; all of them judged and labelled."""
     from actors.diffusion_worker import DiffusionWorker
-    from rollout.interfaces import ImageRequest, SamplerSettings
+    from cluster.shapes_probe import ode_settings
+    from rollout.interfaces import ImageRequest
 
-    settings = SamplerSettings(
-        num_steps=s.num_steps, noise_level=0.0, stochastic="none", guidance=s.guidance, cfg_scale=s.cfg_scale,
-        height=s.size, width=s.size, keep_training_data=False,
-    )  # fmt: skip
+    settings = ode_settings(s.num_steps, s.guidance, s.cfg_scale, s.size)
     worker = DiffusionWorker(str(flux), seed=seed, max_sequence_length=s.max_sequence_length)
     try:
         reqs = [ImageRequest(m["prompt"], seed=seed + k, noise_seed=seed + k) for k, m in enumerate(metas)]
