@@ -233,6 +233,12 @@ class DataConfig(_Section):
         False, description="draw train prompts category-balanced (small categories repeated; after limit)"
     )
     eval_limit: int | None = Field(8, ge=1, description="evaluate on the first N test prompts")
+    eval_per_category: int | None = Field(
+        None,
+        ge=1,
+        description="then evaluate exactly N samples per category: its prompts cycled or cut to N (repeats "
+        "draw their own noise and seeds), for a tag-balanced evaluation of a split whose small tags have few prompts",
+    )
     shuffle: bool = True
 
 

@@ -65,7 +65,7 @@ def build_templates(cfg: R3Config) -> Any:
 
 
 def load_prompt_sets(cfg: R3Config) -> tuple[list[Any], list[Any]]:
-    from rollout.datasets import balance_categories, load_prompts, remove_overlap
+    from rollout.datasets import balance_categories, cycle_categories, load_prompts, remove_overlap
 
     def load(spec: str) -> list[Any]:
         if spec == "geneval":
@@ -89,6 +89,8 @@ def load_prompt_sets(cfg: R3Config) -> tuple[list[Any], list[Any]]:
         train = balance_categories(train)
     if cfg.data.eval_limit:
         test = spread_over_categories(test, cfg.data.eval_limit)
+    if cfg.data.eval_per_category:
+        test = cycle_categories(test, cfg.data.eval_per_category)
     if not train:
         raise ValueError(f"data.train={cfg.data.train!r} leaves no prompts (after overlap removal and data.limit)")
     return train, test

@@ -68,6 +68,7 @@ def _eval_summary(report: EvalReport) -> dict[str, Any]:
         "plateau_round": plateau_round(acc),
         "reflection": reflection_accuracy(report.trajectories),
         "num_prompts": report.num_prompts,
+        "distinct_prompts": len({t.prompt for t in report.trajectories}),
     }
 
 
@@ -93,6 +94,13 @@ def summarize_run(
     }
 
 
+def _samples(summary: dict[str, Any]) -> str:
+    n, distinct = summary["num_prompts"], summary.get("distinct_prompts", summary["num_prompts"])
+    if distinct == n:
+        return f"{n} prompts"
+    return f"{n} samples of {distinct} distinct prompts (repeats with their own noise)"
+
+
 def _pct(x: float) -> str:
     return f"{100 * x:.1f}"
 
@@ -105,7 +113,7 @@ def results_markdown(results: dict[str, Any]) -> str:
     lines = [
         "# ShapesWorld: R3 RL results (held-out test split)",
         "",
-        f"Accuracy in % (before RL → after RL), {b['num_prompts']} prompts, ODE sampling, up to {rounds} rounds.",
+        f"Accuracy in % (before RL → after RL), {_samples(b)}, ODE sampling, up to {rounds} rounds.",
         "",
         head,
         "|" + "---|" * (rounds + 1),

@@ -105,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
     extra = {"warm_start": {k: manifest.get(k) for k in ("version", "times", "generator_eval", "reasoner_eval")},
              "config": {"steps": cfg.train.steps, "group_size": cfg.r3.group_size,
-                        "prompts_per_step": cfg.r3.prompts_per_step, "eval_prompts": cfg.data.eval_limit}}
+                        "prompts_per_step": cfg.r3.prompts_per_step, "eval_prompts": cfg.data.eval_limit,
+                        "eval_per_category": cfg.data.eval_per_category}}
     before_dir = before_eval_dir(run_dir, resumed_from)
     extra["before_eval"] = str(before_dir)
     extra["resumed_from"] = str(resumed_from) if resumed_from else None  # metrics.jsonl: this run's steps only

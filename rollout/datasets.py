@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ __all__ = [
     "load_prompts",
     "normalize_prompt",
     "balance_categories",
+    "cycle_categories",
     "remove_overlap",
     "PromptIterator",
 ]
@@ -107,11 +109,21 @@ def balance_categories(records: Sequence[PromptRecord]) -> list[PromptRecord]:
     colour+position prompts and has 4 single-object ones; its evaluation is tag-balanced
     (`cluster.settings.spread_over_categories`), and RL trained on the raw split hardly sees the
     tags the evaluation weighs equally."""
+    if not records:
+        return []
+    return cycle_categories(records, max(Counter(r.category for r in records).values()))
+
+
+def cycle_categories(records: Sequence[PromptRecord], per_category: int) -> list[PromptRecord]:
+    """Exactly `per_category` records of each category (its records in order, cycled when it has
+    fewer), interleaved. A tag-balanced evaluation of a split whose small tags have 2 prompts: the
+    repeats are separate samples, since the evaluation draws every request's noise and seed anew."""
+    if per_category < 1:
+        raise ValueError(f"per_category={per_category}; allowed: >= 1")
     by_cat: dict[str, list[PromptRecord]] = {}
     for r in records:
         by_cat.setdefault(r.category, []).append(r)
-    longest = max((len(v) for v in by_cat.values()), default=0)
-    return [rs[k % len(rs)] for k in range(longest) for rs in by_cat.values()]
+    return [rs[k % len(rs)] for k in range(per_category) for rs in by_cat.values()]
 
 
 class PromptIterator:

@@ -40,6 +40,18 @@ def test_prompt_sets_drop_test_overlap_and_spread_eval_over_tags():
         ["single_object", "two_object", "counting", "colors", "position", "color_attr"]}
 
 
+def test_eval_per_category_repeats_small_tags_of_the_held_out_split():
+    base = ["data.eval_limit=null", "data.eval_per_category=null"]
+    _, distinct = load_prompt_sets(load_config("configs/shapes_cpu.yaml", base))
+    _, test = load_prompt_sets(load_config("configs/shapes_cpu.yaml", [*base, "data.eval_per_category=30"]))
+    counts = Counter(t.category for t in test)
+    assert len(counts) == 9 and set(counts.values()) == {30}
+    sizes = Counter(t.category for t in distinct)
+    assert min(sizes.values()) < 30 < max(sizes.values())  # some tags repeated, some cut
+    for tag, n in sizes.items():  # each tag's distinct prompts, all of them when it has at most 30
+        assert len({t.prompt for t in test if t.category == tag}) == min(n, 30)
+
+
 def test_balanced_shapes_train_prompts_cover_every_tag_equally():
     cfg = load_config("configs/shapes_cpu.yaml", ["data.balance_categories=true"])
     raw, _ = load_prompt_sets(load_config("configs/shapes_cpu.yaml", ["data.balance_categories=false"]))

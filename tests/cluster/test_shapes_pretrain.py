@@ -179,7 +179,7 @@ def test_shortened_shapes_run_writes_results(warm_cache, tmp_path, monkeypatch, 
     monkeypatch.setenv("R3RL_CACHE", str(warm_cache))
     overrides = [
         f"train.run_dir={tmp_path / 'runs'}", "train.run_name=short", "train.steps=2", "train.eval_rounds=2",
-        "data.eval_limit=4", "r3.group_size=2", "r3.prompts_per_step=2", "flow_grpo.num_steps=4",
+        "data.eval_limit=2", "data.eval_per_category=2", "r3.group_size=2", "r3.prompts_per_step=2", "flow_grpo.num_steps=4",
         "flow_grpo.eval_num_steps=4", "flow_grpo.edit_num_steps=4", "checkpoint.every=2", "grpo.max_tokens=24",
     ]
     assert main(["--config", "configs/shapes_cpu.yaml", "--cache", str(warm_cache), *overrides]) == 0
@@ -192,7 +192,9 @@ def test_shortened_shapes_run_writes_results(warm_cache, tmp_path, monkeypatch, 
     assert [r["step"] for r in results["reward_curve"]] == [0, 1]
     assert all(0.0 <= r["generate/score_mean"] <= 1.0 for r in results["reward_curve"])
     assert results["warm_start"]["version"] == SHAPES_VERSION
-    assert "| **overall** |" in (run / "results.md").read_text()
+    md = (run / "results.md").read_text()
+    assert "| **overall** |" in md
+    assert "4 samples of 2 distinct prompts" in md  # 2 tags × 2 samples, each prompt drawn twice
     assert (run / "results.png").read_bytes()[:4] == b"\x89PNG"
     assert (run / "eval-before" / "eval.json").is_file() and (run / "eval-final" / "eval.json").is_file()
 

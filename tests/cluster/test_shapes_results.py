@@ -84,6 +84,7 @@ def test_summary_markdown_and_plot(tmp_path) -> None:
     md = paths["md"].read_text()
     assert "| a | 0.0 → 0.0 | 0.0 → 100.0 | 0.0 → 100.0 |" in md
     assert "| final-round accuracy (%) | 50.0 | 100.0 | +50.0 points |" in md
+    assert "Accuracy in % (before RL → after RL), 2 prompts, ODE" in md
     assert json.loads(paths["json"].read_text())["delta"]["plateau_round"] == 1
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     from PIL import Image
@@ -91,6 +92,17 @@ def test_summary_markdown_and_plot(tmp_path) -> None:
     with Image.open(paths["png"]) as im:
         assert im.size == (1000, 400)
         assert len(set(im.convert("RGB").getdata())) > 10  # drew lines, not a blank canvas
+
+
+def test_repeated_prompts_are_counted_as_samples(tmp_path) -> None:
+    """A tag-balanced evaluation repeats prompts (`data.eval_per_category`); the table says so."""
+    trajs = [_traj("a", [(False, False, 0.0)]), _traj("a", [(True, False, 1.0)]), _traj("b", [(True, False, 1.0)])]
+    report = summarize(trajs, ["a", "a", "b"], 1)
+    res = summarize_run(report, report, [])
+    assert res["before"]["num_prompts"] == 3 and res["before"]["distinct_prompts"] == 2
+    md = write_results(tmp_path, res)["md"].read_text()
+    assert "3 samples of 2 distinct prompts (repeats with their own noise)" in md
+    assert "| a | 50.0 → 50.0 |" in md
 
 
 def test_before_eval_of_a_resumed_run_comes_from_the_run_it_resumed(tmp_path) -> None:

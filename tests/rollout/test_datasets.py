@@ -9,6 +9,7 @@ from rollout.datasets import (
     PromptIterator,
     PromptRecord,
     balance_categories,
+    cycle_categories,
     load_geneval,
     load_prompts,
     load_tiif,
@@ -176,3 +177,13 @@ def test_balance_categories_cycles_small_categories_up_to_the_largest():
     out = [r.prompt for r in balance_categories(recs)]
     assert out == ["a0", "b0", "c0", "a1", "b1", "c0", "a2", "b0", "c0", "a3", "b1", "c0", "a4", "b0", "c0"]
     assert balance_categories([]) == []
+
+
+def test_cycle_categories_gives_each_category_exactly_n_records():
+    recs = [PromptRecord(f"a{i}", category="a") for i in range(5)] + [
+        PromptRecord("b0", category="b"), PromptRecord("b1", category="b"), PromptRecord("c0", category="c")
+    ]
+    out = [r.prompt for r in cycle_categories(recs, 3)]
+    assert out == ["a0", "b0", "c0", "a1", "b1", "c0", "a2", "b0", "c0"]  # a cut, b and c cycled
+    with pytest.raises(ValueError, match="per_category=0"):
+        cycle_categories(recs, 0)
