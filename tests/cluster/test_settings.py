@@ -52,6 +52,15 @@ def test_eval_per_category_repeats_small_tags_of_the_held_out_split():
         assert len({t.prompt for t in test if t.category == tag}) == min(n, 30)
 
 
+def test_shapes_split_does_not_follow_the_training_seed():
+    """The warm start learns from the fixed partition's train side; train.seed=1 must not evaluate
+    on another partition's test side (it would hold prompts the warm start was trained on)."""
+    _, test0 = load_prompt_sets(load_config("configs/shapes_cpu.yaml", ["data.eval_per_category=null"]))
+    train1, test1 = load_prompt_sets(load_config("configs/shapes_cpu.yaml", ["train.seed=1", "data.eval_per_category=null"]))
+    assert [t.prompt for t in test1] == [t.prompt for t in test0]
+    assert not {t.prompt for t in test1} & {t.prompt for t in train1}
+
+
 def test_balanced_shapes_train_prompts_cover_every_tag_equally():
     cfg = load_config("configs/shapes_cpu.yaml", ["data.balance_categories=true"])
     raw, _ = load_prompt_sets(load_config("configs/shapes_cpu.yaml", ["data.balance_categories=false"]))
