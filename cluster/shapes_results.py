@@ -13,7 +13,7 @@ from typing import Any
 from rollout.evaluation import EvalReport
 from rollout.trajectory import Trajectory
 
-__all__ = ["reflection_accuracy", "plateau_round", "summarize_run", "results_markdown", "write_results"]
+__all__ = ["reflection_accuracy", "edit_outcomes", "plateau_round", "summarize_run", "results_markdown", "write_results"]
 
 PLATEAU_TOLERANCE = 0.01  # a round is on the plateau when within 1 point of the best round
 
@@ -48,6 +48,20 @@ def reflection_accuracy(trajectories: Sequence[Trajectory]) -> dict[str, float |
     }
 
 
+def edit_outcomes(trajectories: Sequence[Trajectory]) -> dict[str, int]:
+    """What the edits did, by the judge's verdict before and after each edit (a stop is not an
+    edit): wrong images fixed or left wrong, correct images kept or broken. The final round rises
+    over round 0 only when `fixed` outnumbers `broken`."""
+    out = {"fixed": 0, "still_wrong": 0, "kept": 0, "broken": 0}
+    for t in trajectories:
+        for prev, cur in zip(t.rounds, t.rounds[1:], strict=False):
+            if cur.stopped:
+                break
+            key = ("kept" if cur.correct else "broken") if prev.correct else ("fixed" if cur.correct else "still_wrong")
+            out[key] += 1
+    return out
+
+
 def plateau_round(accuracy: Sequence[float], tolerance: float = PLATEAU_TOLERANCE) -> int:
     """First round whose accuracy is within `tolerance` of the best round's."""
     if not accuracy:
@@ -67,6 +81,7 @@ def _eval_summary(report: EvalReport) -> dict[str, Any]:
         "mean_rounds": [s.mean_rounds for s in report.overall],
         "plateau_round": plateau_round(acc),
         "reflection": reflection_accuracy(report.trajectories),
+        "edits": edit_outcomes(report.trajectories),
         "num_prompts": report.num_prompts,
         "distinct_prompts": len({t.prompt for t in report.trajectories}),
     }
@@ -99,6 +114,10 @@ def _samples(summary: dict[str, Any]) -> str:
     if distinct == n:
         return f"{n} prompts"
     return f"{n} samples of {distinct} distinct prompts (repeats with their own noise)"
+
+
+def _of(k: int, n: int) -> str:
+    return f"{k} of {n}"
 
 
 def _pct(x: float) -> str:
@@ -141,6 +160,14 @@ def results_markdown(results: dict[str, Any]) -> str:
         f"| edit when wrong (%) | {_pct(rb['edit_when_wrong'])} | {_pct(ra['edit_when_wrong'])} | |",
         f"| rounds to plateau | {b['plateau_round']} | {a['plateau_round']} | {d['plateau_round']:+d} |",
     ]
+    if "edits" in b and "edits" in a:
+        eb, ea = b["edits"], a["edits"]
+        lines += [
+            f"| edits that fixed a wrong image | {_of(eb['fixed'], eb['fixed'] + eb['still_wrong'])} | "
+            f"{_of(ea['fixed'], ea['fixed'] + ea['still_wrong'])} | |",
+            f"| edits that broke a correct image | {_of(eb['broken'], eb['broken'] + eb['kept'])} | "
+            f"{_of(ea['broken'], ea['broken'] + ea['kept'])} | |",
+        ]
     return "\n".join(lines) + "\n"
 
 

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from cluster.shapes_results import plateau_round, reflection_accuracy, summarize_run, write_results
+from cluster.shapes_results import edit_outcomes, plateau_round, reflection_accuracy, summarize_run, write_results
 from rollout.evaluation import summarize
 from rollout.trajectory import Round, Trajectory
 
@@ -62,6 +62,16 @@ def test_plateau_round(acc: list[float], expected: int) -> None:
     assert plateau_round(acc) == expected
 
 
+def test_edit_outcomes_count_each_edit_by_the_verdicts_around_it() -> None:
+    trajs = [
+        _traj("a", [(False, False, 0.2), (True, False, 1.0), (True, True, 1.0)]),  # fixed, then a stop
+        _traj("a", [(True, False, 1.0), (False, False, 0.5), (False, False, 0.4)]),  # broken, still wrong
+        _traj("b", [(True, False, 1.0), (True, False, 1.0)]),  # kept
+        _traj("b", [(False, False, 0.0), (False, True, 0.0)]),  # a stop is not an edit
+    ]
+    assert edit_outcomes(trajs) == {"fixed": 1, "still_wrong": 1, "kept": 1, "broken": 1}
+
+
 def test_plateau_round_needs_rounds() -> None:
     with pytest.raises(ValueError, match="at least one round"):
         plateau_round([])
@@ -85,6 +95,8 @@ def test_summary_markdown_and_plot(tmp_path) -> None:
     assert "| a | 0.0 → 0.0 | 0.0 → 100.0 | 0.0 → 100.0 |" in md
     assert "| final-round accuracy (%) | 50.0 | 100.0 | +50.0 points |" in md
     assert "Accuracy in % (before RL → after RL), 2 prompts, ODE" in md
+    assert "| edits that fixed a wrong image | 0 of 2 | 1 of 1 | |" in md  # a: 2 edits, still wrong / fixed
+    assert "| edits that broke a correct image | 0 of 0 | 0 of 0 | |" in md  # b stops at once
     assert json.loads(paths["json"].read_text())["delta"]["plateau_round"] == 1
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     from PIL import Image
