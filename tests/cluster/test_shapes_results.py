@@ -7,7 +7,13 @@ import math
 
 import pytest
 
-from cluster.shapes_results import edit_outcomes, plateau_round, reflection_accuracy, summarize_run, write_results
+from cluster.shapes_results import (
+    edit_outcomes,
+    plateau_round,
+    reflection_accuracy,
+    summarize_run,
+    write_results,
+)
 from rollout.evaluation import summarize
 from rollout.trajectory import Round, Trajectory
 
