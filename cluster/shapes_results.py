@@ -50,8 +50,8 @@ def reflection_accuracy(trajectories: Sequence[Trajectory]) -> dict[str, float |
 
 def edit_outcomes(trajectories: Sequence[Trajectory]) -> dict[str, int]:
     """What the edits did, by the judge's verdict before and after each edit (a stop is not an
-    edit): wrong images fixed or left wrong, correct images kept or broken. The final round rises
-    over round 0 only when `fixed` outnumbers `broken`."""
+    edit): wrong images fixed or left wrong, correct images kept or broken. Final-round accuracy
+    minus round-0 accuracy is exactly (fixed − broken) / samples."""
     out = {"fixed": 0, "still_wrong": 0, "kept": 0, "broken": 0}
     for t in trajectories:
         for prev, cur in zip(t.rounds, t.rounds[1:], strict=False):

@@ -76,6 +76,10 @@ def test_edit_outcomes_count_each_edit_by_the_verdicts_around_it() -> None:
         _traj("b", [(False, False, 0.0), (False, True, 0.0)]),  # a stop is not an edit
     ]
     assert edit_outcomes(trajs) == {"fixed": 1, "still_wrong": 1, "kept": 1, "broken": 1}
+    trajs.append(_traj("b", [(False, False, 0.0), (True, False, 1.0), (True, False, 1.0)]))  # fixed, kept
+    acc = summarize(trajs, [t.metadata["tag"] for t in trajs], 3).overall
+    e = edit_outcomes(trajs)
+    assert acc[-1].accuracy - acc[0].accuracy == pytest.approx((e["fixed"] - e["broken"]) / len(trajs))
 
 
 def test_plateau_round_needs_rounds() -> None:
