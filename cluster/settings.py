@@ -8,7 +8,7 @@ from typing import Any
 
 from cluster.config import R3Config
 
-__all__ = ["step_settings", "eval_settings", "build_templates", "load_prompt_sets", "shared_data_dir", "spread_over_categories"]
+__all__ = ["step_settings", "eval_settings", "build_templates", "load_prompt_sets", "shared_data_dir"]
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,13 @@ def build_templates(cfg: R3Config) -> Any:
 
 
 def load_prompt_sets(cfg: R3Config) -> tuple[list[Any], list[Any]]:
-    from rollout.datasets import balance_categories, cycle_categories, load_prompts, remove_overlap
+    from rollout.datasets import (
+        balance_categories,
+        cycle_categories,
+        load_prompts,
+        remove_overlap,
+        spread_over_categories,
+    )
 
     def load(spec: str) -> list[Any]:
         if spec == "geneval":
@@ -96,21 +102,6 @@ def load_prompt_sets(cfg: R3Config) -> tuple[list[Any], list[Any]]:
     if not train:
         raise ValueError(f"data.train={cfg.data.train!r} leaves no prompts (after overlap removal and data.limit)")
     return train, test
-
-
-def spread_over_categories(records: list[Any], n: int) -> list[Any]:
-    """The first `n` records taken round-robin over categories (file order within each), so a short
-    evaluation still covers every GenEval tag."""
-    by_cat: dict[str, list[Any]] = {}
-    for r in records:
-        by_cat.setdefault(r.category, []).append(r)
-    queues = [list(v) for v in by_cat.values()]
-    out: list[Any] = []
-    while len(out) < min(n, len(records)):
-        for q in queues:
-            if q and len(out) < n:
-                out.append(q.pop(0))
-    return out
 
 
 def shared_data_dir() -> Path:

@@ -110,7 +110,7 @@ def summarize_run(
 
 
 def _samples(summary: dict[str, Any]) -> str:
-    n, distinct = summary["num_prompts"], summary.get("distinct_prompts", summary["num_prompts"])
+    n, distinct = summary["num_prompts"], summary["distinct_prompts"]
     if distinct == n:
         return f"{n} prompts"
     return f"{n} samples of {distinct} distinct prompts (repeats with their own noise)"
@@ -160,14 +160,13 @@ def results_markdown(results: dict[str, Any]) -> str:
         f"| edit when wrong (%) | {_pct(rb['edit_when_wrong'])} | {_pct(ra['edit_when_wrong'])} | |",
         f"| rounds to plateau | {b['plateau_round']} | {a['plateau_round']} | {d['plateau_round']:+d} |",
     ]
-    if "edits" in b and "edits" in a:
-        eb, ea = b["edits"], a["edits"]
-        lines += [
-            f"| edits that fixed a wrong image | {_of(eb['fixed'], eb['fixed'] + eb['still_wrong'])} | "
-            f"{_of(ea['fixed'], ea['fixed'] + ea['still_wrong'])} | |",
-            f"| edits that broke a correct image | {_of(eb['broken'], eb['broken'] + eb['kept'])} | "
-            f"{_of(ea['broken'], ea['broken'] + ea['kept'])} | |",
-        ]
+    eb, ea = b["edits"], a["edits"]
+    lines += [
+        f"| edits that fixed a wrong image | {_of(eb['fixed'], eb['fixed'] + eb['still_wrong'])} | "
+        f"{_of(ea['fixed'], ea['fixed'] + ea['still_wrong'])} | |",
+        f"| edits that broke a correct image | {_of(eb['broken'], eb['broken'] + eb['kept'])} | "
+        f"{_of(ea['broken'], ea['broken'] + ea['kept'])} | |",
+    ]
     return "\n".join(lines) + "\n"
 
 

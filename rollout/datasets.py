@@ -26,6 +26,7 @@ __all__ = [
     "normalize_prompt",
     "balance_categories",
     "cycle_categories",
+    "spread_over_categories",
     "remove_overlap",
     "PromptIterator",
 ]
@@ -107,7 +108,7 @@ def balance_categories(records: Sequence[PromptRecord]) -> list[PromptRecord]:
     """Each category's records cycled up to the size of the largest category, interleaved, so a
     uniform draw from the result picks the category uniformly. ShapesWorld's train split is 74 %
     colour+position prompts and has 4 single-object ones; its evaluation is tag-balanced
-    (`cluster.settings.spread_over_categories`), and RL trained on the raw split hardly sees the
+    (`spread_over_categories`, `cycle_categories`), and RL trained on the raw split hardly sees the
     tags the evaluation weighs equally."""
     if not records:
         return []
@@ -120,10 +121,28 @@ def cycle_categories(records: Sequence[PromptRecord], per_category: int) -> list
     repeats are separate samples, since the evaluation draws every request's noise and seed anew."""
     if per_category < 1:
         raise ValueError(f"per_category={per_category}; allowed: >= 1")
+    groups = _by_category(records)
+    return [rs[k % len(rs)] for k in range(per_category) for rs in groups]
+
+
+def spread_over_categories(records: Sequence[PromptRecord], n: int) -> list[PromptRecord]:
+    """The first `n` records taken round-robin over categories (file order within each), so a short
+    evaluation still covers every GenEval tag."""
+    queues = _by_category(records)
+    out: list[PromptRecord] = []
+    while len(out) < min(n, len(records)):
+        for q in queues:
+            if q and len(out) < n:
+                out.append(q.pop(0))
+    return out
+
+
+def _by_category(records: Sequence[PromptRecord]) -> list[list[PromptRecord]]:
+    """The records of each category, in order of first appearance (file order within each)."""
     by_cat: dict[str, list[PromptRecord]] = {}
     for r in records:
         by_cat.setdefault(r.category, []).append(r)
-    return [rs[k % len(rs)] for k in range(per_category) for rs in by_cat.values()]
+    return list(by_cat.values())
 
 
 class PromptIterator:
