@@ -145,6 +145,10 @@ class GRPOConfig(_Section):
     betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas")
     weight_decay: float = Field(0.0, ge=0)
     warmup_steps: int = Field(10, ge=0)
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="after warm-up: constant, or cosine to min_lr_ratio * lr at train.steps"
+    )
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="floor of the cosine schedule, as a share of lr")
     grad_clip: float = Field(1.0, gt=0)
     zero_stage: Literal[0, 1, 2, 3] = Field(1, description="DeepSpeed ZeRO stage")
     micro_batch_size: int = Field(4, ge=1)
@@ -186,6 +190,10 @@ class FlowGRPOConfig(_Section):
     lr: float = Field(5e-6, gt=0)
     betas: tuple[float, float] = Field((0.9, 0.95))
     warmup_steps: int = Field(10, ge=0)
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="after warm-up: constant, or cosine to min_lr_ratio * lr at train.steps"
+    )
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="floor of the cosine schedule, as a share of lr")
     grad_clip: float = Field(1.0, gt=0)
     zero_stage: Literal[0, 1, 2, 3] = Field(1)
     micro_batch_size: int = Field(4, ge=1)
@@ -287,6 +295,20 @@ class R3Config(_Section):
     sync: SyncConfig = Field(default_factory=SyncConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+
+    @model_validator(mode="after")
+    def _cosine_needs_room(self) -> R3Config:
+        for name, section in (("grpo", self.grpo), ("flow_grpo", self.flow_grpo)):
+            if section.lr_schedule == "cosine" and self.train.steps <= section.warmup_steps:
+                raise ValueError(
+                    f"{name}.lr_schedule=cosine decays over train.steps ({self.train.steps}), which must exceed "
+                    f"{name}.warmup_steps ({section.warmup_steps})"
+                )
+        return self
+
+    def lr_decay_steps(self, section: GRPOConfig | FlowGRPOConfig) -> int:
+        """Updates over which `section`'s cosine reaches its floor (0: constant after warm-up)."""
+        return self.train.steps if section.lr_schedule == "cosine" else 0
 
 
 # ---------------------------------------------------------------------------------------- loading

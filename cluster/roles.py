@@ -147,7 +147,7 @@ def build_roles(cfg: R3Config, paths: ModelPaths) -> Roles:
     from learners.group import LearnerGroup
     from learners.weight_sync import make_weight_sync
 
-    c, seed = cfg.cluster, cfg.train.seed
+    c = cfg.cluster
     backend = "nccl" if c.text_learners.num_gpus > 0 else "gloo"
     text_sync = make_weight_sync(cfg.sync.method, bucket_mb=cfg.sync.bucket_mb, backend=backend)
     diffusion_sync = make_weight_sync(cfg.sync.method, bucket_mb=cfg.sync.bucket_mb, backend=backend)
@@ -167,15 +167,9 @@ def build_roles(cfg: R3Config, paths: ModelPaths) -> Roles:
         text_pool, diffusion_pool = build_worker_pools(
             cfg, paths, placements, {"text_workers": resync(text_sync), "diffusion_workers": resync(diffusion_sync)})
         judge = build_judge_client(cfg, paths)
-        g = cfg.grpo
         text_learners = LearnerGroup(
             "text", c.text_learners.count, c.text_learners.num_cpus, c.text_learners.num_gpus,
-            placement_group=placements["text_learners"].group,
-            model_path=paths.reasoner, zero_stage=g.zero_stage, lr=g.lr, betas=tuple(g.betas),
-            weight_decay=g.weight_decay, warmup_steps=g.warmup_steps, grad_clip=g.grad_clip,
-            micro_batch_size=g.micro_batch_size, temperature=g.temperature, top_p=g.top_p, kl_coef=g.kl_coef,
-            kl_kind=g.kl_kind,
-            clip_low=g.clip_low, clip_high=g.clip_high, loss_agg=g.loss_agg, seed=seed,
+            placement_group=placements["text_learners"].group, **text_learner_kwargs(cfg, paths),
         )
         diffusion_learners = LearnerGroup(
             "diffusion", c.diffusion_learners.count, c.diffusion_learners.num_cpus, c.diffusion_learners.num_gpus,
@@ -190,11 +184,23 @@ def build_roles(cfg: R3Config, paths: ModelPaths) -> Roles:
     return roles
 
 
+def text_learner_kwargs(cfg: R3Config, paths: ModelPaths) -> dict[str, Any]:
+    g = cfg.grpo
+    return dict(
+        model_path=paths.reasoner, zero_stage=g.zero_stage, lr=g.lr, betas=tuple(g.betas),
+        weight_decay=g.weight_decay, warmup_steps=g.warmup_steps, lr_decay_steps=cfg.lr_decay_steps(g),
+        min_lr_ratio=g.min_lr_ratio, grad_clip=g.grad_clip, micro_batch_size=g.micro_batch_size,
+        temperature=g.temperature, top_p=g.top_p, kl_coef=g.kl_coef, kl_kind=g.kl_kind,
+        clip_low=g.clip_low, clip_high=g.clip_high, loss_agg=g.loss_agg, seed=cfg.train.seed,
+    )
+
+
 def diffusion_learner_kwargs(cfg: R3Config, paths: ModelPaths) -> dict[str, Any]:
     f = cfg.flow_grpo
     return dict(
         model_path=paths.generator, zero_stage=f.zero_stage, lr=f.lr, betas=tuple(f.betas),
-        warmup_steps=f.warmup_steps, grad_clip=f.grad_clip, micro_batch_size=f.micro_batch_size,
+        warmup_steps=f.warmup_steps, lr_decay_steps=cfg.lr_decay_steps(f), min_lr_ratio=f.min_lr_ratio,
+        grad_clip=f.grad_clip, micro_batch_size=f.micro_batch_size,
         clip_range=f.clip_range, adv_clip=f.adv_clip, kl_coef=f.kl_coef, kl_mode=f.kl_mode,
         image_loss_weight=f.image_loss_weight, cfg_scale=f.train_cfg_scale, seed=cfg.train.seed,
     )

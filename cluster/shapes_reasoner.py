@@ -303,15 +303,11 @@ def degrade_images(images: np.ndarray, rng: np.random.Generator, fraction: float
 
 
 def warmup_cosine(steps: int):
-    """LR multiplier: linear warm-up over 5 % of `steps`, then cosine to 0."""
+    """LR multiplier: linear warm-up over 5 % of `steps`, then cosine to 0 (the learners' schedule)."""
+    from learners.ds_engine import warmup_lambda
+
     warm = max(1, steps // 20)
-
-    def f(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        return 0.5 * (1 + np.cos(np.pi * min(1.0, (step - warm) / max(1, steps - warm))))
-
-    return f
+    return warmup_lambda(warm, max(steps, warm + 1))
 
 
 def _blur(image: np.ndarray, sigma: float) -> np.ndarray:

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 
 __all__ = [
@@ -155,22 +156,35 @@ def build_ds_config(
     }
 
 
-def warmup_lambda(warmup_steps: int):
-    """LR factor: linear from 1/warmup to 1 over the first `warmup_steps` updates, then 1.
+def warmup_lambda(warmup_steps: int, decay_steps: int = 0, min_ratio: float = 0.0):
+    """LR factor: linear from 1/warmup to 1 over the first `warmup_steps` updates, then 1, or with
+    `decay_steps` > 0 a cosine from 1 down to `min_ratio` at update `decay_steps` (flat after).
 
-    (DeepSpeed's WarmupLR starts at exactly 0, wasting the first update.)
+    (DeepSpeed's WarmupLR starts at exactly 0, wasting the first update.) Why a decay: RL steps
+    past the useful range undo gains at a constant lr (ShapesWorld, README).
     """
     if warmup_steps < 0:
         raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+    if decay_steps < 0 or (decay_steps and decay_steps <= warmup_steps):
+        raise ValueError(f"decay_steps must be 0 (no decay) or > warmup_steps ({warmup_steps}), got {decay_steps}")
+    if not 0.0 <= min_ratio <= 1.0:
+        raise ValueError(f"min_ratio must be in [0, 1], got {min_ratio}")
 
     def factor(step: int) -> float:
-        return 1.0 if warmup_steps == 0 else min(1.0, (step + 1) / warmup_steps)
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if not decay_steps:
+            return 1.0
+        cosine = 0.5 * (1 + float(np.cos(np.pi * min(1.0, (step - warmup_steps) / (decay_steps - warmup_steps)))))
+        return min_ratio + (1 - min_ratio) * cosine
 
     return factor
 
 
-def initialize_engine(model: torch.nn.Module, ds_config: dict[str, Any], warmup_steps: int):
-    """`deepspeed.initialize` over the trainable parameters with a warm-up schedule."""
+def initialize_engine(
+    model: torch.nn.Module, ds_config: dict[str, Any], warmup_steps: int, decay_steps: int = 0, min_lr_ratio: float = 0.0
+):
+    """`deepspeed.initialize` over the trainable parameters with the `warmup_lambda` schedule."""
     import deepspeed
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -178,7 +192,7 @@ def initialize_engine(model: torch.nn.Module, ds_config: dict[str, Any], warmup_
         raise ValueError("the model has no trainable parameters")
 
     def scheduler(optimizer):
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lambda(warmup_steps))
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lambda(warmup_steps, decay_steps, min_lr_ratio))
 
     engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config=ds_config,
                                       lr_scheduler=scheduler)

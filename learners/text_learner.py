@@ -45,6 +45,8 @@ class TextLearner(LearnerBase):
         weight_decay: float = 0.0,
         adam_eps: float = 1e-8,
         warmup_steps: int = 0,
+        lr_decay_steps: int = 0,
+        min_lr_ratio: float = 0.0,
         grad_clip: float = 1.0,
         micro_batch_size: int = 4,
         dtype: str = "auto",
@@ -102,7 +104,7 @@ class TextLearner(LearnerBase):
             zero_stage=zero_stage, lr=lr, betas=betas, weight_decay=weight_decay, adam_eps=adam_eps,
             grad_clip=grad_clip, micro_batch_size=micro_batch_size, world_size=self.world_size,
             dtype=self.dtype)
-        self.engine = ds_engine.initialize_engine(model, config, warmup_steps)
+        self.engine = ds_engine.initialize_engine(model, config, warmup_steps, lr_decay_steps, min_lr_ratio)
         self.engine.eval()  # no dropout: the recomputed log-probs must equal the sampler's
         self.processor = self._load_processor() if self.is_vlm else None
         cfg = self.engine.module.config

@@ -30,11 +30,13 @@ def test_documented_key_paths_exist():
         "cluster.text_learners.count=2", "cluster.diffusion_learners.count=2", "r3.mode=chain",
         "r3.group_size=8", "r3.max_rounds=3", "grpo.clip_low=0.1", "grpo.clip_high=0.28",
         "grpo.kl_coef=0.01", "flow_grpo.noise_level=0.5", "flow_grpo.clip_range=0.1",
-        "flow_grpo.num_steps=10", "train.steps=7", "train.seed=3",
+        "flow_grpo.num_steps=10", "train.steps=7", "train.seed=3", "flow_grpo.lr_schedule=cosine",
+        "grpo.min_lr_ratio=0.1",
     ]
     cfg = load_config(CPU, keys)
     assert (cfg.cluster.text_workers.count, cfg.r3.mode, cfg.grpo.clip_high, cfg.train.seed) == (3, "chain", 0.28, 3)
     assert cfg.flow_grpo.num_steps == 10 and cfg.flow_grpo.noise_level == 0.5
+    assert (cfg.flow_grpo.lr_schedule, cfg.grpo.min_lr_ratio) == ("cosine", 0.1)
 
 
 def test_role_count_shorthand_and_worker_count_leaves_learners_alone():
@@ -66,6 +68,9 @@ BAD = [
     (["grpo.clip_high"], "must look like key.path=value"),
     (["models.reasoner.path=tiny:gpt5"], "models.reasoner.path"),
     (["grpo.loss_agg=sum"], "grpo.loss_agg"),
+    (["flow_grpo.lr_schedule=linear"], "flow_grpo.lr_schedule"),
+    (["grpo.min_lr_ratio=1.5"], "grpo.min_lr_ratio"),
+    (["grpo.lr_schedule=cosine", "grpo.warmup_steps=4", "train.steps=4"], "grpo.lr_schedule=cosine decays over train.steps (4)"),
 ]
 
 
@@ -75,6 +80,12 @@ def test_bad_overrides_exit_2_naming_the_field(overrides, expected, capsys):
     err = capsys.readouterr().err
     assert expected in err, err
     assert "Traceback" not in err
+
+
+def test_lr_decay_steps_follow_the_schedule():
+    cfg = load_config(CPU, ["flow_grpo.lr_schedule=cosine", "train.steps=30"])
+    assert cfg.lr_decay_steps(cfg.flow_grpo) == 30
+    assert cfg.lr_decay_steps(cfg.grpo) == 0  # constant after warm-up, the default
 
 
 def test_unknown_key_in_yaml_file(tmp_path, capsys):
@@ -108,3 +119,20 @@ def test_dry_run_cli_prints_plan_and_exits_0():
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )
     assert bad.returncode == 2 and "r3.group_size" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_learner_kwargs_carry_the_schedule_and_match_the_constructors():
+    """Every key the roles pass is a parameter of the learner (a typo would fail at actor start)."""
+    import inspect
+
+    from cluster.roles import ModelPaths, diffusion_learner_kwargs, text_learner_kwargs
+    from learners.diffusion_learner import DiffusionLearner
+    from learners.text_learner import TextLearner
+
+    cfg = load_config(CPU, ["grpo.lr_schedule=cosine", "grpo.min_lr_ratio=0.1", "train.steps=50"])
+    paths = ModelPaths("/r", "/g", None)
+    text, diffusion = text_learner_kwargs(cfg, paths), diffusion_learner_kwargs(cfg, paths)
+    assert (text["lr_decay_steps"], text["min_lr_ratio"], text["model_path"]) == (50, 0.1, "/r")
+    assert (diffusion["lr_decay_steps"], diffusion["model_path"]) == (0, "/g")
+    for kwargs, cls in ((text, TextLearner), (diffusion, DiffusionLearner)):
+        assert set(kwargs) <= set(inspect.signature(cls.__init__).parameters)

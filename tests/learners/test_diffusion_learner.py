@@ -100,11 +100,12 @@ def test_zero3_two_ranks_match_single_rank(learner_ray, tiny_models, image_sampl
 
 
 def test_train_time_cfg_with_velocity_kl(learner_ray, tiny_models, image_data):
-    """The no-CFG-at-sampling + guided-training variant runs; velocity KL grows after an update."""
+    """The no-CFG-at-sampling + guided-training variant runs; velocity KL grows after an update.
+    Also the cosine lr schedule reaches the learner's optimizer (over 2 updates: lr, then lr / 2)."""
     from learners.group import LearnerGroup
 
     samples, negative = image_data
-    kwargs = {**COMMON, "kl_mode": "velocity", "lr": 1e-2}
+    kwargs = {**COMMON, "kl_mode": "velocity", "lr": 1e-2, "lr_decay_steps": 2}
     group = LearnerGroup("diffusion", 1, num_cpus_per=1, name_prefix="test-diffusion-cfg",
                          model_path=str(tiny_models.flux), zero_stage=2, micro_batch_size=6, cfg_scale=2.0, **kwargs)
     try:
@@ -115,6 +116,7 @@ def test_train_time_cfg_with_velocity_kl(learner_ray, tiny_models, image_data):
     finally:
         group.shutdown()
     assert first["kl_loss"] < 1e-12 < second["kl_loss"]  # policy == reference only before the update
+    assert (first["lr"], second["lr"]) == pytest.approx((1e-2, 5e-3))
     assert abs(first["ratio_mean"] - 1) > 1e-4  # the sampler did not guide: CFG changes the density
 
 

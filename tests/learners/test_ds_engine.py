@@ -15,6 +15,17 @@ def test_warmup_is_linear_then_flat():
         warmup_lambda(-1)
 
 
+def test_cosine_decay_after_warmup_to_the_floor():
+    f = warmup_lambda(2, decay_steps=6, min_ratio=0.2)
+    # warm-up 0.5, 1; then cos over updates 2..6: (1 + cos(pi * k / 4)) / 2 = 1, 0.8536, 0.5, 0.1464, 0
+    expected = [0.5, 1.0, 1.0, 0.2 + 0.8 * 0.853553, 0.6, 0.2 + 0.8 * 0.146447, 0.2, 0.2]
+    assert [f(s) for s in range(8)] == pytest.approx(expected, abs=1e-6)
+    assert warmup_lambda(0, decay_steps=4)(4) == 0.0
+    for bad in (dict(decay_steps=2), dict(decay_steps=-1), dict(decay_steps=5, min_ratio=1.5)):
+        with pytest.raises(ValueError):
+            warmup_lambda(2, **bad)
+
+
 def test_ds_config_from_arguments():
     cfg = build_ds_config(zero_stage=3, lr=5e-6, betas=(0.9, 0.95), weight_decay=0.1, adam_eps=1e-8,
                           grad_clip=1.0, micro_batch_size=2, world_size=4, dtype=torch.float32)
