@@ -160,8 +160,9 @@ def warmup_lambda(warmup_steps: int, decay_steps: int = 0, min_ratio: float = 0.
     """LR factor: linear from 1/warmup to 1 over the first `warmup_steps` updates, then 1, or with
     `decay_steps` > 0 a cosine from 1 down to `min_ratio` at update `decay_steps` (flat after).
 
-    (DeepSpeed's WarmupLR starts at exactly 0, wasting the first update.) Why a decay: RL steps
-    past the useful range undo gains at a constant lr (ShapesWorld, README).
+    (DeepSpeed's WarmupLR starts at exactly 0, wasting the first update.) Why a decay: at a
+    constant lr, ShapesWorld's steps 100-200 gave back the generator's held-out gain; with the
+    cosine over 200 steps it stayed where it was (README).
     """
     if warmup_steps < 0:
         raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
