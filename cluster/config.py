@@ -135,7 +135,18 @@ class R3Settings(_Section):
     adv_std: Literal["none", "group", "global"] = Field("none", description="advantage std normalisation")
 
 
-class GRPOConfig(_Section):
+class _LrSchedule(_Section):
+    """The learning-rate schedule of a learner (`learners.ds_engine.warmup_lambda`): warm-up, then
+    constant or a cosine over train.steps (`R3Config.lr_decay_steps`)."""
+
+    warmup_steps: int = Field(10, ge=0)
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="after warm-up: constant, or cosine to min_lr_ratio * lr at train.steps"
+    )
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="floor of the cosine schedule, as a share of lr")
+
+
+class GRPOConfig(_LrSchedule):
     clip_low: float = Field(0.2, gt=0, lt=1, description="PPO clip epsilon below 1")
     clip_high: float = Field(0.2, gt=0, description="PPO clip epsilon above 1 (clip-higher)")
     kl_coef: float = Field(0.001, ge=0, description="beta of the KL to the reference")
@@ -144,11 +155,6 @@ class GRPOConfig(_Section):
     lr: float = Field(5e-6, gt=0, description="AdamW learning rate")
     betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas")
     weight_decay: float = Field(0.0, ge=0)
-    warmup_steps: int = Field(10, ge=0)
-    lr_schedule: Literal["constant", "cosine"] = Field(
-        "constant", description="after warm-up: constant, or cosine to min_lr_ratio * lr at train.steps"
-    )
-    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="floor of the cosine schedule, as a share of lr")
     grad_clip: float = Field(1.0, gt=0)
     zero_stage: Literal[0, 1, 2, 3] = Field(1, description="DeepSpeed ZeRO stage")
     micro_batch_size: int = Field(4, ge=1)
@@ -165,7 +171,7 @@ class GRPOConfig(_Section):
         return v
 
 
-class FlowGRPOConfig(_Section):
+class FlowGRPOConfig(_LrSchedule):
     noise_level: float = Field(0.7, ge=0, description="SDE noise level a for generation")
     edit_noise_level: float = Field(1.0, ge=0, description="SDE noise level a for edits")
     clip_range: float = Field(0.2, gt=0, lt=1, description="PPO clip of the image ratio")
@@ -189,11 +195,6 @@ class FlowGRPOConfig(_Section):
     )
     lr: float = Field(5e-6, gt=0)
     betas: tuple[float, float] = Field((0.9, 0.95))
-    warmup_steps: int = Field(10, ge=0)
-    lr_schedule: Literal["constant", "cosine"] = Field(
-        "constant", description="after warm-up: constant, or cosine to min_lr_ratio * lr at train.steps"
-    )
-    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="floor of the cosine schedule, as a share of lr")
     grad_clip: float = Field(1.0, gt=0)
     zero_stage: Literal[0, 1, 2, 3] = Field(1)
     micro_batch_size: int = Field(4, ge=1)
@@ -306,7 +307,7 @@ class R3Config(_Section):
                 )
         return self
 
-    def lr_decay_steps(self, section: GRPOConfig | FlowGRPOConfig) -> int:
+    def lr_decay_steps(self, section: _LrSchedule) -> int:
         """Updates over which `section`'s cosine reaches its floor (0: constant after warm-up)."""
         return self.train.steps if section.lr_schedule == "cosine" else 0
 
