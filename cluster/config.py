@@ -232,10 +232,11 @@ class JudgeConfig(_Section):
 class DataConfig(_Section):
     train: str = Field(
         "geneval",
-        description="JSONL of prompts (GenEval/TIIF format): a path, 'shared:<path under shared/data>', "
-        "'geneval' (the 553 GenEval prompts), or 'shapes-train' / 'shapes-test' (ShapesWorld)",
+        description="training prompts: a registered name ('geneval': the 553 GenEval prompts shipped in "
+        "data/geneval; plugins register more, e.g. 'shapes-train'), 'data:<file>' (under $R3RL_DATA, default "
+        "the repository's data/), or a path to a GenEval- or TIIF-format .jsonl / .jsonl.gz file",
     )
-    test: str = Field("geneval", description="evaluation prompts")
+    test: str = Field("geneval", description="evaluation prompts, in the same forms as data.train")
     exclude_test_overlap: bool = Field(True, description="drop train prompts that appear in the test set")
     limit: int | None = Field(None, ge=1, description="use only the first N train prompts")
     balance_categories: bool = Field(

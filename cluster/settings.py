@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 from cluster.config import R3Config
 
-__all__ = ["step_settings", "eval_settings", "build_templates", "load_prompt_sets", "shared_data_dir"]
+__all__ = ["step_settings", "eval_settings", "build_templates", "load_prompt_sets"]
 
 log = logging.getLogger(__name__)
 
@@ -68,23 +67,19 @@ def load_prompt_sets(cfg: R3Config) -> tuple[list[Any], list[Any]]:
     from rollout.datasets import (
         balance_categories,
         cycle_categories,
-        load_prompts,
+        load_prompt_source,
         remove_overlap,
         spread_over_categories,
     )
 
     def load(spec: str) -> list[Any]:
-        if spec == "geneval":
-            return load_prompts(shared_data_dir() / "geneval" / "evaluation_metadata.jsonl")
-        if spec.startswith("shared:"):
-            return load_prompts(shared_data_dir() / spec.removeprefix("shared:"))
         if spec == "shapes-train" or spec == "shapes-test":
             from rollout.shapesworld.tasks import shapes_split
 
             # The fixed partition (seed 0), whatever train.seed is: the warm start trained on its
             # train side, so another partition would evaluate on prompts it was trained on.
             return shapes_split(spec.split("-")[1])
-        return load_prompts(spec)
+        return load_prompt_source(spec)
 
     train, test = load(cfg.data.train), load(cfg.data.test)
     if cfg.data.exclude_test_overlap:
@@ -102,10 +97,3 @@ def load_prompt_sets(cfg: R3Config) -> tuple[list[Any], list[Any]]:
     if not train:
         raise ValueError(f"data.train={cfg.data.train!r} leaves no prompts (after overlap removal and data.limit)")
     return train, test
-
-
-def shared_data_dir() -> Path:
-    """$R3RL_DATA, else the `shared/data` folder beside the checkout."""
-    import os
-
-    return Path(os.environ.get("R3RL_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))

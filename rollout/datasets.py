@@ -1,19 +1,21 @@
 """Prompt data: GenEval-format and TIIF-format JSONL loaders, the test-overlap filter, and a
-seeded, checkpointable prompt iterator (DESIGN.md §10).
+seeded, checkpointable prompt iterator (docs/design.md#prompt-data).
 
 GenEval line: {"tag": str, "include": [{"class": str, "count": int, "color"?: str,
 "position"?: [relation, index], ...}], "exclude"?: [...], "prompt": str}; extra fields (e.g.
 GenEval++'s "size" / "region") are kept. TIIF line: {"type", "short_description",
 "long_description", "yn_question_list", "yn_answer_list", ...}. Malformed lines raise a
-`ValueError` naming the file and the line number. Files are read where they lie (never copied).
+`ValueError` naming the file and the line number. Files are read where they lie (never copied); `.jsonl.gz` files are read
+gzipped.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 import random
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -29,7 +31,66 @@ __all__ = [
     "spread_over_categories",
     "remove_overlap",
     "PromptIterator",
+    "PromptSource",
+    "register_prompt_source",
+    "known_prompt_sources",
+    "load_prompt_source",
+    "data_dir",
 ]
+
+# The repository's own data folder: prompt files that ship with R3RL (see data/README.md).
+_REPO_DATA = Path(__file__).resolve().parents[1] / "data"
+DATA_PREFIX = "data:"
+
+PromptSource = Callable[[], list["PromptRecord"]]
+_SOURCES: dict[str, PromptSource] = {}
+
+
+def register_prompt_source(name: str) -> Callable[[PromptSource], PromptSource]:
+    """Register a named prompt set (`data.train: NAME` / `data.test: NAME` in a config).
+
+    A task's plugin module registers its own sets this way; a second registration of one name raises.
+    """
+
+    def deco(fn: PromptSource) -> PromptSource:
+        if name in _SOURCES:
+            raise ValueError(f"prompt source {name!r} is already registered; known: {sorted(_SOURCES)}")
+        _SOURCES[name] = fn
+        return fn
+
+    return deco
+
+
+def known_prompt_sources() -> list[str]:
+    return sorted(_SOURCES)
+
+
+def data_dir() -> Path:
+    """Root of `data:<file>` specs: `$R3RL_DATA` when set (users' own data), else the repository's `data/`."""
+    import os
+
+    return Path(os.environ.get("R3RL_DATA") or _REPO_DATA)
+
+
+def load_prompt_source(spec: str) -> list[PromptRecord]:
+    """Prompts named by a config string.
+
+    `spec` is a registered name (`geneval`, or one a plugin registered), `data:<file>` (a file under
+    `data_dir()`), or a path to a `.jsonl` / `.jsonl.gz` file in GenEval or TIIF format.
+
+    Raises:
+        ValueError: the name is not registered and no such file exists (the message lists the names).
+    """
+    if spec in _SOURCES:
+        return _SOURCES[spec]()
+    path = data_dir() / spec.removeprefix(DATA_PREFIX) if spec.startswith(DATA_PREFIX) else Path(spec).expanduser()
+    if not path.is_file():
+        raise ValueError(
+            f"prompt source {spec!r}: no such registered name and no file {str(path)!r}; registered names: "
+            f"{known_prompt_sources()} (a plugin may register more: config key plugins); 'data:<file>' reads "
+            f"under {data_dir()} (set $R3RL_DATA to change it)"
+        )
+    return load_prompts(path)
 
 
 @dataclass(frozen=True)
@@ -220,7 +281,9 @@ class PromptIterator:
 
 
 def _read_jsonl(path: str | Path) -> Iterable[tuple[int, dict[str, Any]]]:
-    with open(path, encoding="utf-8") as fh:
+    """(line number, object) of each non-empty line of a `.jsonl` or gzipped `.jsonl.gz` file."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
@@ -267,3 +330,9 @@ def _check_object(item: Any, where: str) -> None:
         isinstance(pos, list) and len(pos) == 2 and isinstance(pos[0], str) and isinstance(pos[1], int)
     ):
         raise ValueError(f"{where}.position must be [relation, index], got {pos!r}")
+
+
+@register_prompt_source("geneval")
+def _geneval() -> list[PromptRecord]:
+    """The 553 GenEval evaluation prompts shipped in `data/geneval/` (MIT; see its README)."""
+    return load_geneval(_REPO_DATA / "geneval" / "evaluation_metadata.jsonl")

@@ -107,10 +107,8 @@ def head(tmp_path_factory):
 
 def test_job_submit_runs_and_writes_run_dir(head, tmp_path):
     address, env = head
-    runtime_env = {"env_vars": {"R3RL_DATA": str(ROOT.parent / "shared" / "data")}}
     cmd = [
-        str(RAY), "job", "submit", "--address", address, "--working-dir", str(ROOT),
-        "--runtime-env-json", json.dumps(runtime_env), "--",
+        str(RAY), "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
         "python", "-m", "cluster.train", "--config", "configs/cpu_tiny.yaml", "train.steps=1",
         f"train.run_dir={tmp_path}", "train.run_name=job", "data.eval_limit=2", "train.eval_rounds=2",
         "logging.progress=false",

@@ -12,7 +12,7 @@ from rollout.interfaces import Judge, JudgeItem
 
 pytestmark = pytest.mark.integration
 
-TIIF = Path(__file__).resolve().parents[3] / "shared" / "data" / "r3-prompts" / "test_TIIF.jsonl"
+TIIF = Path(__file__).resolve().parents[2] / "tests" / "data" / "tiif_sample.jsonl"
 RNG = np.random.default_rng(0)
 IMAGES = [RNG.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(2)]
 GENEVAL = {
@@ -43,10 +43,7 @@ def test_checklist_mode(judge):
 
 
 def test_questions_mode_on_tiif(judge):
-    if TIIF.exists():
-        row = json.loads(TIIF.read_text().splitlines()[0])
-    else:
-        row = {"yn_question_list": ["Is there a cat?", "Is it red?"], "yn_answer_list": ["yes", "no"]}
+    row = json.loads(TIIF.read_text().splitlines()[1])
     (r,) = judge.with_mode("questions").score([JudgeItem(IMAGES[0], row.get("short_description", "p"), row)])
     assert len(r.details["parsed"]) == len(row["yn_question_list"])
     assert r.details["expected"] == [a.strip().lower() == "yes" for a in row["yn_answer_list"]]

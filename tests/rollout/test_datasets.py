@@ -1,5 +1,6 @@
-"""GenEval / TIIF loaders, the test-overlap filter and the checkpointable prompt iterator (§10)."""
+"""GenEval / TIIF loaders, prompt sources, the test-overlap filter and the checkpointable prompt iterator."""
 
+import gzip
 import json
 from pathlib import Path
 
@@ -10,17 +11,19 @@ from rollout.datasets import (
     PromptRecord,
     balance_categories,
     cycle_categories,
+    data_dir,
+    known_prompt_sources,
     load_geneval,
+    load_prompt_source,
     load_prompts,
     load_tiif,
     normalize_prompt,
     remove_overlap,
 )
 
-DATA = Path("/work/shared/data")
-GENEVAL = DATA / "geneval" / "evaluation_metadata.jsonl"
-R3 = DATA / "r3-prompts"
-needs_data = pytest.mark.skipif(not GENEVAL.exists(), reason="shared prompt data not present")
+ROOT = Path(__file__).resolve().parents[2]
+GENEVAL = ROOT / "data" / "geneval" / "evaluation_metadata.jsonl"
+FIXTURES = ROOT / "tests" / "data"
 
 GOOD = {
     "tag": "position",
@@ -35,7 +38,6 @@ def _write(tmp_path, lines):
     return p
 
 
-@needs_data
 def test_geneval_metadata_loads_with_tags():
     recs = load_geneval(GENEVAL)
     assert len(recs) == 553
@@ -56,31 +58,62 @@ def test_geneval_metadata_loads_with_tags():
     assert recs[0].source.endswith("evaluation_metadata.jsonl:1")
 
 
-@needs_data
 def test_geneval_plus_plus_keeps_extra_fields_and_auto_detects():
-    recs = load_prompts(R3 / "test_geneval++.jsonl")
-    assert len(recs) == 280  # 279 newlines, no trailing one
-    assert any("size" in inc for r in recs for inc in r.metadata["include"])
-    assert any("region" in inc for r in recs for inc in r.metadata["include"])
+    recs = load_prompts(FIXTURES / "geneval_plus_plus_sample.jsonl")
+    assert [r.category for r in recs] == ["color_attr", "size", "region"]
+    assert recs[1].metadata["include"][0]["size"] == "large"
+    assert recs[2].metadata["include"][0]["region"] == "top left"
 
 
-@needs_data
-def test_train_set_overlap_with_geneval_is_removed():
-    train = load_geneval(R3 / "train_geneval.jsonl")
+def test_overlap_with_the_test_set_is_removed_whatever_the_case_and_period():
     test = load_geneval(GENEVAL)
+    train = [PromptRecord("A photo of a Bench."), PromptRecord("a photo of a bench and a moon")]
     kept = remove_overlap(train, test)
-    assert len(train) - len(kept) == 370
+    assert [r.prompt for r in kept] == ["a photo of a bench and a moon"]
     assert not {normalize_prompt(r.prompt) for r in kept} & {normalize_prompt(r.prompt) for r in test}
 
 
-@needs_data
 def test_tiif_loader_short_and_long():
-    short = load_tiif(R3 / "test_TIIF.jsonl")
-    long = load_prompts(R3 / "test_TIIF.jsonl", "tiif")
-    assert len(short) == 277 and short[0].category == "2d_spatial_relation"
-    assert short[0].prompt == short[0].metadata["short_description"]
+    path = FIXTURES / "tiif_sample.jsonl"
+    short = load_tiif(path)
+    long = load_prompts(path, "tiif")
+    assert len(short) == 3 and short[0].category == "2d_spatial_relation"
+    assert short[0].prompt == "A red cup sits to the left of a blue book."
     assert len(short[0].metadata["yn_question_list"]) == len(short[0].metadata["yn_answer_list"])
-    assert load_tiif(R3 / "test_TIIF.jsonl", "long")[0].prompt == long[0].metadata["long_description"]
+    assert load_tiif(path, "long")[0].prompt == long[0].metadata["long_description"]
+    assert load_prompts(path)[1].prompt == "A green umbrella and a yellow bicycle."  # auto-detected
+
+
+def test_gzipped_jsonl_reads_like_the_plain_file(tmp_path):
+    gz = tmp_path / "p.jsonl.gz"
+    with gzip.open(gz, "wt", encoding="utf-8") as fh:
+        fh.write(GENEVAL.read_text(encoding="utf-8"))
+    assert [r.prompt for r in load_prompts(gz)] == [r.prompt for r in load_geneval(GENEVAL)]
+
+
+def test_prompt_sources_names_data_prefix_and_paths(tmp_path, monkeypatch):
+    assert "geneval" in known_prompt_sources()
+    assert len(load_prompt_source("geneval")) == 553
+    (tmp_path / "mine").mkdir()
+    _write(tmp_path / "mine", [GOOD])
+    monkeypatch.setenv("R3RL_DATA", str(tmp_path))
+    assert data_dir() == tmp_path
+    assert [r.prompt for r in load_prompt_source("data:mine/m.jsonl")] == ["a dog left of a cup"]
+    assert [r.prompt for r in load_prompt_source(str(tmp_path / "mine" / "m.jsonl"))] == ["a dog left of a cup"]
+    monkeypatch.delenv("R3RL_DATA")
+    assert data_dir() == ROOT / "data"
+    with pytest.raises(ValueError, match=r"'data:nope.jsonl'.*registered names: \[.*'geneval'"):
+        load_prompt_source("data:nope.jsonl")
+
+
+def test_a_prompt_source_name_registers_once(monkeypatch):
+    import rollout.datasets as ds
+
+    monkeypatch.setattr(ds, "_SOURCES", dict(ds._SOURCES))
+    ds.register_prompt_source("mine")(lambda: [PromptRecord("p")])
+    assert [r.prompt for r in load_prompt_source("mine")] == ["p"]
+    with pytest.raises(ValueError, match="'mine' is already registered"):
+        ds.register_prompt_source("mine")(lambda: [])
 
 
 @pytest.mark.parametrize(
