@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from cluster.config import R3Config
+from cluster.console import Console, format_round_accuracy
 from cluster.failures import bounded, learner_failure
 from cluster.settings import eval_settings, load_prompt_sets, step_settings
 
@@ -41,13 +42,14 @@ def make_run_dir(cfg: R3Config) -> Path:
 class Trainer:
     """Owns the roles, data and buffer of one run; `step()` is one full R3 RL step."""
 
-    def __init__(self, cfg: R3Config, run_dir: Path):
+    def __init__(self, cfg: R3Config, run_dir: Path, console: Console | None = None):
         from cluster.metrics import MetricsLogger
         from cluster.roles import build_roles, resolve_paths
         from rollout.buffer import RolloutBuffer
         from rollout.datasets import PromptIterator
 
         self.cfg, self.run_dir = cfg, run_dir
+        self.console = console if console is not None else Console.verbose()
         self.train_prompts, self.test_prompts = load_prompt_sets(cfg)
         self.prompts = PromptIterator(self.train_prompts, seed=cfg.train.seed, shuffle=cfg.data.shuffle)
         self.buffer = RolloutBuffer(cfg.r3.buffer_size, p_perfect=cfg.r3.p_perfect, seed=cfg.train.seed)
@@ -321,8 +323,10 @@ class Trainer:
         from rollout.evaluation import evaluate
         from rollout.trajectory import write_trajectories
 
-        report = evaluate(self.test_prompts, self.roles.reasoner, self.roles.generator, self.roles.judge,
-                          eval_settings(self.cfg))
+        settings = eval_settings(self.cfg)
+        self.console.line(f"evaluating ({tag}): {len(self.test_prompts)} prompts, up to {settings.max_rounds} rounds each")
+        start = time.perf_counter()
+        report = evaluate(self.test_prompts, self.roles.reasoner, self.roles.generator, self.roles.judge, settings)
         out = self.run_dir / f"eval-{tag}"
         out.mkdir(exist_ok=True)
         (out / "eval.json").write_text(report.to_json())
@@ -330,6 +334,9 @@ class Trainer:
         write_trajectories(out / "trajectories.parquet", report.trajectories)
         if self.cfg.logging.gallery:
             write_gallery(out / "gallery.html", report.trajectories, title=f"R3RL evaluation ({tag})")
+        self.console.line(f"evaluation ({tag}), accuracy per round: "
+                          f"{format_round_accuracy([s.accuracy for s in report.overall])} "
+                          f"[{time.perf_counter() - start:.0f} s; {out}]")
         return report
 
     def close(self) -> None:
@@ -342,45 +349,50 @@ class Trainer:
         self.roles.shutdown()
 
 
-def run_training(cfg: R3Config) -> Path:
-    """The whole job: connect, build roles, train `train.steps` steps, evaluate, shut down."""
-    from tqdm import tqdm
+def run_training(cfg: R3Config, verbose: bool = True) -> Path:
+    """The whole job: connect, build roles, train `train.steps` steps, evaluate, shut down.
 
+    With `verbose=False` the engines' logs go to `<run>/engine.log` and the terminal shows only a
+    progress bar, a line per evaluation and where things are (`cluster.console`).
+    """
+    run_dir = make_run_dir(cfg)
+    if verbose:
+        _run(cfg, run_dir, Console.verbose())
+        return run_dir
+    with Console.quiet(run_dir / "engine.log") as console:
+        console.line(f"run directory: {run_dir} (engine logs: {console.log_path.name})")
+        _run(cfg, run_dir, console)
+    return run_dir
+
+
+def _run(cfg: R3Config, run_dir: Path, console: Console) -> None:
+    from cluster.checkpoint import resolve_resume
     from cluster.session import connect_ray
 
-    run_dir = make_run_dir(cfg)
     log.info("run directory: %s", run_dir)
+    console.line("starting Ray and the roles (rollout workers, judge, learners)")
+    start = time.perf_counter()
     started = connect_ray(cfg)
     trainer = None
     try:
-        from cluster.checkpoint import resolve_resume
-
         resume = resolve_resume(cfg.checkpoint.resume, Path(cfg.train.run_dir).resolve())
-        trainer = Trainer(cfg, run_dir)
+        trainer = Trainer(cfg, run_dir, console)
+        console.line(f"roles ready in {time.perf_counter() - start:.0f} s")
         if resume is not None:
             trainer.load_checkpoint(resume)
+            console.line(f"resumed from {resume} at step {trainer.step_index}")
         elif cfg.checkpoint.resume == "auto":
             log.info("checkpoint.resume=auto: no complete checkpoint under %s; starting fresh", cfg.train.run_dir)
         if cfg.train.eval_before and trainer.step_index == 0:
             trainer.evaluate(tag="before")
-        bar = tqdm(total=cfg.train.steps, initial=trainer.step_index, desc="R3RL", unit="step",
-                   disable=not cfg.logging.progress)
-        while trainer.step_index < cfg.train.steps:
-            trainer.apply_control_file()
-            row = trainer.step()
-            if cfg.checkpoint.every and trainer.step_index % cfg.checkpoint.every == 0:
-                trainer.save_checkpoint()
-            bar.update(1)
-            bar.set_postfix({k.split("/")[-1]: f"{row[k]:.3g}" for k in
-                             ("generate/score_mean", "refine/score_mean", "time/rollout", "time/learn", "time/sync")
-                             if isinstance(row.get(k), float)})
-            if cfg.train.eval_every and trainer.step_index % cfg.train.eval_every == 0 < cfg.train.steps - trainer.step_index:
-                trainer.evaluate(tag=f"step-{trainer.step_index:06d}")
-        bar.close()
+        _train_steps(cfg, trainer, console)
         if not cfg.checkpoint.every or trainer.step_index % cfg.checkpoint.every:
             trainer.save_checkpoint()  # a clean stop always leaves a checkpoint
         report = trainer.evaluate()
-        print(report.to_markdown())
+        if console.is_quiet:
+            log.info("final evaluation\n%s", report.to_markdown())
+        else:
+            print(report.to_markdown())
     finally:
         if trainer is not None:
             trainer.close()
@@ -388,7 +400,23 @@ def run_training(cfg: R3Config) -> Path:
             import ray
 
             ray.shutdown()
-    return run_dir
+
+
+def _train_steps(cfg: R3Config, trainer: Trainer, console: Console) -> None:
+    """Steps until `train.steps`, with checkpoints, periodic evaluations and the progress bar."""
+    bar = console.progress(cfg.train.steps, trainer.step_index, enabled=cfg.logging.progress)
+    while trainer.step_index < cfg.train.steps:
+        trainer.apply_control_file()
+        row = trainer.step()
+        if cfg.checkpoint.every and trainer.step_index % cfg.checkpoint.every == 0:
+            trainer.save_checkpoint()
+        bar.update(1)
+        bar.set_postfix({k.split("/")[-1]: f"{row[k]:.3g}" for k in
+                         ("generate/score_mean", "refine/score_mean", "time/rollout", "time/learn", "time/sync")
+                         if isinstance(row.get(k), float)})
+        if cfg.train.eval_every and trainer.step_index % cfg.train.eval_every == 0 < cfg.train.steps - trainer.step_index:
+            trainer.evaluate(tag=f"step-{trainer.step_index:06d}")
+    bar.close()
 
 
 def _trim(batch: list[Any], ranks: int) -> list[Any]:

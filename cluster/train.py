@@ -9,8 +9,10 @@ complete checkpoint and the `--resume` command).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
+from pathlib import Path
 
 import yaml
 
@@ -25,6 +27,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--config", default="configs/cpu_tiny.yaml", help="YAML config file")
     ap.add_argument("--dry-run", action="store_true", help="print resolved config and placement plan, then exit")
     ap.add_argument("--resume", default=None, help="'auto' or a checkpoint path (overrides checkpoint.resume)")
+    ap.add_argument("--verbose", action="store_true",
+                    help="show the engines' logs on the console (default: they go to <run>/engine.log)")
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. grpo.clip_high=0.28")
     return ap.parse_args(argv)
 
@@ -50,12 +54,28 @@ def main(argv: list[str] | None = None) -> int:
     from cluster.failures import LearnerFailure
 
     try:
-        run_dir = run_training(cfg)
+        run_dir = run_training(cfg, verbose=args.verbose)
     except LearnerFailure as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
-    print(f"run directory: {run_dir}")
+    print(run_summary(run_dir))
     return 0
+
+
+def run_summary(run_dir: Path) -> str:
+    """The lines printed when a run ends: final accuracy per round and where to look."""
+    from cluster.console import format_round_accuracy
+
+    final = run_dir / "eval-final"
+    report = json.loads((final / "eval.json").read_text())
+    lines = [f"final evaluation ({report['num_prompts']} prompts): "
+             f"{format_round_accuracy([r['accuracy'] for r in report['overall']])}",
+             f"run directory: {run_dir}"]
+    if (final / "gallery.html").is_file():
+        lines.append(f"gallery: {final / 'gallery.html'}")
+    if (run_dir / "engine.log").is_file():
+        lines.append(f"engine logs: {run_dir / 'engine.log'}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
