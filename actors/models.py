@@ -194,7 +194,7 @@ def build_tiny_vlm(out: Path, seed: int = 0) -> Path:
 
 def save_idefics3(out: Path, processor: Any, text_config: dict, vision_config: dict, seed: int = 0) -> Path:
     """Seeded random Idefics3 (pixel-shuffle scale 2) from the two sub-configs, saved with `processor`
-    to `out`; shared by the tiny test VLM and the bigger ShapesWorld reasoner."""
+    to `out`; shared by the tiny test VLM and the bigger reasoners that tasks build the same way."""
     import torch
     from transformers import Idefics3Config, Idefics3ForConditionalGeneration
 

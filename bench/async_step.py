@@ -45,8 +45,8 @@ log = logging.getLogger("bench.async_step")
 RESULTS = Path(__file__).resolve().parent / "results" / "async_step.json"
 # The tiny CPU config with the exact ShapesWorld judge (cheap, no third vLLM engine competing for the
 # cores); rollout and learning of one step then take about the same time here (see the JSON).
-BASE = ["judge.kind=shapes", "data.train=shapes-train", "data.test=shapes-test", "r3.group_size=4",
-        "r3.prompts_per_step=2", "r3.tree_schedule=both", "logging.progress=false", "logging.tensorboard=false",
+BASE = ["plugins=[examples.shapesworld]", "judge.kind=shapes", "data.train=shapes-train", "data.test=shapes-test",
+        "r3.group_size=4", "r3.prompts_per_step=2", "r3.tree_schedule=both", "logging.progress=false", "logging.tensorboard=false",
         "logging.gallery=false", "checkpoint.every=0"]
 
 

@@ -2,7 +2,9 @@
 
 User mistakes never produce a traceback: `load_config` raises `ConfigError`, whose message names
 the field path, the value given and what is allowed (with a "did you mean" hint for unknown
-keys); the CLI turns it into exit status 2.
+keys); the CLI turns it into exit status 2. Names that plugins register (judge kinds, prompt
+sources, `tiny:<name>` models) are valid once `load_config` has imported the modules listed
+under `plugins` (`rollout.plugins`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 __all__ = ["ConfigError", "R3Config", "load_config", "apply_overrides", "check_model_paths", "TINY_PREFIX"]
 
-TINY_PREFIX = "tiny:"  # model paths like "tiny:vlm" are built offline by actors.models
+TINY_PREFIX = "tiny:"  # model paths like "tiny:vlm" name a registered model (actors.named_models)
 
 
 class ConfigError(ValueError):
@@ -47,8 +49,12 @@ class GeneratorModel(_Section):
 
 
 class ModelsConfig(_Section):
-    reasoner: ReasonerModel = Field(default_factory=ReasonerModel)
-    generator: GeneratorModel = Field(default_factory=GeneratorModel)
+    reasoner: ReasonerModel = Field(
+        default_factory=ReasonerModel, description="the reasoner, which writes plans and reflections (vLLM, GRPO)"
+    )
+    generator: GeneratorModel = Field(
+        default_factory=GeneratorModel, description="the generator, which draws and edits images (diffusers, FlowGRPO)"
+    )
 
 
 # --------------------------------------------------------------------------------------- cluster
@@ -89,11 +95,21 @@ def _role_from_int(value: Any) -> Any:
 class ClusterConfig(_Section):
     address: str | None = Field(None, description="Ray address; default: $RAY_ADDRESS or a local cluster")
     num_cpus: int | None = Field(None, ge=1, description="logical CPUs of a locally started cluster")
-    text_workers: RoleSpec = Field(default_factory=RoleSpec)
-    diffusion_workers: RoleSpec = Field(default_factory=RoleSpec)
-    judge_replicas: JudgeReplicas = Field(default_factory=JudgeReplicas)
-    text_learners: RoleSpec = Field(default_factory=RoleSpec)
-    diffusion_learners: RoleSpec = Field(default_factory=RoleSpec)
+    text_workers: RoleSpec = Field(
+        default_factory=RoleSpec, description="vLLM workers of the reasoner (a number: shorthand for .count)"
+    )
+    diffusion_workers: RoleSpec = Field(
+        default_factory=RoleSpec, description="diffusers workers of the generator (a number: shorthand for .count)"
+    )
+    judge_replicas: JudgeReplicas = Field(
+        default_factory=JudgeReplicas, description="Ray Serve replicas of the judge (a number: shorthand for .count)"
+    )
+    text_learners: RoleSpec = Field(
+        default_factory=RoleSpec, description="GRPO learner ranks of the reasoner (a number: shorthand for .count)"
+    )
+    diffusion_learners: RoleSpec = Field(
+        default_factory=RoleSpec, description="FlowGRPO learner ranks of the generator (a number: shorthand for .count)"
+    )
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="Ray placement-group strategy per role"
     )
@@ -132,14 +148,24 @@ class R3Settings(_Section):
     templates: dict[str, str] = Field(
         default_factory=dict, description="overrides of rollout.templates.Templates fields (system, plan, reflect, ...)"
     )
-    adv_std: Literal["none", "group", "global"] = Field("none", description="advantage std normalisation")
+    adv_std: Literal["none", "group", "global"] = Field(
+        "none", description="advantage std normalisation: none (paper), the group's std, or the std of the whole step"
+    )
+    adv_eps: float = Field(1e-6, gt=0, description="added to the std that advantages are divided by (adv_std != none)")
+    drop_zero_variance: bool = Field(
+        False, description="leave groups whose rewards are all equal (advantage 0) out of that side's learner batch"
+    )
+    buffer_refined: bool = Field(
+        False, description="tree mode: refined images that did not stop also enter the rollout buffer (default: "
+        "only generate-stage images)"
+    )
 
 
 class _LrSchedule(_Section):
     """The learning-rate schedule of a learner (`learners.ds_engine.warmup_lambda`): warm-up, then
     constant or a cosine over train.steps (`R3Config.lr_decay_steps`)."""
 
-    warmup_steps: int = Field(10, ge=0)
+    warmup_steps: int = Field(10, ge=0, description="updates of linear warm-up, from lr / warmup_steps to lr")
     lr_schedule: Literal["constant", "cosine"] = Field(
         "constant", description="after warm-up: constant, or cosine to min_lr_ratio * lr at train.steps"
     )
@@ -151,17 +177,24 @@ class GRPOConfig(_LrSchedule):
     clip_high: float = Field(0.2, gt=0, description="PPO clip epsilon above 1 (clip-higher)")
     kl_coef: float = Field(0.001, ge=0, description="beta of the KL to the reference")
     kl_kind: Literal["k1", "k2", "k3"] = Field("k3", description="KL estimator")
-    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
+    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = Field(
+        "token-mean",
+        description="loss aggregation: every answer token weighs the same, the mean of per-answer token means "
+        "(GRPO), or per-answer token sums over the longest answer (Dr. GRPO)",
+    )
     lr: float = Field(5e-6, gt=0, description="AdamW learning rate")
-    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas")
-    weight_decay: float = Field(0.0, ge=0)
-    grad_clip: float = Field(1.0, gt=0)
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas, each in [0, 1)")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    grad_clip: float = Field(1.0, gt=0, description="clip of the global gradient norm")
     zero_stage: Literal[0, 1, 2, 3] = Field(1, description="DeepSpeed ZeRO stage")
-    micro_batch_size: int = Field(4, ge=1)
+    micro_batch_size: int = Field(4, ge=1, description="answers per forward/backward on each learner rank")
+    gradient_checkpointing: bool = Field(
+        False, description="recompute activations in the backward pass: less memory, more compute"
+    )
     temperature: float = Field(0.9, gt=0, description="sampling temperature (also applied by the learner)")
-    top_p: float = Field(0.9, gt=0, le=1)
+    top_p: float = Field(0.9, gt=0, le=1, description="nucleus sampling top-p (also applied by the learner; 1: off)")
     max_tokens: int = Field(64, ge=1, description="max answer tokens")
-    eval_temperature: float = Field(0.1, gt=0)
+    eval_temperature: float = Field(0.1, gt=0, description="sampling temperature of the reasoner in evaluation")
 
     @field_validator("betas")
     @classmethod
@@ -182,8 +215,8 @@ class FlowGRPOConfig(_LrSchedule):
     stochastic: Literal["all", "one"] = Field("one", description="which steps are SDE")
     window: tuple[int, int] = Field((0, 4), description="[lo, hi) window of the stochastic step when one")
     edit_window: tuple[int, int] = Field((0, 2), description="[lo, hi) window for edits when one")
-    kl_coef: float = Field(0.001, ge=0)
-    image_loss_weight: float = Field(2.0, ge=0)
+    kl_coef: float = Field(0.001, ge=0, description="beta of the KL to the reference (see kl_mode)")
+    image_loss_weight: float = Field(2.0, ge=0, description="weight of the image loss (policy + KL) in the backward")
     guidance: float = Field(3.5, ge=0, description="distilled guidance of the Flux transformer")
     train_cfg_scale: float = Field(
         1.0, ge=1.0,
@@ -193,11 +226,16 @@ class FlowGRPOConfig(_LrSchedule):
     kl_mode: Literal["mean", "velocity"] = Field(
         "mean", description="KL on the SDE step mean, or on the velocity (no-CFG variant for unified models)"
     )
-    lr: float = Field(5e-6, gt=0)
-    betas: tuple[float, float] = Field((0.9, 0.95))
-    grad_clip: float = Field(1.0, gt=0)
-    zero_stage: Literal[0, 1, 2, 3] = Field(1)
-    micro_batch_size: int = Field(4, ge=1)
+    lr: float = Field(5e-6, gt=0, description="AdamW learning rate")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas")
+    grad_clip: float = Field(1.0, gt=0, description="clip of the global gradient norm")
+    zero_stage: Literal[0, 1, 2, 3] = Field(1, description="DeepSpeed ZeRO stage")
+    micro_batch_size: int = Field(
+        4, ge=1, description="(image, stored denoising step) items per forward/backward on each learner rank"
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="recompute the transformer's activations in the backward pass: less memory, more compute"
+    )
 
     @model_validator(mode="after")
     def _windows(self) -> FlowGRPOConfig:
@@ -211,7 +249,10 @@ class FlowGRPOConfig(_LrSchedule):
 
 
 class JudgeConfig(_Section):
-    kind: Literal["vlm", "remote", "ocr", "shapes"] = Field("vlm", description="which judge scores images")
+    kind: str = Field(
+        "vlm", description="which judge scores images: a registered kind (vlm, remote, ocr, constant, or one "
+        "that a plugin registers)"
+    )
     mode: Literal["checklist", "questions", "vqascore"] = Field("vqascore", description="VLM judge mode")
     path: str = Field("tiny:vlm", description="judge VLM folder (kind=vlm)")
     url: str | None = Field(None, description="OpenAI-compatible base URL (kind=remote)")
@@ -221,6 +262,17 @@ class JudgeConfig(_Section):
     timeout_s: float = Field(120.0, gt=0, description="per-request timeout")
     retries: int = Field(2, ge=0, description="bounded retries per request")
     http_port: int | None = Field(None, ge=1, le=65535, description="serve POST /score on 127.0.0.1 when set")
+
+    @field_validator("kind")
+    @classmethod
+    def _registered(cls, kind: str) -> str:
+        from reward.registry import known_judges  # the built-ins and the kinds of the plugins loaded so far
+
+        if kind not in known_judges():
+            raise ValueError(
+                f"unknown judge kind; known: {known_judges()} (a plugin may register more: config key plugins)"
+            )
+        return kind
 
     @model_validator(mode="after")
     def _remote(self) -> JudgeConfig:
@@ -233,7 +285,7 @@ class DataConfig(_Section):
     train: str = Field(
         "geneval",
         description="training prompts: a registered name ('geneval': the 553 GenEval prompts shipped in "
-        "data/geneval; plugins register more, e.g. 'shapes-train'), 'data:<file>' (under $R3RL_DATA, default "
+        "data/geneval; a plugin may register more: config key plugins), 'data:<file>' (under $R3RL_DATA, default "
         "the repository's data/), or a path to a GenEval- or TIIF-format .jsonl / .jsonl.gz file",
     )
     test: str = Field("geneval", description="evaluation prompts, in the same forms as data.train")
@@ -249,33 +301,39 @@ class DataConfig(_Section):
         description="then evaluate exactly N samples per category: its prompts cycled or cut to N (repeats "
         "draw their own noise and seeds), for a tag-balanced evaluation of a split whose small tags have few prompts",
     )
-    shuffle: bool = True
+    shuffle: bool = Field(True, description="visit train prompts in a new seeded order each epoch (false: file order)")
 
 
 class TrainConfig(_Section):
     steps: int = Field(4, ge=1, description="training steps")
-    seed: int = Field(0, ge=0)
+    seed: int = Field(
+        0, ge=0, description="seed of the prompt order, rollouts, rollout buffer, workers (seed + index) and learners"
+    )
     run_dir: str = Field("runs", description="parent folder of run directories")
     run_name: str | None = Field(None, description="default: timestamp")
     async_one_step_off: bool = Field(False, description="rollouts of step t+1 overlap learning of step t")
     eval_every: int = Field(0, ge=0, description="evaluate every N steps (0: only at the end)")
     eval_before: bool = Field(False, description="also evaluate before the first step (eval-before/)")
-    eval_rounds: int = Field(4, ge=1, le=16)
+    eval_rounds: int = Field(4, ge=1, le=16, description="evaluation rounds: 1 generation + (eval_rounds-1) refinements")
     remote_timeout_s: float = Field(600.0, gt=0, description="timeout of every remote wait")
     retries: int = Field(2, ge=0, description="bounded retries of a failed rollout request")
 
 
 class SyncConfig(_Section):
-    method: Literal["broadcast", "object_store"] = Field("broadcast")
+    method: Literal["broadcast", "object_store"] = Field(
+        "broadcast",
+        description="learner -> worker weights: bucketed broadcast over a torch.distributed group, or one "
+        "safetensors blob through the Ray object store",
+    )
     bucket_mb: float = Field(64.0, gt=0, description="flat bucket size in MB")
 
 
 class LoggingConfig(_Section):
-    tensorboard: bool = True
-    wandb: bool = False
-    wandb_project: str | None = None
-    progress: bool = True
-    gallery: bool = True
+    tensorboard: bool = Field(True, description="write TensorBoard events to <run dir>/tensorboard")
+    wandb: bool = Field(False, description="also log to Weights & Biases, into logging.wandb_project")
+    wandb_project: str | None = Field(None, description="Weights & Biases project (used when logging.wandb)")
+    progress: bool = Field(True, description="show a progress bar on the console")
+    gallery: bool = Field(True, description="write gallery.html of the evaluation trajectories")
     trajectories_per_step: int = Field(8, ge=0, description="trajectories written to parquet per step")
 
 
@@ -286,17 +344,24 @@ class CheckpointConfig(_Section):
 
 
 class R3Config(_Section):
-    models: ModelsConfig = Field(default_factory=ModelsConfig)
-    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
-    r3: R3Settings = Field(default_factory=R3Settings)
-    grpo: GRPOConfig = Field(default_factory=GRPOConfig)
-    flow_grpo: FlowGRPOConfig = Field(default_factory=FlowGRPOConfig)
-    judge: JudgeConfig = Field(default_factory=JudgeConfig)
-    data: DataConfig = Field(default_factory=DataConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    sync: SyncConfig = Field(default_factory=SyncConfig)
-    logging: LoggingConfig = Field(default_factory=LoggingConfig)
-    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    plugins: list[str] = Field(
+        default_factory=list,
+        description="Python modules to import before the rest of the config is validated (rollout.plugins): "
+        "each registers names the config may then use (judge kinds, prompt sources, tiny:<name> models)",
+    )
+    models: ModelsConfig = Field(default_factory=ModelsConfig, description="the reasoner and generator models")
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig, description="the Ray cluster and the actors of each role")
+    r3: R3Settings = Field(default_factory=R3Settings, description="the R3 algorithm: stages, groups, rewards, advantages")
+    grpo: GRPOConfig = Field(default_factory=GRPOConfig, description="the reasoner's sampling and GRPO learner")
+    flow_grpo: FlowGRPOConfig = Field(
+        default_factory=FlowGRPOConfig, description="the generator's SDE sampling and FlowGRPO learner"
+    )
+    judge: JudgeConfig = Field(default_factory=JudgeConfig, description="the judge that scores images")
+    data: DataConfig = Field(default_factory=DataConfig, description="train and evaluation prompts")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="the training loop, evaluation and remote calls")
+    sync: SyncConfig = Field(default_factory=SyncConfig, description="weight sync from learners to rollout workers")
+    logging: LoggingConfig = Field(default_factory=LoggingConfig, description="metrics, progress bar, galleries")
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="checkpoints and resume")
 
     @model_validator(mode="after")
     def _cosine_needs_room(self) -> R3Config:
@@ -330,6 +395,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), check
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {str(p)!r} must hold a mapping, got {type(raw).__name__}")
     raw = apply_overrides(raw, list(overrides))
+    _load_plugins(raw)
     try:
         cfg = R3Config.model_validate(raw)
     except ValidationError as e:
@@ -372,16 +438,34 @@ def check_model_paths(cfg: R3Config) -> None:
     checks = [("models.reasoner.path", cfg.models.reasoner.path), ("models.generator.path", cfg.models.generator.path)]
     if cfg.judge.kind == "vlm":
         checks.append(("judge.path", cfg.judge.path))
-    tiny = {"lm", "vlm", "flux", "shapes-flux", "shapes-vlm"}
+    from actors.named_models import known_named_models  # the tiny test models and those of loaded plugins
+
+    named = known_named_models()
     for field, value in checks:
         if value.startswith(TINY_PREFIX):
-            if value[len(TINY_PREFIX):] not in tiny:
-                raise ConfigError(f"{field}: {value!r} is not a tiny model; allowed: {sorted(TINY_PREFIX + t for t in tiny)}")
+            if value[len(TINY_PREFIX):] not in named:
+                raise ConfigError(
+                    f"{field}: {value!r} is not a named model; allowed: {[TINY_PREFIX + n for n in named]} "
+                    "(a plugin may register more: config key plugins)"
+                )
         elif not Path(os.path.expanduser(value)).is_dir():
             raise ConfigError(f"{field}: model folder {value!r} does not exist (give a local folder or tiny:<name>)")
 
 
 # ------------------------------------------------------------------------------------ helpers
+
+
+def _load_plugins(raw: dict[str, Any]) -> None:
+    """Import the modules under `plugins` (before validation, which checks the names they register).
+    A value that is not a list of strings is left to validation to report."""
+    from rollout.plugins import load_plugins
+
+    plugins = raw.get("plugins", [])
+    if isinstance(plugins, list) and all(isinstance(m, str) for m in plugins):
+        try:
+            load_plugins(plugins)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
 
 
 def _deep_copy(d: Any) -> Any:

@@ -27,7 +27,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from learners.algos import group_advantages
+from learners.algos import group_advantages, zero_variance_groups
 from reward.shaping import chain_rewards, generate_rewards, refine_rewards
 from rollout.buffer import BufferEntry, RolloutBuffer
 from rollout.chain import run_chain
@@ -242,8 +242,8 @@ def run_chain_step(
     zero = {"text": 0, "image": 0}
     for key, ta, ia in zip(keys, text_adv, image_adv, strict=True):
         members = cells[key]
-        flat_t = _all_equal([c[2] for c in members])  # a one-member cell counts: its advantage is 0
-        flat_i = _all_equal([c[3] for c in members])
+        flat_t = _flat([c[2] for c in members])  # a one-member cell counts: its advantage is 0
+        flat_i = _flat([c[3] for c in members])
         zero["text"] += flat_t
         zero["image"] += flat_i
         for (t, r, tr, ir, trainable), a_t, a_i in zip(members, ta, ia, strict=True):
@@ -294,8 +294,8 @@ def _assign(
         torch.tensor(image_r, dtype=torch.float64), G, settings.adv_std, settings.adv_eps
     ).tolist()
     n_groups = len(trajs) // G
-    flat_t = [_all_equal(text_r[g * G : (g + 1) * G]) for g in range(n_groups)]
-    flat_i = [_all_equal(image_r[g * G : (g + 1) * G]) for g in range(n_groups)]
+    flat_t = zero_variance_groups(torch.tensor(text_r, dtype=torch.float64), G).group_mask.tolist()
+    flat_i = zero_variance_groups(torch.tensor(image_r, dtype=torch.float64), G).group_mask.tolist()
     for k, t in enumerate(trajs):
         g, r = k // G, t.rounds[pos]
         shown = (t.rounds[0].image.image,) if pos == 1 else ()
@@ -369,8 +369,9 @@ def _batch_metrics(
     return out
 
 
-def _all_equal(values: Sequence[float]) -> bool:
-    return max(values) - min(values) <= 0.0 if values else True
+def _flat(values: Sequence[float]) -> bool:
+    """Whether one group (of any size) has all rewards equal, so all its advantages are 0."""
+    return bool(zero_variance_groups(torch.tensor(values, dtype=torch.float64), len(values)).group_mask[0])
 
 
 def _mean(values: Sequence[float]) -> float:

@@ -191,7 +191,8 @@ def text_learner_kwargs(cfg: R3Config, paths: ModelPaths) -> dict[str, Any]:
         weight_decay=g.weight_decay, warmup_steps=g.warmup_steps, lr_decay_steps=cfg.lr_decay_steps(g),
         min_lr_ratio=g.min_lr_ratio, grad_clip=g.grad_clip, micro_batch_size=g.micro_batch_size,
         temperature=g.temperature, top_p=g.top_p, kl_coef=g.kl_coef, kl_kind=g.kl_kind,
-        clip_low=g.clip_low, clip_high=g.clip_high, loss_agg=g.loss_agg, seed=cfg.train.seed,
+        clip_low=g.clip_low, clip_high=g.clip_high, loss_agg=g.loss_agg,
+        gradient_checkpointing=g.gradient_checkpointing, seed=cfg.train.seed,
     )
 
 
@@ -202,7 +203,8 @@ def diffusion_learner_kwargs(cfg: R3Config, paths: ModelPaths) -> dict[str, Any]
         warmup_steps=f.warmup_steps, lr_decay_steps=cfg.lr_decay_steps(f), min_lr_ratio=f.min_lr_ratio,
         grad_clip=f.grad_clip, micro_batch_size=f.micro_batch_size,
         clip_range=f.clip_range, adv_clip=f.adv_clip, kl_coef=f.kl_coef, kl_mode=f.kl_mode,
-        image_loss_weight=f.image_loss_weight, cfg_scale=f.train_cfg_scale, seed=cfg.train.seed,
+        image_loss_weight=f.image_loss_weight, cfg_scale=f.train_cfg_scale,
+        gradient_checkpointing=f.gradient_checkpointing, seed=cfg.train.seed,
     )
 
 
@@ -218,7 +220,7 @@ def build_judge_client(cfg: R3Config, paths: ModelPaths) -> Any:
     if r.num_gpus:
         raise ValueError("cluster.judge_replicas.num_gpus > 0 is not wired into the Serve deployment yet; "
                          "use a remote judge (judge.kind=remote) for GPU judges")
-    spec: dict[str, Any] = {"kind": j.kind}
+    spec: dict[str, Any] = {"kind": j.kind, "plugins": list(cfg.plugins)}  # a replica resolves plugin kinds too
     if j.kind == "vlm":
         spec.update(model_path=paths.judge, mode=j.mode, max_model_len=cfg.models.reasoner.max_model_len)
     elif j.kind == "remote":

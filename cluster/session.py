@@ -62,17 +62,15 @@ def connect_ray(cfg: R3Config) -> bool:
 
 
 def resolve_model_path(path: str) -> str:
-    """`tiny:<name>` -> the folder of that tiny model (built offline on first use); else the path."""
+    """`tiny:<name>` -> the folder of the named model (`actors.named_models`: the tiny test models,
+    built offline on first use, or one a plugin registered); else the path, `~` expanded.
+
+    Raises:
+        ValueError: an unknown name (the message lists the known ones), or a named model that its
+            registration cannot provide.
+    """
     if not path.startswith(TINY_PREFIX):
         return str(Path(os.path.expanduser(path)))
-    name = path[len(TINY_PREFIX):]
-    if name.startswith("shapes-"):
-        from cluster.shapes_models import shapes_model_path  # warm-started ShapesWorld models
+    from actors.named_models import named_model_path
 
-        return str(shapes_model_path(name))
-    from actors.models import build_tiny_models
-
-    models = build_tiny_models()
-    if not hasattr(models, name):
-        raise ValueError(f"unknown tiny model {path!r}; known: {[TINY_PREFIX + f for f in models._fields]}")
-    return str(getattr(models, name))
+    return str(named_model_path(path[len(TINY_PREFIX):]))

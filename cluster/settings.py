@@ -31,7 +31,8 @@ def step_settings(cfg: R3Config) -> Any:
     return R3StepSettings(tree_schedule=cfg.r3.tree_schedule,
         mode=cfg.r3.mode, stage=stage, refine_groups=cfg.r3.prompts_per_step, max_rounds=cfg.r3.max_rounds,
         discount=cfg.r3.discount, format_weight=cfg.r3.format_weight, adv_std=cfg.r3.adv_std, seed=cfg.train.seed,
-        wrong_stop_penalty=cfg.r3.wrong_stop_penalty,
+        wrong_stop_penalty=cfg.r3.wrong_stop_penalty, adv_eps=cfg.r3.adv_eps,
+        drop_zero_variance=cfg.r3.drop_zero_variance, buffer_refined=cfg.r3.buffer_refined,
     )
 
 
@@ -72,16 +73,8 @@ def load_prompt_sets(cfg: R3Config) -> tuple[list[Any], list[Any]]:
         spread_over_categories,
     )
 
-    def load(spec: str) -> list[Any]:
-        if spec == "shapes-train" or spec == "shapes-test":
-            from rollout.shapesworld.tasks import shapes_split
-
-            # The fixed partition (seed 0), whatever train.seed is: the warm start trained on its
-            # train side, so another partition would evaluate on prompts it was trained on.
-            return shapes_split(spec.split("-")[1])
-        return load_prompt_source(spec)
-
-    train, test = load(cfg.data.train), load(cfg.data.test)
+    # Names that plugins register resolve here: load_config loaded cfg.plugins in this process.
+    train, test = load_prompt_source(cfg.data.train), load_prompt_source(cfg.data.test)
     if cfg.data.exclude_test_overlap:
         before = len(train)
         train = remove_overlap(train, test)

@@ -39,7 +39,6 @@ __all__ = ["DiffusionLearner", "KL_MODES"]
 log = logging.getLogger(__name__)
 
 KL_MODES = ("mean", "velocity")
-_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
 class _Item(NamedTuple):
@@ -73,8 +72,6 @@ class DiffusionLearner(LearnerBase):
         adv_clip: float = 5.0,
         image_loss_weight: float = 1.0,
         cfg_scale: float = 1.0,
-        lora_rank: int = 0,
-        lora_alpha: float = 16.0,
         gradient_checkpointing: bool = False,
         vae_scale_factor: int | None = None,
         seed: int = 0,
@@ -89,13 +86,14 @@ class DiffusionLearner(LearnerBase):
         micro_batch_size counts (image, stored step) items. cfg_scale 1 = no train-time CFG.
         vae_scale_factor: pixels per latent pixel, which fixes the token grid of an image; None
         reads it from the pipeline's `vae/config.json` (FLUX's 8 for a bare transformer folder).
+        gradient_checkpointing: recompute the transformer blocks' activations in the backward pass
+        (diffusers checkpoints whenever gradients are enabled, in eval mode too).
         rank/world_size/master_*: as `TextLearner`.
         """
         if kl_mode not in KL_MODES:
             raise ValueError(f"unknown kl_mode {kl_mode!r}; known: {list(KL_MODES)}")
         if clip_range <= 0:
             raise ValueError(f"clip_range must be > 0, got {clip_range}")
-        ds_engine.require_peft(lora_rank)
         self._setup_dist(rank, world_size, master_addr, master_port, backend, seed)
         self.model_path = str(model_path)
         self.micro_batch_size = micro_batch_size
@@ -103,16 +101,13 @@ class DiffusionLearner(LearnerBase):
         self.clip_range, self.adv_clip = clip_range, adv_clip
         self.image_loss_weight, self.cfg_scale = image_loss_weight, cfg_scale
         self.dtype = ds_engine.resolve_dtype(dtype)
-        self.lora = lora_rank > 0
         self.vae_scale_factor = vae_scale_factor or _pipeline_vae_scale(Path(model_path))
 
         model = self._load_transformer()
         if gradient_checkpointing:
             model.enable_gradient_checkpointing()
         self.ref_model = None
-        if self.lora:
-            model = ds_engine.apply_lora(model, lora_rank, lora_alpha, _LORA_TARGETS)
-        elif kl_coef > 0:
+        if kl_coef > 0:
             self.ref_model = self._load_transformer().to(self.device, self.dtype).eval().requires_grad_(False)
         config = ds_engine.build_ds_config(
             zero_stage=zero_stage, lr=lr, betas=betas, weight_decay=weight_decay, adam_eps=adam_eps,
@@ -202,8 +197,6 @@ class DiffusionLearner(LearnerBase):
     def _module(self, reference: bool):
         if not reference:
             return self.engine
-        if self.lora:
-            return _AdapterDisabled(self.engine.module)
         if self.ref_model is None:
             raise ValueError("reference velocities need kl_coef > 0 (no reference model was loaded)")
         return self.ref_model
@@ -274,18 +267,6 @@ class DiffusionLearner(LearnerBase):
         if self.kl_mode == "mean":
             return algos.flow_kl(res.mean, ref.mean, res.std.reshape(-1))
         return algos.velocity_kl(res.velocity, ref.velocity)
-
-
-class _AdapterDisabled(torch.nn.Module):
-    """Call a peft-wrapped transformer with its adapter off (the frozen base is the reference)."""
-
-    def __init__(self, peft_model) -> None:
-        super().__init__()
-        self.peft_model = peft_model
-
-    def forward(self, **kwargs):
-        with self.peft_model.disable_adapter():
-            return self.peft_model(**kwargs)
 
 
 def _pipeline_vae_scale(model_path: Path) -> int:

@@ -42,8 +42,7 @@ __all__ = [
     "gathered",
     "full_state_dict",
     "save_hf_module",
-    "apply_lora",
-    "require_peft",
+    "checkpoint_in_eval",
 ]
 
 log = logging.getLogger(__name__)
@@ -161,8 +160,8 @@ def warmup_lambda(warmup_steps: int, decay_steps: int = 0, min_ratio: float = 0.
     `decay_steps` > 0 a cosine from 1 down to `min_ratio` at update `decay_steps` (flat after).
 
     (DeepSpeed's WarmupLR starts at exactly 0, wasting the first update.) Why a decay: at a
-    constant lr, ShapesWorld's steps 100-200 gave back the generator's held-out gain; with the
-    cosine over 200 steps it stayed where it was (README).
+    constant lr, steps 100-200 of a small synthetic task's run gave back the generator's held-out
+    gain; with the cosine over 200 steps it stayed where it was (README).
     """
     if warmup_steps < 0:
         raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
@@ -259,28 +258,29 @@ def save_hf_module(module: torch.nn.Module, out_dir: str | Path, rank: int) -> P
         return None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if hasattr(module, "peft_config"):
-        raise ValueError("save of a LoRA-wrapped model: merge the adapter first (merge_and_unload)")
     module.save_pretrained(str(out), state_dict=state, safe_serialization=True)
     return out
 
 
-def apply_lora(model: torch.nn.Module, rank: int, alpha: float, target_modules: list[str] | str):
-    """Wrap `model` with a peft LoRA adapter; the frozen base (adapter disabled) is the reference."""
-    require_peft(rank)
-    import peft
+def checkpoint_in_eval(module: torch.nn.Module) -> int:
+    """Make transformers' gradient checkpointing run in eval mode too. Returns the layers flagged.
 
-    cfg = peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=target_modules, lora_dropout=0.0)
-    return peft.get_peft_model(model, cfg)
+    transformers recomputes a layer in the backward pass only while that layer is in training mode
+    (`GradientCheckpointingLayer.__call__`), but the text learner runs in eval mode, so that no
+    dropout makes its log-probs differ from the sampler's. So the `training` flag is set on the
+    checkpointed layers alone, not on their children: dropout inside them stays off. Call it after
+    `gradient_checkpointing_enable()` and after the last `.eval()` of the module. Raises
+    `ValueError` when no layer has checkpointing enabled (it would silently do nothing).
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
 
-
-def require_peft(lora_rank: int) -> None:
-    """Refuse LoRA early (before any engine starts) when peft is missing."""
-    import importlib.util
-
-    if lora_rank > 0 and importlib.util.find_spec("peft") is None:
-        raise ValueError(f"lora_rank={lora_rank} needs the `peft` package, which is not installed; "
-                         "install peft or set lora_rank=0")
+    layers = [m for m in module.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
+    if not layers:
+        raise ValueError(f"{type(module).__name__} has no layer with gradient checkpointing enabled; "
+                         "call gradient_checkpointing_enable() first or set gradient_checkpointing=false")
+    for layer in layers:
+        layer.training = True
+    return len(layers)
 
 
 def _all_reduce(value: float, op: str) -> float:

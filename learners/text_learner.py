@@ -29,8 +29,6 @@ __all__ = ["TextLearner"]
 
 log = logging.getLogger(__name__)
 
-_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
 
 class TextLearner(LearnerBase):
     """One rank of the reasoner's learner group; every public call is collective over ranks."""
@@ -58,8 +56,6 @@ class TextLearner(LearnerBase):
         clip_high: float = 0.2,
         loss_agg: str = "token-mean",
         max_len: int | None = None,
-        lora_rank: int = 0,
-        lora_alpha: float = 16.0,
         gradient_checkpointing: bool = False,
         seed: int = 0,
         rank: int | None = None,
@@ -74,6 +70,8 @@ class TextLearner(LearnerBase):
         (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), and a lone process is a group of one.
         max_len: divisor of `seq-mean-token-sum-norm` (default: longest answer in the batch).
         temperature, top_p: the sampler's, replayed when recomputing log-probs.
+        gradient_checkpointing: recompute the decoder layers' activations in the backward pass
+        (also in the eval mode the learner runs in; `ds_engine.checkpoint_in_eval`).
         """
         algos.get_agg(loss_agg)
         algos.get_kl(kl_kind)
@@ -81,7 +79,6 @@ class TextLearner(LearnerBase):
             raise ValueError(f"temperature must be > 0, got {temperature}")
         if not 0.0 < top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1] (grpo.top_p; 1 = no nucleus cut), got {top_p}")
-        ds_engine.require_peft(lora_rank)
         self._setup_dist(rank, world_size, master_addr, master_port, backend, seed)
         self.model_path = str(model_path)
         self.micro_batch_size = micro_batch_size
@@ -90,15 +87,12 @@ class TextLearner(LearnerBase):
         self.clip_low, self.clip_high = clip_low, clip_high
         self.loss_agg, self.max_len = loss_agg, max_len
         self.dtype = ds_engine.resolve_dtype(dtype)
-        self.lora = lora_rank > 0
 
         model = self._load_model()
         if gradient_checkpointing:
             model.gradient_checkpointing_enable()
         self.ref_model = None
-        if self.lora:
-            model = ds_engine.apply_lora(model, lora_rank, lora_alpha, _LORA_TARGETS)
-        elif kl_coef > 0:
+        if kl_coef > 0:
             self.ref_model = self._load_model().to(self.device, self.dtype).eval().requires_grad_(False)
         config = ds_engine.build_ds_config(
             zero_stage=zero_stage, lr=lr, betas=betas, weight_decay=weight_decay, adam_eps=adam_eps,
@@ -106,6 +100,8 @@ class TextLearner(LearnerBase):
             dtype=self.dtype)
         self.engine = ds_engine.initialize_engine(model, config, warmup_steps, lr_decay_steps, min_lr_ratio)
         self.engine.eval()  # no dropout: the recomputed log-probs must equal the sampler's
+        if gradient_checkpointing:
+            ds_engine.checkpoint_in_eval(self.engine.module)
         self.processor = self._load_processor() if self.is_vlm else None
         cfg = self.engine.module.config
         self.pad_id = int(getattr(cfg, "pad_token_id", None) or getattr(
@@ -124,7 +120,7 @@ class TextLearner(LearnerBase):
         single rank may call it.
         """
         zero3 = self.engine.zero_optimization_stage() == 3
-        if reference and self.ref_model is None and not self.lora:
+        if reference and self.ref_model is None:
             raise ValueError("reference log-probs need kl_coef > 0 (no reference model was loaded)")
         temp = self.temperature if temperature is None else temperature
         top_p = self.top_p if top_p is None else top_p
@@ -304,20 +300,7 @@ class TextLearner(LearnerBase):
     def _model(self, reference: bool):
         if not reference:
             return self.engine
-        if self.lora:
-            return _AdapterDisabled(self.engine.module)
         return self.ref_model
-
-
-class _AdapterDisabled:
-    """Call a peft model with its adapter switched off: the frozen base is the reference."""
-
-    def __init__(self, peft_model) -> None:
-        self.peft_model = peft_model
-
-    def __call__(self, **kwargs):
-        with self.peft_model.disable_adapter():
-            return self.peft_model(**kwargs)
 
 
 def _length_mask(lengths: list[int]) -> torch.Tensor:

@@ -78,11 +78,7 @@ class WeightSenderMixin:
     # ---- plan -------------------------------------------------------------------------------
     def weight_sync_module(self) -> torch.nn.Module:
         """The module whose parameters the workers hold (override if the engine wraps more)."""
-        module = self.engine.module
-        if hasattr(module, "peft_config"):
-            raise ValueError("weight sync of a LoRA-wrapped learner is not supported: the workers need "
-                             "merged weights; use lora_rank=0 or override weight_sync_module")
-        return module
+        return self.engine.module
 
     def weight_bucket_meta(self, bucket_mb: float = 50.0, buffer_dtype: str = "float32") -> list[dict[str, Any]]:
         """Wire metadata of every bucket, identical on every rank (full shapes, not shards)."""
@@ -221,14 +217,6 @@ def _gathered(params: Sequence[torch.nn.Parameter]) -> Any:
     return contextlib.nullcontext()
 
 
-def safetensors_bytes(named: dict[str, torch.Tensor]) -> bytes:
-    """Helper for tests and benchmarks: a module state as safetensors bytes."""
-    from safetensors.torch import save
-
-    return save({k: v.detach().cpu().contiguous() for k, v in named.items()})
-
-
-
 # ---- coordinators (driver side) -----------------------------------------------------------------
 @dataclass(frozen=True)
 class SyncReport:
@@ -357,9 +345,9 @@ WEIGHT_SYNCS: dict[str, type[WeightSync]] = {"broadcast": BroadcastWeightSync, "
 
 
 def make_weight_sync(kind: str, *, bucket_mb: float = 50.0, backend: str = "gloo") -> WeightSync:
-    """Factory keyed by the config string (`weight_sync.kind`: 'broadcast' | 'object_store')."""
+    """Factory keyed by the config string (`sync.method`: 'broadcast' | 'object_store')."""
     if kind not in WEIGHT_SYNCS:
-        raise ValueError(f"unknown weight sync {kind!r} (config weight_sync kind); known: {sorted(WEIGHT_SYNCS)}")
+        raise ValueError(f"unknown weight sync {kind!r} (config key sync.method); known: {sorted(WEIGHT_SYNCS)}")
     return WEIGHT_SYNCS[kind](bucket_mb=bucket_mb, backend=backend)
 
 

@@ -167,8 +167,8 @@ def remove_overlap(records: Iterable[PromptRecord], test: Iterable[PromptRecord 
 
 def balance_categories(records: Sequence[PromptRecord]) -> list[PromptRecord]:
     """Each category's records cycled up to the size of the largest category, interleaved, so a
-    uniform draw from the result picks the category uniformly. ShapesWorld's train split is 74 %
-    colour+position prompts and has 4 single-object ones; its evaluation is tag-balanced
+    uniform draw from the result picks the category uniformly. A small synthetic task's train split
+    is 74 % colour+position prompts and has 4 single-object ones; its evaluation is tag-balanced
     (`spread_over_categories`, `cycle_categories`), and RL trained on the raw split hardly sees the
     tags the evaluation weighs equally."""
     if not records:

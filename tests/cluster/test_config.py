@@ -129,10 +129,15 @@ def test_learner_kwargs_carry_the_schedule_and_match_the_constructors():
     from learners.diffusion_learner import DiffusionLearner
     from learners.text_learner import TextLearner
 
-    cfg = load_config(CPU, ["grpo.lr_schedule=cosine", "grpo.min_lr_ratio=0.1", "train.steps=50"])
+    cfg = load_config(CPU, ["grpo.lr_schedule=cosine", "grpo.min_lr_ratio=0.1", "train.steps=50",
+                            "grpo.gradient_checkpointing=true"])
     paths = ModelPaths("/r", "/g", None)
     text, diffusion = text_learner_kwargs(cfg, paths), diffusion_learner_kwargs(cfg, paths)
     assert (text["lr_decay_steps"], text["min_lr_ratio"], text["model_path"]) == (50, 0.1, "/r")
     assert (diffusion["lr_decay_steps"], diffusion["model_path"]) == (0, "/g")
+    assert (text["gradient_checkpointing"], diffusion["gradient_checkpointing"]) == (True, False)
+    cfg = load_config(CPU, ["flow_grpo.gradient_checkpointing=true"])
+    assert diffusion_learner_kwargs(cfg, paths)["gradient_checkpointing"] is True
+    assert text_learner_kwargs(cfg, paths)["gradient_checkpointing"] is False
     for kwargs, cls in ((text, TextLearner), (diffusion, DiffusionLearner)):
         assert set(kwargs) <= set(inspect.signature(cls.__init__).parameters)

@@ -24,11 +24,11 @@ REQUIRED = [
 
 
 @pytest.fixture(scope="module")
-def trainer(tmp_path_factory):
+def trainer(tmp_path_factory, free_port):
     import ray
 
     run_root = tmp_path_factory.mktemp("runs")
-    cfg = load_config("configs/cpu_tiny.yaml", [f"cluster.metrics_export_port={_free_port()}",
+    cfg = load_config("configs/cpu_tiny.yaml", [f"cluster.metrics_export_port={free_port()}",
         "cluster.text_workers=2", "cluster.diffusion_workers=2", f"train.run_dir={run_root}", "train.run_name=e2e",
         "r3.group_size=4", "r3.prompts_per_step=2", "r3.max_rounds=2", "data.eval_limit=4", "train.eval_rounds=2",
         "logging.progress=false",
@@ -40,14 +40,6 @@ def trainer(tmp_path_factory):
     yield t
     t.close()
     ray.shutdown()
-
-
-def _free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _finite_numbers(row):

@@ -19,7 +19,6 @@ The head is isolated from whatever else runs on the box (Ray 2.60):
 import json
 import os
 import secrets
-import socket
 import subprocess
 import sys
 import time
@@ -32,12 +31,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
 RAY = Path(sys.executable).parent / "ray"
 START_BOUND_S = 300  # upper bound on each readiness wait (a loaded 2-core box can take minutes)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _head_env() -> dict[str, str]:
@@ -82,9 +75,9 @@ def _wait_job_api(proc: subprocess.Popen, address: str, env: dict[str, str]) -> 
 
 
 @pytest.fixture(scope="module")
-def head(tmp_path_factory):
+def head(tmp_path_factory, free_port):
     env = _head_env()
-    port, dash, agent, client = (_free_port() for _ in range(4))
+    port, dash, agent, client = (free_port() for _ in range(4))
     temp = tmp_path_factory.mktemp("ray")
     proc = subprocess.Popen(
         [str(RAY), "start", "--head", "--block", f"--port={port}", "--dashboard-host=127.0.0.1",

@@ -35,7 +35,7 @@ def test_message_when_auto_would_pick_another_run_or_nothing_is_saved(tmp_path):
 def test_train_main_exits_3_with_the_message_not_a_traceback(monkeypatch, capsys, tmp_path):
     import cluster.driver
 
-    def die(cfg):
+    def die(cfg, verbose=True):
         raise LearnerFailure(["text-learner-0"], 1, "learners training", None, "ActorDiedError: killed")
 
     monkeypatch.setattr(cluster.driver, "run_training", die)

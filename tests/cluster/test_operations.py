@@ -19,7 +19,8 @@ VOLATILE = re.compile(r"(^time/|seconds|_per_s$|_s$|^sync/)")
 
 def _cfg(run_root, name, *extra):
     return load_config("configs/cpu_tiny.yaml", [
-        f"train.run_dir={run_root}", f"train.run_name={name}", "judge.kind=shapes", "data.train=shapes-train",
+        f"train.run_dir={run_root}", f"train.run_name={name}", "plugins=[examples.shapesworld]", "judge.kind=shapes",
+        "data.train=shapes-train",
         "data.test=shapes-test", "data.eval_limit=2", "cluster.text_workers=2", "r3.group_size=4",
         "r3.prompts_per_step=2", "train.steps=6", "logging.progress=false", "logging.tensorboard=false", *extra,
     ])

@@ -18,7 +18,8 @@ from cluster.placement import PLACED_ROLES, actor_placement
 pytestmark = pytest.mark.integration
 
 OVERRIDES = [
-    "judge.kind=shapes", "data.train=shapes-train", "data.test=shapes-test", "data.eval_limit=2",
+    "plugins=[examples.shapesworld]", "judge.kind=shapes", "data.train=shapes-train", "data.test=shapes-test",
+    "data.eval_limit=2",
     "train.eval_rounds=2", "cluster.text_workers=1", "cluster.diffusion_workers=2", "r3.group_size=4",
     "r3.prompts_per_step=2", "train.steps=1", "logging.progress=false", "logging.tensorboard=false",
     "logging.trajectories_per_step=0",

@@ -4,20 +4,24 @@ Scripted fakes of the worker/judge protocols (pure logic); expected values are h
 """
 
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "rollout"))
-from r3_fakes import PLAIN, FakeGenerator, FakeJudge, FakeReasoner, fake_image, is_reflect, user_text  # noqa: E402
-
-from cluster.r3_step import R3StepSettings, run_chain_step, run_r3_step, run_tree_step, tree_stages  # noqa: E402
-from rollout.buffer import BufferEntry, RolloutBuffer  # noqa: E402
-from rollout.datasets import PromptRecord  # noqa: E402
-from rollout.stages import StageSettings  # noqa: E402
-from rollout.trajectory import read_trajectories, write_trajectories  # noqa: E402
+from cluster.r3_step import R3StepSettings, run_chain_step, run_r3_step, run_tree_step, tree_stages
+from rollout.buffer import BufferEntry, RolloutBuffer
+from rollout.datasets import PromptRecord
+from rollout.stages import StageSettings
+from rollout.trajectory import read_trajectories, write_trajectories
+from tests.rollout.fakes import (
+    PLAIN,
+    FakeGenerator,
+    FakeJudge,
+    FakeReasoner,
+    fake_image,
+    is_reflect,
+    user_text,
+)
 
 STOP = "<think>ok</think>no further edit needed"
 PROMPTS = [PromptRecord("cats", {"tag": "a"}, "a"), PromptRecord("dogs", {"tag": "b"}, "b")]

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from learners.ds_engine import build_ds_config, resolve_dtype, warmup_lambda
+from learners.ds_engine import build_ds_config, checkpoint_in_eval, resolve_dtype, warmup_lambda
 from learners.learner_base import split_even
 
 
@@ -53,14 +53,34 @@ def test_split_even():
     assert sum(s.stop - s.start for s in split_even(17, 5)) == 17
 
 
-def test_lora_without_peft_is_refused_before_any_engine_starts(tmp_path):
-    import importlib.util
+def test_gradient_checkpointing_recomputes_in_eval_mode_with_the_same_gradients(tiny_models):
+    """The learner runs in eval mode (no dropout), where transformers would skip checkpointing:
+    `checkpoint_in_eval` makes each decoder layer run twice (forward, then its recompute in the
+    backward pass), leaves dropout off, and the gradients do not change."""
+    from transformers import AutoModelForCausalLM
 
-    if importlib.util.find_spec("peft") is not None:
-        pytest.skip("peft is installed")
-    from learners.diffusion_learner import DiffusionLearner
-    from learners.text_learner import TextLearner
+    def load():
+        return AutoModelForCausalLM.from_pretrained(str(tiny_models.lm), dtype=torch.float32)
 
-    for cls in (TextLearner, DiffusionLearner):
-        with pytest.raises(ValueError, match="peft"):
-            cls(model_path=str(tmp_path), lora_rank=8)
+    def grads_and_calls(model) -> tuple[dict[str, torch.Tensor], int]:
+        calls = []
+        hook = model.model.layers[0].self_attn.register_forward_hook(lambda *_: calls.append(1))
+        ids = torch.tensor([[5, 9, 14, 3, 27, 8]])
+        model(input_ids=ids).logits.square().mean().backward()
+        hook.remove()
+        return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}, len(calls)
+
+    plain = load().eval()
+    with pytest.raises(ValueError, match="gradient checkpointing"):
+        checkpoint_in_eval(plain)
+    checkpointed = load()
+    checkpointed.gradient_checkpointing_enable()
+    checkpointed.eval()
+    assert checkpoint_in_eval(checkpointed) == checkpointed.config.num_hidden_layers
+    assert not any(m.training for layer in checkpointed.model.layers for m in layer.children())
+    want, plain_calls = grads_and_calls(plain)
+    got, checkpointed_calls = grads_and_calls(checkpointed)
+    assert (plain_calls, checkpointed_calls) == (1, 2)
+    assert set(got) == set(want)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=1e-5, msg=name)

@@ -16,7 +16,6 @@ margins of 0.05 (image) and 0.1 (text) on 3-step means are far outside noise. Me
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -25,25 +24,10 @@ from rollout.interfaces import ChatMessage, TextRequest
 
 pytestmark = pytest.mark.integration
 log = logging.getLogger(__name__)
+RAY_NUM_CPUS = 6  # the `ray_cluster` fixture's
 
 TEXT_PROMPTS = ("write", "draw", "say", "tell")
 TARGET_CHAR = "e"
-
-
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[None]:
-    import ray
-
-    ray.init(num_cpus=6, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def tiny_models():
-    from actors.models import build_tiny_models
-
-    return build_tiny_models()
 
 
 def char_frequency(text: str, char: str = TARGET_CHAR) -> float:
@@ -55,7 +39,7 @@ def rises_clearly(curve: list[float], margin: float) -> bool:
     return sum(curve[-3:]) / 3 >= sum(curve[:3]) / 3 + margin
 
 
-def test_text_reward_rises_through_vllm_deepspeed_and_sync(cluster, tiny_models):
+def test_text_reward_rises_through_vllm_deepspeed_and_sync(ray_cluster, tiny_models):
     import ray
 
     from actors.text_worker import remote_text_worker
@@ -95,7 +79,7 @@ def redness(image) -> float:
     return float((x[..., 0] - 0.5 * (x[..., 1] + x[..., 2])).mean())
 
 
-def test_image_reward_rises_through_diffusers_deepspeed_and_sync(cluster, tiny_models):
+def test_image_reward_rises_through_diffusers_deepspeed_and_sync(ray_cluster, tiny_models):
     import ray
 
     from actors.diffusion_worker import remote_diffusion_worker

@@ -4,7 +4,8 @@ Shows: before the first update the recomputed answer log-probs equal the behavio
 (ratio 1), both from a transformers forward and from vLLM's TextWorker (|ratio − 1| < 1e-4 per
 token, at top-p 1 and at top-p 0.9, whose cut the learner replays; the VLM with images through
 its processor); the nucleus mask equals vLLM's own top-p op, ties included; ZeRO-1, ZeRO-2 and ZeRO-3 over 2 ranks (1-sample micro-batches, 2 accumulation steps)
-give the same parameters after one step as one rank with 2-sample micro-batches (fp32, 1e-5).
+give the same parameters after one step as one rank with 2-sample micro-batches (fp32, 1e-5),
+ZeRO-3 with gradient checkpointing as well.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def initial_state(tiny_models) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def single(learner_ray, tiny_models):
+def single(ray_cluster, tiny_models):
     from learners.group import LearnerGroup
 
     group = LearnerGroup("text", 1, num_cpus_per=1, name_prefix="test-text-single", model_path=str(tiny_models.lm),
@@ -128,7 +129,7 @@ def test_nucleus_mask_equals_vllm_top_p_op():
         torch.testing.assert_close(ours, expected, atol=1e-6, rtol=0)
 
 
-def test_vlm_with_images_recomputes_vllm_logprobs(learner_ray, tiny_models):
+def test_vlm_with_images_recomputes_vllm_logprobs(ray_cluster, tiny_models):
     import numpy as np
 
     from learners.group import LearnerGroup
@@ -176,12 +177,13 @@ def test_save_writes_loadable_hf_folder(single, single_step, tmp_path):
 
 
 @pytest.mark.parametrize("zero_stage", [1, 2, 3])
-def test_zero_two_ranks_match_single_rank(zero_stage, learner_ray, tiny_models, batch, single_step, initial_state):
+def test_zero_two_ranks_match_single_rank(zero_stage, ray_cluster, tiny_models, batch, single_step, initial_state):
     from learners.group import LearnerGroup
 
     _, single_metrics, expected = single_step
     group = LearnerGroup("text", 2, num_cpus_per=1, name_prefix=f"test-text-z{zero_stage}",
-                         model_path=str(tiny_models.lm), zero_stage=zero_stage, micro_batch_size=1, **COMMON)
+                         model_path=str(tiny_models.lm), zero_stage=zero_stage, micro_batch_size=1,
+                         gradient_checkpointing=zero_stage == 3, **COMMON)
     try:
         assert [i["zero_stage"] for i in group.info] == [zero_stage, zero_stage]
         metrics = group.train_step(batch, ADVANTAGES)

@@ -17,6 +17,7 @@ import torch
 from rollout.interfaces import ChatMessage, TextRequest
 
 pytestmark = pytest.mark.integration
+RAY_NUM_CPUS = 6  # the `ray_cluster` fixture's: two learner ranks and two workers per model
 
 PROMPTS = ("draw a red circle", "a cat on a mat")
 
@@ -38,23 +39,12 @@ def _build_partitionable_lm(tiny_lm: Path, out: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def lm_dir(tmp_path_factory) -> Path:
-    from actors.models import build_tiny_models
-
-    return _build_partitionable_lm(build_tiny_models().lm, tmp_path_factory.mktemp("lm"))
+def lm_dir(tiny_models, tmp_path_factory) -> Path:
+    return _build_partitionable_lm(tiny_models.lm, tmp_path_factory.mktemp("lm"))
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[None]:
-    import ray
-
-    ray.init(num_cpus=6, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def text_learners(cluster, lm_dir) -> Iterator:
+def text_learners(ray_cluster, lm_dir) -> Iterator:
     """Two TextLearner ranks (ZeRO-3) as Ray actors, started the way the driver starts them."""
     from learners.group import LearnerGroup
 
@@ -65,7 +55,7 @@ def text_learners(cluster, lm_dir) -> Iterator:
 
 
 @pytest.fixture(scope="module")
-def text_workers(cluster, lm_dir) -> Iterator[list]:
+def text_workers(ray_cluster, lm_dir) -> Iterator[list]:
     import ray
 
     from actors.text_worker import remote_text_worker
@@ -180,14 +170,12 @@ IMAGE_SETTINGS_KW = dict(num_steps=4, noise_level=0.7, stochastic="all", height=
 
 
 @pytest.fixture(scope="module")
-def flux_dir() -> Path:
-    from actors.models import build_tiny_models
-
-    return build_tiny_models().flux
+def flux_dir(tiny_models) -> Path:
+    return tiny_models.flux
 
 
 @pytest.fixture(scope="module")
-def diffusion_learners(cluster, flux_dir) -> Iterator:
+def diffusion_learners(ray_cluster, flux_dir) -> Iterator:
     from learners.group import LearnerGroup
 
     group = LearnerGroup("diffusion", 2, num_cpus_per=0.5, model_path=str(flux_dir), zero_stage=3, lr=1e-2,
@@ -197,7 +185,7 @@ def diffusion_learners(cluster, flux_dir) -> Iterator:
 
 
 @pytest.fixture(scope="module")
-def diffusion_workers(cluster, flux_dir) -> Iterator[list]:
+def diffusion_workers(ray_cluster, flux_dir) -> Iterator[list]:
     import ray
 
     from actors.diffusion_worker import remote_diffusion_worker

@@ -6,7 +6,6 @@ in tests/learners/test_weight_sync.py). Seconds to run.
 
 from __future__ import annotations
 
-import socket
 import threading
 from types import SimpleNamespace
 
@@ -33,12 +32,6 @@ class Receiver(TorchWeightReceiver):
         self.transformer, self._version = module, 0
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_all(*fns) -> list:
     results, errors = [None] * len(fns), []
 
@@ -58,10 +51,10 @@ def _run_all(*fns) -> list:
 
 
 @pytest.mark.parametrize("mode", ["bucketed", "per_param"])
-def test_broadcast_reaches_every_receiver(mode):
+def test_broadcast_reaches_every_receiver(mode, free_port):
     sender = Sender(_net(0))
     receivers = [Receiver(_net(1)), Receiver(_net(2))]
-    port = _port()
+    port = free_port()
     _run_all(lambda: sender.init_weight_group("127.0.0.1", port, 3),
              *[lambda r=r, i=i: r.join_weight_group("127.0.0.1", port, i + 1, 3) for i, r in enumerate(receivers)])
     bucket_mb = 2 * 16 * 17 * 4 / 2**20  # two Linear layers per bucket

@@ -23,15 +23,12 @@ IMG = np.zeros((32, 32, 3), np.uint8)
 
 
 @pytest.fixture(scope="module")
-def serve_port():
-    import ray
+def serve_port(ray_cluster):
     from ray import serve
 
-    ray.init(num_cpus=4, include_dashboard=False)
     port = start_serve()
     yield port
     serve.shutdown()
-    ray.shutdown()
 
 
 def test_concurrent_requests_are_batched_across_two_replicas(serve_port, tmp_path):
@@ -123,12 +120,10 @@ def test_http_score_with_ocr_judge_and_failure_counts(serve_port):
     serve.delete("ocr")
 
 
-def test_vlm_judge_behind_serve(serve_port, tmp_path):
+def test_vlm_judge_behind_serve(serve_port, tiny_models, tmp_path):
     from ray import serve
 
-    from actors.models import build_tiny_models
-
-    vlm = str(build_tiny_models().vlm)
+    vlm = str(tiny_models.vlm)
     log = tmp_path / "vlm_calls.jsonl"
     spec = {"kind": "vlm", "model_path": vlm, "mode": "vqascore", "call_log": str(log)}
     deploy_judge(spec, name="vlm", max_batch_size=8, batch_wait_timeout_s=0.2, num_cpus=0.5)

@@ -23,11 +23,10 @@ GENEVAL = {
 
 
 @pytest.fixture(scope="module")
-def judge():
-    from actors.models import build_tiny_models
+def judge(tiny_models):
     from reward.vlm_judge import VLMJudge
 
-    j = VLMJudge(model_path=str(build_tiny_models().vlm), mode="checklist", max_tokens=24)
+    j = VLMJudge(model_path=str(tiny_models.vlm), mode="checklist", max_tokens=24)
     yield j
     j.shutdown()
 

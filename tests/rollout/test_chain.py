@@ -4,11 +4,11 @@ import random
 
 import numpy as np
 import pytest
-from r3_fakes import PLAIN, FakeGenerator, FakeJudge, FakeReasoner, is_reflect, user_text
 
 from rollout.chain import current_state, is_finished, run_chain
 from rollout.datasets import PromptRecord
 from rollout.stages import StageSettings
+from tests.rollout.fakes import PLAIN, FakeGenerator, FakeJudge, FakeReasoner, is_reflect, user_text
 
 RECORDS = [PromptRecord("cats"), PromptRecord("dogs")]
 SETTINGS = StageSettings(group_size=2, templates=PLAIN)

@@ -3,10 +3,10 @@
 import json
 
 import pytest
-from r3_fakes import PLAIN, FakeGenerator, FakeJudge, FakeReasoner, is_reflect, user_text
 
 from rollout.datasets import PromptRecord
 from rollout.evaluation import EvalSettings, evaluate, summarize
+from tests.rollout.fakes import PLAIN, FakeGenerator, FakeJudge, FakeReasoner, is_reflect, user_text
 
 STOP = "<think>done</think>No further edit needed."
 # prompt -> (plan answer, round-1 answer, round-2 answer); the judge scores the "s=" in the image prompt

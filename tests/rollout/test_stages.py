@@ -4,12 +4,20 @@ import random
 
 import numpy as np
 import pytest
-from r3_fakes import PLAIN, FakeGenerator, FakeJudge, FakeReasoner, fake_image, is_reflect, user_text
 
 from rollout.buffer import BufferEntry
 from rollout.datasets import PromptRecord
 from rollout.interfaces import JudgeResult
 from rollout.stages import INPUT_STAGE, StageSettings, run_generate_stage, run_refine_stage
+from tests.rollout.fakes import (
+    PLAIN,
+    FakeGenerator,
+    FakeJudge,
+    FakeReasoner,
+    fake_image,
+    is_reflect,
+    user_text,
+)
 
 SETTINGS = StageSettings(group_size=3, templates=PLAIN)
 RECORDS = [PromptRecord("cats", {"tag": "a"}, "a"), PromptRecord("dogs", {"tag": "b"}, "b")]

@@ -1,6 +1,5 @@
 """Flat weight buckets: layer grouping, bucket planning, pack/unpack round trip, gloo transfer."""
 
-import socket
 import threading
 
 import pytest
@@ -71,20 +70,14 @@ def test_checksum_sees_a_single_changed_element():
     assert tensors_checksum(a) != tensors_checksum(b)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("per_param", [False, True])
-def test_gloo_standalone_group_moves_buckets(per_param):
+def test_gloo_standalone_group_moves_buckets(per_param, free_port):
     """Sender thread = rank 0, receiver thread = rank 1, over a real gloo group."""
     g = torch.Generator().manual_seed(1)
     named = [(f"layers.{i}.w", torch.randn(5, 3, generator=g)) for i in range(4)]
     buckets = [named[:2], named[2:]]
     metas = [pack_bucket(b)[1].to_wire() for b in buckets]
-    port, received, errors = _free_port(), [], []
+    port, received, errors = free_port(), [], []
 
     def send():
         try:
@@ -117,6 +110,6 @@ def test_gloo_standalone_group_moves_buckets(per_param):
         assert torch.equal(want, got)
 
 
-def test_unknown_backend_is_refused():
+def test_unknown_backend_is_refused(free_port):
     with pytest.raises(ValueError, match="backend"):
-        standalone_group("127.0.0.1", _free_port(), 0, 1, backend="mpi")
+        standalone_group("127.0.0.1", free_port(), 0, 1, backend="mpi")
