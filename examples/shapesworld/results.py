@@ -124,6 +124,29 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}"
 
 
+def console_summary(results: dict[str, Any], run_dir: Path) -> str:
+    """The few lines a run ends with: accuracy per round before and after RL, reflection, and where
+    the gallery, results and logs are."""
+    b, a = results["before"], results["after"]
+    rounds = len(b["accuracy_per_round"])
+    steps = results.get("config", {}).get("steps")
+    head = f"{'accuracy per round':<20}" + "".join(f"{f'round {r}':>9}" for r in range(rounds))
+    lines = [
+        f"ShapesWorld R3: {steps} RL steps; evaluation on {_samples(b)} of the held-out split, exact judge",
+        head,
+        *(f"{name:<20}" + "".join(f"{_pct(x) + ' %':>9}" for x in s["accuracy_per_round"])
+          for name, s in (("  before RL", b), ("  after RL", a))),
+        f"reflection, balanced accuracy of the stop decision: {_pct(b['reflection']['balanced_accuracy'])} % -> "
+        f"{_pct(a['reflection']['balanced_accuracy'])} %",
+        f"run directory: {run_dir}",
+        f"gallery: {run_dir / 'eval-final' / 'gallery.html'} (before RL: eval-before/gallery.html)",
+        "results: results.md, results.json, results.png in the run directory",
+    ]
+    if (run_dir / "engine.log").is_file():
+        lines.append(f"engine logs: {run_dir / 'engine.log'}")
+    return "\n".join(lines)
+
+
 def results_markdown(results: dict[str, Any]) -> str:
     """The table per tag × round, before → after, plus the headline numbers."""
     b, a, d = results["before"], results["after"], results["delta"]

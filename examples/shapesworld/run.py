@@ -14,6 +14,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -76,14 +77,18 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     ap = argparse.ArgumentParser(prog="python -m examples.shapesworld.run", description=__doc__.split("\n")[0])
     ap.add_argument("--config", default=str(DEFAULT_CONFIG), help=f"run config (default {DEFAULT_CONFIG})")
+    ap.add_argument("--verbose", action="store_true",
+                    help="show the engines' logs on the console (default: they go to <run>/engine.log)")
     ap.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.steps=4")
     args = ap.parse_args(argv)
+    start = time.perf_counter()
 
     from cluster.checkpoint import resolve_resume
     from cluster.config import ConfigError, load_config
     from cluster.driver import run_training
     from cluster.failures import LearnerFailure
     from cluster.session import resolve_model_path
+    from examples.shapesworld.results import console_summary
 
     try:
         cfg = load_config(args.config, [*args.overrides, "train.eval_before=true"], check_paths=True)
@@ -96,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     if resumed_from is not None:  # pinned, so the driver resumes exactly this one ("auto" resolved once)
         cfg.checkpoint.resume = str(resumed_from)
     try:
-        run_dir = run_training(cfg)
+        run_dir = run_training(cfg, verbose=args.verbose)
     except LearnerFailure as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
@@ -109,8 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     extra["before_eval"] = str(before_dir)
     extra["resumed_from"] = str(resumed_from) if resumed_from else None  # metrics.jsonl: this run's steps only
     paths = collect_results(run_dir, extra, before_dir)
-    print(paths["md"].read_text())
-    print(f"results: {paths['json']}  {paths['md']}  {paths['png']}")
+    if args.verbose:
+        print(paths["md"].read_text())
+    print(console_summary(json.loads(paths["json"].read_text()), run_dir))
+    print(f"done in {time.perf_counter() - start:.0f} s")
     return 0
 
 

@@ -193,8 +193,13 @@ def test_shortened_shapes_run_writes_results(warm_start, tmp_path, capsys):
         "data.eval_limit=2", "data.eval_per_category=2", "r3.group_size=2", "r3.prompts_per_step=2", "flow_grpo.num_steps=4",
         "flow_grpo.eval_num_steps=4", "flow_grpo.edit_num_steps=4", "checkpoint.every=2", "grpo.max_tokens=24",
     ]
+    capsys.readouterr()
     assert main(overrides) == 0  # the default config: examples/shapesworld/configs/shapes_cpu.yaml
     run = tmp_path / "runs" / "short"
+    summary = capsys.readouterr().out  # the console ends with the summary; engine logs went to the log file
+    assert "accuracy per round" in summary and "  before RL" in summary and "  after RL" in summary
+    assert f"gallery: {run / 'eval-final' / 'gallery.html'}" in summary
+    assert "INFO" not in summary and (run / "engine.log").stat().st_size > 0
     results = json.loads((run / "results.json").read_text())
     for when in ("before", "after"):
         assert len(results[when]["accuracy_per_round"]) == 2

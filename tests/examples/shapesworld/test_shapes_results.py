@@ -8,6 +8,7 @@ import math
 import pytest
 
 from examples.shapesworld.results import (
+    console_summary,
     edit_outcomes,
     plateau_round,
     reflection_accuracy,
@@ -108,6 +109,12 @@ def test_summary_markdown_and_plot(tmp_path) -> None:
     assert "| edits that fixed a wrong image | 0 of 2 | 1 of 1 | |" in md  # a: 2 edits, still wrong / fixed
     assert "| edits that broke a correct image | 0 of 0 | 0 of 0 | |" in md  # b stops at once
     assert json.loads(paths["json"].read_text())["delta"]["plateau_round"] == 1
+    summary = console_summary({**res, "config": {"steps": 3}}, tmp_path / "run").splitlines()
+    assert summary[0] == "ShapesWorld R3: 3 RL steps; evaluation on 2 prompts of the held-out split, exact judge"
+    assert summary[1].split() == ["accuracy", "per", "round", "round", "0", "round", "1", "round", "2"]
+    assert summary[2].split() == ["before", "RL", "50.0", "%", "50.0", "%", "50.0", "%"]
+    assert summary[3].split() == ["after", "RL", "50.0", "%", "100.0", "%", "100.0", "%"]
+    assert summary[-2] == f"gallery: {tmp_path / 'run' / 'eval-final' / 'gallery.html'} (before RL: eval-before/gallery.html)"
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     from PIL import Image
 
