@@ -3,7 +3,7 @@
 The pipeline supplies the text encoders, the VAE, latent preparation and its scheduler's config;
 the denoising loop is our own so that every stochastic step records what the learner needs to
 recompute its log-probability: the latents before and after the step, the sigmas, the text
-conditioning and the source-image latents (DESIGN.md §4). The velocity comes from
+conditioning and the source-image latents (docs/design.md#what-the-sampler-stores). The velocity comes from
 `rollout.flux_forward.flux_velocity` and the step from `rollout.flow_sde.sde_step`, the same
 functions the diffusion learner calls. With noise level 0 the loop reproduces
 `FluxKontextPipeline.__call__` exactly in fp32 (tested); latents stay fp32 between steps whatever

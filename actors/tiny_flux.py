@@ -1,11 +1,10 @@
 """A tiny random FLUX.1-Kontext-style generator/editor, built offline (no hub, no downloads).
 
 Same classes and call path as a real FLUX.1-Kontext checkpoint (`FluxKontextPipeline`), so the
-worker code that loads it is the code that loads the real model on GPU. Sizes follow
-`RECIPES.md` ("Tiny FLUX.1-Kontext-style generator/editor"): a Flux transformer with 1 double and
-2 single blocks and guidance embedding, a 16-channel VAE with 8x downsampling, tiny CLIP + T5
-encoders sharing the project's byte-level BPE tokenizer. Everything is seeded, so two builds with
-the same seed are identical.
+worker code that loads it is the code that loads the real model on GPU. Sizes (the exact config is
+in the code below): a Flux transformer with 1 double and 2 single blocks and guidance embedding,
+a 16-channel VAE with 8x downsampling, tiny CLIP + T5 encoders sharing the project's byte-level
+BPE tokenizer. Everything is seeded, so two builds with the same seed are identical.
 """
 
 from __future__ import annotations

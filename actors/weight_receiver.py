@@ -1,4 +1,4 @@
-"""Receiving side of the weight sync, as mixins for the rollout workers (DESIGN.md §6).
+"""Receiving side of the weight sync, as mixins for the rollout workers (docs/design.md#weight-sync).
 
 Protocol (driven by `learners.weight_sync.WeightSync`, the sender is learner rank 0 = group rank 0):
 1. `join_weight_group(master_addr, port, rank, world_size, backend)` on every worker, concurrently

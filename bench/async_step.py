@@ -1,4 +1,6 @@
-"""Benchmark: synchronous vs one-step-off asynchronous R3 steps on the same work (issue 8, DESIGN.md §7).
+"""Benchmark: synchronous vs one-step-off asynchronous R3 steps on the same work.
+
+Design: docs/design.md#one-step-off-rollout.
 
 Trainers run one after the other in one Ray session (sync, async, sync, async, ... for `--rounds`),
 with the same config and seeds except `train.async_one_step_off`: same prompts, same models, same

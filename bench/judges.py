@@ -28,7 +28,7 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-# Same thread count on both paths (set before torch loads). On a loaded 2-core box, 2 OpenMP
+# Same thread count on both paths (set before torch loads). On a loaded 2-core CPU machine, 2 OpenMP
 # threads per engine were measured 10-30x slower than 1 (threads wait on preempted peers).
 THREADS = os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Ray starts workers (so Serve replicas) at niceness 15; the in-process path runs at 0. On a

@@ -5,7 +5,7 @@ text length. Rows: the plain `FluxKontextPipeline.__call__`; our loop as ODE wit
 data ("ode"); our loop with the SDE at every step but the last, keeping latents, embeddings and
 log-probs ("sde+logp", what rollouts run). Generate and edit. Times are medians of `--repeats`
 calls after one warm-up, with the three variants interleaved so machine load hits them alike.
-Both wall time and process CPU time are recorded: on a shared CPU box the wall clock mostly
+Both wall time and process CPU time are recorded: on a shared CPU machine the wall clock mostly
 measures the neighbours, so the CPU-time ratio (with `--threads 1`) is the one to read there.
 Target: sde+logp / pipeline <= 1.10.
 

@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from actors.models import build_tiny_models
 
-    load_start = os.getloadavg()[0]  # other jobs on the box skew the numbers: recorded
+    load_start = os.getloadavg()[0]  # other jobs on the machine skew the numbers: recorded
     models = build_tiny_models()
     rows = []
     for kind, path in (("lm", models.lm), ("vlm", models.vlm)):

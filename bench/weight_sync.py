@@ -1,4 +1,6 @@
-"""Benchmark: weight sync from a learner-side sender into a vLLM text worker (DESIGN.md §6).
+"""Benchmark: weight sync from a learner-side sender into a vLLM text worker.
+
+Design: docs/design.md#bucketed-broadcast.
 
 For random Qwen2 models of ~1M, ~30M and ~300M parameters, measures in one run, between the same
 two Ray actors (sender = `WeightSenderMixin` on an HF model; receiver = `TextWorker` with the
@@ -10,7 +12,7 @@ weight-sync extension, in-process vLLM engine):
 Seconds are driver wall time per sync including the receiver's reload (median of `--repeats`,
 methods interleaved); GB/s = model bytes / seconds. "send-only" compares the sender's time inside
 `broadcast_weights` (transfer without vLLM's reload) for bucketed vs per-parameter.
-Targets (issue 5): bucketed >= 0.5 x raw bandwidth and >= 5 x per-parameter on the model with
+Targets: bucketed >= 0.5 x raw bandwidth and >= 5 x per-parameter on the model with
 many small tensors (the 1M model: 12 layers of tiny matrices).
 
 Run: `.venv/bin/python -m bench.weight_sync [--sizes 1m,30m,300m] [--repeats 3] [--bucket-mb 50]`.
@@ -114,7 +116,7 @@ def bench_size(size: str, tokenizer_dir: Path, repeats: int, bucket_mb: float) -
         times: dict[str, list[float]] = {k: [] for k in methods}
         transfer: dict[str, list[float]] = {"bucketed": [], "per_param": []}
         version = 1
-        for _ in range(repeats):  # interleaved, so a load change on the shared box hits every method alike
+        for _ in range(repeats):  # interleaved, so a load change on a shared machine hits every method alike
             for key, fn in methods.items():
                 version += 1
                 want = ray.get(sender.perturb.remote(version)) if key != "raw_gloo" else None

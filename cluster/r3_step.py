@@ -4,9 +4,9 @@ The driver passes Ray-backed `Reasoner` / `Generator` / `Judge` implementations;
 calls the `rollout` stages, `reward.shaping` and `learners.algos.group_advantages`, and returns the
 trajectories (rewards and advantages filled in) plus flat learner batches and metrics.
 
-- tree mode (paper, DESIGN.md §3): `tree_stages` picks the stage(s) of a step: "alternate" runs the
-  generate stage on even steps and the refine stage on odd ones (generate while the buffer is
-  empty); "both" runs generate then refine every step. Generate results enter the buffer.
+- tree mode (paper, docs/design.md#tree-mode): `tree_stages` picks the stage(s) of a step:
+  "alternate" runs the generate stage on even steps and the refine stage on odd ones (generate
+  while the buffer is empty); "both" runs generate then refine every step. Generate results enter the buffer.
 - chain mode: G trajectories of up to K rounds per prompt; advantages per (group, round) over the
   members that reached that round.
 

@@ -1,8 +1,10 @@
 """The RL objectives of R3RL in one place: advantages, GRPO (text), FlowGRPO (image), KL.
 
-Pure torch (no Ray, DeepSpeed, vLLM or diffusers). DESIGN.md §3–§5 give the formulas; the names
-and argument meanings of `group_advantages`, `kl_estimate`, `grpo_loss` and `flow_grpo_loss` are
-the stable public API of DESIGN.md §11. Tensors are batch-first. Variants are chosen by string
+Pure torch (no Ray, DeepSpeed, vLLM or diffusers). docs/design.md gives the formulas
+(docs/design.md#the-r3-algorithm, docs/design.md#grpo-for-the-reasoner,
+docs/design.md#flowgrpo-for-the-generator); the names and argument meanings of `group_advantages`,
+`kl_estimate`, `grpo_loss` and `flow_grpo_loss` are the stable public API of
+docs/design.md#stable-math-api. Tensors are batch-first. Variants are chosen by string
 through two small registries (`AGG_MODES`, `KL_KINDS`): an unknown name raises `ValueError`
 listing the known ones, and registering a taken name raises.
 
@@ -253,7 +255,7 @@ def agg_normalizer(mask: Tensor, agg: str) -> float:
 def grpo_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
               clip_low: float = 0.2, clip_high: float = 0.2, agg: str = "token-mean",
               max_len: int | None = None, normalizer: float | Tensor | None = None) -> Tensor:
-    """PPO-clip surrogate over answer tokens, negated for minimisation (DESIGN.md §5).
+    """PPO-clip surrogate over answer tokens, negated for minimisation (docs/design.md#text-objective).
 
     logprobs, old_logprobs, mask: (B, T); advantages: (B,). `max_len` is the divisor of
     `seq-mean-token-sum-norm` (default T). Returns a scalar.
@@ -313,8 +315,9 @@ def token_logprobs(logits: Tensor, target_ids: Tensor, temperature: float = 1.0,
 
 def flow_grpo_loss(log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, clip_range: float,
                    adv_clip: float = 5.0) -> Tensor:
-    """Clipped FlowGRPO surrogate of one trained step, averaged over the batch (DESIGN.md §4).
+    """Clipped FlowGRPO surrogate of one trained step, averaged over the batch.
 
+    Formula: docs/design.md#image-objective.
     log_prob, old_log_prob, advantages: (B,). Advantages are clipped to ±adv_clip first.
     The KL term is added by the caller with its own coefficient.
     """

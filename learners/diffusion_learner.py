@@ -1,4 +1,6 @@
-"""FlowGRPO learner for the generator's flow transformer on DeepSpeed (DESIGN.md §4).
+"""FlowGRPO learner for the generator's flow transformer on DeepSpeed.
+
+Design: docs/design.md#flowgrpo-for-the-generator.
 
 Only the transformer is trained and held: `ImageSample` stores the text conditioning
 (prompt_embeds, pooled_embeds) and the source-image latents, so text encoders and VAE are not

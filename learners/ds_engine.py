@@ -161,7 +161,8 @@ def warmup_lambda(warmup_steps: int, decay_steps: int = 0, min_ratio: float = 0.
 
     (DeepSpeed's WarmupLR starts at exactly 0, wasting the first update.) Why a decay: at a
     constant lr, steps 100-200 of a small synthetic task's run gave back the generator's held-out
-    gain; with the cosine over 200 steps it stayed where it was (README).
+    gain; with the cosine over 200 steps it stayed where it was (measured on the example task,
+    docs/reports/). Formula: docs/design.md#learning-rate-schedule.
     """
     if warmup_steps < 0:
         raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")

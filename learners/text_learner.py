@@ -1,4 +1,6 @@
-"""GRPO learner for the reasoner (causal LM or Idefics3-style VLM) on DeepSpeed (DESIGN.md §5).
+"""GRPO learner for the reasoner (causal LM or Idefics3-style VLM) on DeepSpeed.
+
+Design: docs/design.md#grpo-for-the-reasoner.
 
 Log-probs of the answer tokens are recomputed the way the sampler (vLLM) built its distribution:
 logit bias, then logits / T, then the top-p nucleus cut and renormalisation (`algos.token_logprobs`),

@@ -1,4 +1,6 @@
-"""Weights from learners to rollout workers: bucketed broadcast or Ray object store (DESIGN.md §6).
+"""Weights from learners to rollout workers: bucketed broadcast or Ray object store.
+
+Design: docs/design.md#weight-sync.
 
 Two pieces:
 - `WeightSenderMixin`, inherited by the learner actors (`self.engine` = DeepSpeed engine,

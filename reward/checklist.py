@@ -1,6 +1,6 @@
 """GenEval metadata -> a checklist of what the image must show, for the VLM judge's checklist mode.
 
-Metadata format (DESIGN.md §10): `{tag, include: [{class, count, color?, position?: [relation,
+Metadata format (docs/design.md#geneval-format): `{tag, include: [{class, count, color?, position?: [relation,
 index], size?, region?}], exclude: [{class, count}], prompt}`. GenEval's semantics: an include
 needs at least `count` objects of `class` (all of `color` when given; `position` relates this
 object to `include[index]`); an exclude forbids `count` or more. An include with count n and an

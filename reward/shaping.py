@@ -1,4 +1,6 @@
-"""Reward shaping of R3: judge scores + answer format -> text and image rewards (DESIGN.md §3).
+"""Reward shaping of R3: judge scores + answer format -> text and image rewards.
+
+Design: docs/design.md#rewards.
 
 Pure functions of Python floats and bools (no torch): advantages are assigned by the caller
 (`cluster/r3_step.py` via `learners.algos.group_advantages`). Notation: r = judge score in [0, 1],

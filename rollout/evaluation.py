@@ -1,4 +1,6 @@
-"""Deterministic multi-round R3 evaluation (DESIGN.md §3): 1 generation + up to 3 refinements.
+"""Deterministic multi-round R3 evaluation: 1 generation + up to 3 refinements.
+
+Design: docs/design.md#evaluation.
 
 ODE sampling (`SamplerSettings(stochastic="none")`), low temperature and seeds drawn from
 `EvalSettings.seed`, one sample per prompt. A stop in round r freezes that sample: its image and

@@ -1,4 +1,6 @@
-"""FlowGRPO's SDE step for rectified-flow samplers, and the sigma grid it runs on (DESIGN.md §4, §11).
+"""FlowGRPO's SDE step for rectified-flow samplers, and the sigma grid it runs on.
+
+Design: docs/design.md#sde-step; `sde_step` is part of docs/design.md#stable-math-api.
 
 Convention: x_σ = (1−σ)·x0 + σ·ε, velocity v = ε − x0, sampling runs σ: 1 → 0. The ODE step is
 x' = x + v·dt with dt = σ' − σ < 0; the SDE step below has the same marginals and a Gaussian
@@ -57,7 +59,7 @@ def sde_step(
     *,
     noise: Tensor | None = None,
 ) -> SdeStep:
-    """One FlowGRPO SDE step from `sigma` to `sigma_next` (DESIGN.md §4).
+    """One FlowGRPO SDE step from `sigma` to `sigma_next` (docs/design.md#sde-step).
 
     s_t = a·sqrt(σ / (1 − σ)) (σ' in the denominator at σ = 1),
     μ = x·(1 + s_t²·dt/(2σ)) + v·(1 + s_t²·(1 − σ)/(2σ))·dt, std = s_t·sqrt(−dt), x' = μ + std·ε.

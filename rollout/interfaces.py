@@ -52,7 +52,7 @@ class TextRequest:
 
 @dataclass(frozen=True)
 class SamplerSettings:
-    """How the generator samples (FlowGRPO, DESIGN.md §4).
+    """How the generator samples (FlowGRPO, docs/design.md#stochastic-steps).
 
     stochastic: "all" = SDE at every step except the last; "one" = one random step drawn in
     [window_lo, window_hi) with ODE elsewhere; "none" = ODE everywhere (evaluation).

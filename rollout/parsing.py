@@ -1,8 +1,8 @@
 """Parsing of reasoner answers: the `<think>…</think>answer` format and the stop phrase.
 
 A plan or reflect answer is well-formed iff it is exactly `<think>…</think>answer` with a
-non-empty answer (DESIGN.md §3). A reflect answer whose answer part contains the stop phrase
-(case-insensitive) is the decision that no edit is needed.
+non-empty answer (docs/design.md#answers-and-the-stop-phrase). A reflect answer whose answer
+part contains the stop phrase (case-insensitive) is the decision that no edit is needed.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The two stages of tree-mode R3 (DESIGN.md §3), written against the `Reasoner`, `Generator` and
+"""The two stages of tree-mode R3 (docs/design.md#tree-mode), written against the `Reasoner`, `Generator` and
 `Judge` protocols only (no transport, no rewards: shaping lives in `reward.shaping`).
 
 - generate stage: P prompts × group G. One `TextRequest` per prompt with n = G (plan); the plan's

@@ -1,4 +1,6 @@
-"""Prompt templates of the reasoner and the parsers of its two kinds of answer (DESIGN.md §3).
+"""Prompt templates of the reasoner and the parsers of its two kinds of answer.
+
+Design: docs/design.md#answers-and-the-stop-phrase.
 
 Round 0 (*plan*): the reasoner reads the user prompt and answers `<think>…</think>` followed by the
 prompt for the generator. Later rounds (*reflect*): it reads the user prompt and the current image
@@ -69,7 +71,8 @@ class Templates:
     system: system message ("" for none). plan / reflect: user messages with `{prompt}`.
     plan_fallback / edit_fallback: what a malformed plan / reflect answer turns into.
     stop_phrase: the phrase the reflect prompt asks for; stop_match: the case-insensitive
-    substring that makes an answer a stop decision (DESIGN.md §3: "no further edit").
+    substring that makes an answer a stop decision (docs/design.md#answers-and-the-stop-phrase:
+    "no further edit").
     """
 
     system: str = DEFAULT_SYSTEM

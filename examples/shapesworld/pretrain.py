@@ -4,11 +4,11 @@ Trains, on rendered ShapesWorld data (train split only; canonical layout by defa
 per prompt, see `examples.shapesworld.render.canonical_objects`), on the CPU:
 1. the generator's VAE as an autoencoder (a random VAE cannot draw anything), then sets its
    latent shift/scale so scaled latents have mean 0 and std 1;
-2. the generator's transformer and text encoders with the flow-matching loss (DESIGN.md §4
-   convention: x_σ = (1−σ)·x0 + σ·ε, target v = ε − x0; σ uniform), on text-to-image batches (prompt →
-   correct render) and edit batches (wrong render + fixing instruction → the fixed render; half
-   of the sources degraded like generated images, which are what RL edits), in two stages: the
-   second restarts the optimizer and its schedule from the first one's weights;
+2. the generator's transformer and text encoders with the flow-matching loss
+   (docs/design.md#sampling-convention: x_σ = (1−σ)·x0 + σ·ε, target v = ε − x0; σ uniform), on
+   text-to-image batches (prompt → correct render) and edit batches (wrong render + fixing
+   instruction → the fixed render; half of the sources degraded like generated images, which are
+   what RL edits), in two stages: the second restarts the optimizer and its schedule from the first one's weights;
 3. the reasoner (Idefics3 VLM) on plan answers and reflect answers (`examples.shapesworld.reasoner`),
    in a child process on half of the threads beside 1. and the start of 2. (`parallel_reasoner`).
 

@@ -67,7 +67,8 @@ class PretrainSettings:
     # Then a second flow stage from those weights (a warm restart: fresh AdamW, warm-up + cosine at
     # `flow_continue_lr`; the first stage ends at lr 0). From v8's 2400 steps, 2400 more: held-out
     # text-to-image 11.1 -> 26.7 %, edits 18.9 -> 27.8 % (90 prompts), flow loss 0.128 -> 0.101; as built
-    # in here (v9): 25.6 % and 24.4 %, 1306 s for the whole warm start on a 2-core box (README). 0: skip.
+    # by this recipe (v9): 25.6 % and 24.4 %, 1306 s for the whole warm start on a 2-core CPU machine
+    # (measured: docs/reports/shapesworld.md#v9-twice-the-flow-updates). 0: skip.
     flow_continue_steps: int = 2400
     flow_continue_lr: float = 1e-3
     flow_sigma: str = "uniform"  # σ sampling of the flow loss: "uniform" or "logit_normal" (SD3's)
@@ -86,7 +87,8 @@ class PretrainSettings:
     # process on half of them, beside the VAE and the first `flow_steps_beside_reasoner` flow
     # steps, which use the other half; then the flow stage takes every thread. The switch is at a
     # fixed step, not "when the child is done", so the arithmetic (and the result) is the same
-    # every run. Two 1-thread jobs do ~1.4x the work of one 2-thread job on a 2-core box.
+    # every run. Two 1-thread jobs do ~1.4x the work of one 2-thread job on a 2-core CPU machine
+    # (measured; the warm start's timeline: docs/reports/shapesworld.md#the-generator).
     parallel_reasoner: bool = True
     flow_steps_beside_reasoner: int = 600
     scale: float = 1.0

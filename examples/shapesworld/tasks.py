@@ -1,8 +1,8 @@
 """ShapesWorld tasks: a finite, seeded world of GenEval-format prompts about simple shapes.
 
 Every prompt is a GenEval line `{"tag", "include": [{"class", "count", "color"?, "position"?:
-[relation, index]}], "exclude"?, "prompt"}` (DESIGN.md §10) over `SHAPES` × `COLORS` × counts
-1–4 × relations, in the six GenEval tags plus three compositional ones in the spirit of
+[relation, index]}], "exclude"?, "prompt"}` (docs/design.md#geneval-format) over `SHAPES` ×
+`COLORS` × counts 1–4 × relations, in the six GenEval tags plus three compositional ones in the spirit of
 GenEval++ (`color_count`, `color_position`, `count_position`). The space is enumerated exactly,
 so the train / test split is a fixed partition of it: prompts that say the same thing ("a circle
 left of a square" and "a square right of a circle") are one group and land on the same side.

@@ -36,7 +36,7 @@ def sources(make_image) -> list[np.ndarray]:
 
 
 def _pipeline(worker, prompts, noise_seeds, images=None):
-    """The diffusers pipeline's own call, with the sizes pinned (see RECIPES.md)."""
+    """The diffusers pipeline's own call, with the sizes pinned (no resizing: height, width, max_area)."""
     from PIL import Image
 
     gens = [torch.Generator().manual_seed(s) for s in noise_seeds]

@@ -1,4 +1,4 @@
-"""Config validation: good configs load, bad ones exit 2 naming the field (issue 3)."""
+"""Config validation: good configs load, bad ones exit 2 naming the field."""
 
 import subprocess
 import sys

@@ -1,4 +1,4 @@
-"""End to end on a local Ray cluster with tiny models: every role really runs (issue 7).
+"""End to end on a local Ray cluster with tiny models: every role really runs.
 
 One Trainer (2 text workers, 2 diffusion workers, a VLM judge on Serve, GRPO and FlowGRPO learners on
 DeepSpeed, bucketed weight sync) runs 2 tree-mode steps, then 2 chain-mode steps, then a short

@@ -3,7 +3,7 @@
 The test starts its own head (`ray start --head --block` as a child process) and stops only that
 process: never a bare `ray stop`, which would end every Ray cluster of the user on this machine.
 
-The head is isolated from whatever else runs on the box (Ray 2.60):
+The head is isolated from whatever else runs on the machine (Ray 2.60):
   * auth: `ray start` turns token auth on by itself when `~/.ray/auth_token` exists (any local
     `ray.init()` writes one), while the `ray job` CLI does not, so the CLI got 401s. Head and CLI
     get the same explicit `RAY_AUTH_MODE=token` and a token of this test's own (`RAY_AUTH_TOKEN`);
@@ -30,7 +30,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
 RAY = Path(sys.executable).parent / "ray"
-START_BOUND_S = 300  # upper bound on each readiness wait (a loaded 2-core box can take minutes)
+START_BOUND_S = 300  # upper bound on each readiness wait (a loaded 2-core CPU machine can take minutes)
 
 
 def _head_env() -> dict[str, str]:

@@ -1,4 +1,4 @@
-"""Operations on a real local cluster (issue 8): exact resume, worker death, elastic workers, one-step-off.
+"""Operations on a real local cluster: exact resume, worker death, elastic workers, one-step-off.
 
 The ShapesWorld judge (exact, pure numpy, batch-independent) sits behind Ray Serve here, so that two
 runs with the same seeds are bitwise comparable; everything else is the real stack on tiny models.

@@ -1,4 +1,4 @@
-"""Placement planning (pure, no Ray cluster): bundles per role, what is placed where (issue 7)."""
+"""Placement planning (pure, no Ray cluster): bundles per role, what is placed where."""
 
 from pathlib import Path
 

@@ -1,4 +1,4 @@
-"""Placement groups and the evaluation entry on a real local cluster (issue 7).
+"""Placement groups and the evaluation entry on a real local cluster.
 
 One Trainer (1 text worker, 2 diffusion workers, ShapesWorld judge on Serve, one GRPO and one
 FlowGRPO learner) is built, observed, runs one step, saves a checkpoint, grows and shrinks its

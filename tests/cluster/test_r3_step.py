@@ -1,4 +1,6 @@
-"""One R3 step as pure composition: stages + shaping + group advantages + batches (§3).
+"""One R3 step as pure composition: stages + shaping + group advantages + batches.
+
+Design: docs/design.md#a-training-step.
 
 Scripted fakes of the worker/judge protocols (pure logic); expected values are hand-computed.
 """

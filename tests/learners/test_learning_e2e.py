@@ -10,7 +10,7 @@ Margins: with too small a learning rate (lr 1e-3 for the image test, i.e. nearly
 per-step mean reward wandered within +/-0.015 (images) and the text curve within +/-0.02, so
 margins of 0.05 (image) and 0.1 (text) on 3-step means are far outside noise. Measured here
 (seeded, deterministic): text 0.074 -> 0.419 (first/last 3 of 12 steps), image 0.316 -> 0.452
-(first/last 3 of 10 steps); both tests together ~45 s on an idle 2-core box.
+(first/last 3 of 10 steps); both tests together ~45 s on an idle 2-core CPU machine.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Reward shaping against hand-computed tables for both stages and chain mode (DESIGN.md §3)."""
+"""Reward shaping against hand-computed tables for both stages and chain mode (docs/design.md#rewards)."""
 
 import pytest
 

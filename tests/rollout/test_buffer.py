@@ -1,4 +1,7 @@
-"""Rollout buffer: bounded perfect/imperfect splits, p_perfect sampling, JSON checkpoint (§3)."""
+"""Rollout buffer: bounded perfect/imperfect splits, p_perfect sampling, JSON checkpoint.
+
+Design: docs/design.md#rollout-buffer.
+"""
 
 import json
 

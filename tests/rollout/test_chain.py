@@ -1,4 +1,4 @@
-"""Chain mode: whole trajectories of up to K rounds with a learned stop (§3)."""
+"""Chain mode: whole trajectories of up to K rounds with a learned stop (docs/design.md#chain-mode)."""
 
 import random
 

@@ -1,4 +1,7 @@
-"""Multi-round evaluation: per-round/per-category table, and a stop freezes image and score (§3)."""
+"""Multi-round evaluation: per-round/per-category table, and a stop freezes image and score.
+
+Design: docs/design.md#evaluation.
+"""
 
 import json
 

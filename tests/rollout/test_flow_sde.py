@@ -1,4 +1,7 @@
-"""FlowGRPO SDE step (DESIGN.md §4): hand-computed values, ODE limit, sampling statistics, scoring."""
+"""FlowGRPO SDE step: hand-computed values, ODE limit, sampling statistics, scoring.
+
+Design: docs/design.md#sde-step.
+"""
 
 import math
 

@@ -1,4 +1,7 @@
-"""Generate and refine stages against scripted fakes of the worker/judge protocols (§3)."""
+"""Generate and refine stages against scripted fakes of the worker/judge protocols.
+
+Design: docs/design.md#tree-mode.
+"""
 
 import random
 

@@ -1,4 +1,4 @@
-"""Reasoner templates and the plan / reflect answer parsers (DESIGN.md §3)."""
+"""Reasoner templates and the plan / reflect answer parsers (docs/design.md#answers-and-the-stop-phrase)."""
 
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""Parquet round-trip of trajectory records is lossless (issue 3)."""
+"""Parquet round-trip of trajectory records is lossless."""
 
 import numpy as np
 import pyarrow.parquet as pq
