@@ -312,7 +312,7 @@ def _train(tmp: Path, s: PretrainSettings) -> dict[str, Any]:
             second = replace(s, flow_steps=s.flow_continue_steps, flow_lr=s.flow_continue_lr, seed=s.seed + 1)
             flow_losses += train_flow(pipe, pool, second, torch.Generator().manual_seed(s.seed + 1))
         times["flow_s"] = time.perf_counter() - t
-        pipe.save_pretrained(str(tmp / "flux"), safe_serialization=True)
+        pipe.to(dtype=getattr(torch, s.storage_dtype)).save_pretrained(str(tmp / "flux"), safe_serialization=True)
         t = time.perf_counter()
         gen_eval = evaluate_generator(tmp / "flux", splits.test, s)
         times["generator_eval_s"] = time.perf_counter() - t

@@ -178,7 +178,7 @@ def train_reasoner(
     r = recipe or ReasonerRecipe()
     build_shapes_vlm(out, seed=s.seed, recipe=r)
     processor = AutoProcessor.from_pretrained(out)
-    model = Idefics3ForConditionalGeneration.from_pretrained(out)
+    model = Idefics3ForConditionalGeneration.from_pretrained(out, dtype=torch.float32)
     pretrain_vision(
         model, processor, pool, r.scaled(r.vision_steps, s.scale), r.vision_batch, r.vision_lr, r.patch,
         np.random.default_rng(s.seed + 2), gen,
@@ -192,7 +192,7 @@ def train_reasoner(
         return [(r.plan_weight, _pad([plans[i] for i in plan_idx], pad)), (1.0, data.batch(r, gen))]
 
     losses = fit_reasoner(model, batches, r.scaled(r.steps, s.scale), r.lr, "reasoner")
-    model.save_pretrained(out)
+    model.to(getattr(torch, s.storage_dtype)).save_pretrained(out)
     processor.save_pretrained(out)
     return losses
 
@@ -230,7 +230,7 @@ def evaluate_reasoner(path: Path, tasks: list[dict[str, Any]], s: PretrainSettin
     from transformers import AutoProcessor, Idefics3ForConditionalGeneration
 
     processor = AutoProcessor.from_pretrained(path)
-    model = Idefics3ForConditionalGeneration.from_pretrained(path).eval()
+    model = Idefics3ForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()  # stored in half
     pool = make_pool(tasks, max(2, s.eval_prompts // 3), seed=s.seed + 20_000, size=s.size)
     rng = np.random.default_rng(s.seed + 20_001)
     correct_deg = degrade_images(pool.correct, rng, 1.0)
