@@ -211,8 +211,9 @@ def diffusion_learner_kwargs(cfg: R3Config, paths: ModelPaths) -> dict[str, Any]
 def build_judge_client(cfg: R3Config, paths: ModelPaths) -> Any:
     """The judge behind Ray Serve (replicas or autoscaling from the config), as a `Judge`.
 
-    Serve's HTTP proxy binds 127.0.0.1 (port `judge.http_port`, or a free one), so outside tools can
-    `POST /judge` on loopback only.
+    The driver calls it through a deployment handle. Only with `judge.http_port` set does Serve
+    start its HTTP proxy, bound to 127.0.0.1 on that port, so outside tools can `POST /judge` on
+    loopback only; without it no proxy runs.
     """
     from reward.service import ServeJudgeClient, deploy_judge, start_serve
 
@@ -225,7 +226,7 @@ def build_judge_client(cfg: R3Config, paths: ModelPaths) -> Any:
         spec.update(model_path=paths.judge, mode=j.mode, max_model_len=cfg.models.reasoner.max_model_len)
     elif j.kind == "remote":
         spec.update(base_url=j.url, model=j.remote_model, mode=j.mode)
-    start_serve(host="127.0.0.1", port=j.http_port)
+    start_serve(host="127.0.0.1", port=j.http_port, http=j.http_port is not None)
     autoscaling = {"min_replicas": r.min_replicas, "max_replicas": r.max_replicas} if r.min_replicas else None
     deploy_judge(
         spec, name="judge", num_replicas=None if autoscaling else r.count, autoscaling=autoscaling,

@@ -233,8 +233,16 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def start_serve(*, host: str = "127.0.0.1", port: int | None = None) -> int:
-    """Start Serve with its HTTP proxy on `host:port` (a free port when None); returns the port."""
+def start_serve(*, host: str = "127.0.0.1", port: int | None = None, http: bool = True) -> int | None:
+    """Start Serve with its HTTP proxy on `host:port` (a free port when None); returns the port.
+
+    `http=False` starts Serve without any proxy (None is returned): the driver reaches the judge
+    through a deployment handle only, which saves the proxy actor's start-up (several seconds, and
+    its readiness check fails on a saturated 2-core machine).
+    """
+    if not http:
+        serve.start(proxy_location="Disabled")
+        return None
     port = free_port(host) if port is None else port
     serve.start(http_options={"host": host, "port": port})
     return port
