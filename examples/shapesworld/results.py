@@ -136,8 +136,14 @@ def console_summary(results: dict[str, Any], run_dir: Path) -> str:
         head,
         *(f"{name:<20}" + "".join(f"{_pct(x) + ' %':>9}" for x in s["accuracy_per_round"])
           for name, s in (("  before RL", b), ("  after RL", a))),
-        f"reflection, balanced accuracy of the stop decision: {_pct(b['reflection']['balanced_accuracy'])} % -> "
-        f"{_pct(a['reflection']['balanced_accuracy'])} %",
+        "the reasoner's decision after each image (before RL -> after RL):",
+        f"  stops on a correct image {_pct(b['reflection']['stop_when_correct'])} % -> "
+        f"{_pct(a['reflection']['stop_when_correct'])} %; edits a wrong one {_pct(b['reflection']['edit_when_wrong'])} % -> "
+        f"{_pct(a['reflection']['edit_when_wrong'])} % (balanced accuracy {_pct(b['reflection']['balanced_accuracy'])} % -> "
+        f"{_pct(a['reflection']['balanced_accuracy'])} %)",
+        f"  edits of wrong images that fixed them: {_of(b['edits']['fixed'], b['edits']['fixed'] + b['edits']['still_wrong'])}"
+        f" -> {_of(a['edits']['fixed'], a['edits']['fixed'] + a['edits']['still_wrong'])}; edits that broke a correct image: "
+        f"{b['edits']['broken']} -> {a['edits']['broken']}",
         f"run directory: {run_dir}",
         f"gallery: {run_dir / 'eval-final' / 'gallery.html'} (before RL: eval-before/gallery.html)",
         "results: results.md, results.json, results.png in the run directory",
