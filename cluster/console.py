@@ -46,8 +46,8 @@ class Console:
     def quiet(cls, log_path: Path) -> Iterator[Console]:
         """Redirect stdout and stderr (file descriptors 1 and 2) to `log_path` while inside.
 
-        Python's `sys.stdout`/`sys.stderr` objects keep writing to fds 1 and 2, so logging handlers,
-        `print`, C extensions and subprocesses started inside all land in the log. The console
+        `sys.stdout`/`sys.stderr` also point at the log while inside, so logging handlers, `print`, C
+        extensions and subprocesses started inside all land in it, whatever those objects were. The console
         writes to a duplicate of the original stdout. Both descriptors are restored on exit, also
         when the body raises, so a traceback reaches the terminal.
         """
@@ -56,12 +56,17 @@ class Console:
         sys.stderr.flush()
         saved_out, saved_err = os.dup(1), os.dup(2)
         terminal = os.fdopen(os.dup(saved_out), "w", buffering=1, encoding="utf-8", errors="replace")
-        with open(log_path, "a", encoding="utf-8") as logfile:
+        py_out, py_err = sys.stdout, sys.stderr
+        with open(log_path, "a", encoding="utf-8", buffering=1) as logfile:
             os.dup2(logfile.fileno(), 1)
             os.dup2(logfile.fileno(), 2)
+            # Python-level writers too (Ray prints its actors' lines to whatever `sys.stdout` is at
+            # the time, which is not fd 1 under pytest's capture or in a notebook).
+            sys.stdout = sys.stderr = logfile
             try:
                 yield cls(terminal, log_path)
             finally:
+                sys.stdout, sys.stderr = py_out, py_err
                 sys.stdout.flush()
                 sys.stderr.flush()
                 os.dup2(saved_out, 1)

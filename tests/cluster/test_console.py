@@ -53,3 +53,18 @@ def test_quiet_console_sends_engine_output_to_the_log(tmp_path):
 def test_format_round_accuracy():
     assert format_round_accuracy([0.125, 0.5]) == "round 0 12.5 % | round 1 50.0 %"
     assert format_round_accuracy([]) == ""
+
+
+def test_python_level_writers_go_to_the_log_even_when_stdout_is_not_fd_1(tmp_path, capsys):
+    """Under pytest's capture (or in a notebook) `sys.stdout` is not fd 1; Ray prints its actors'
+    lines to whatever `sys.stdout` is, so the quiet console swaps the objects too."""
+    import sys as _sys
+
+    from cluster.console import Console
+
+    before = _sys.stdout
+    with Console.quiet(tmp_path / "engine.log"):
+        print("forwarded actor line")
+    assert _sys.stdout is before
+    assert "forwarded actor line" not in capsys.readouterr().out
+    assert "forwarded actor line" in (tmp_path / "engine.log").read_text()
