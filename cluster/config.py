@@ -10,6 +10,8 @@ under `plugins` (`rollout.plugins`).
 from __future__ import annotations
 
 import difflib
+import ipaddress
+import math
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -27,7 +29,8 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: no float field takes NaN or ±inf (e.g. `grpo.lr=.inf` would train NaN weights)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 # ---------------------------------------------------------------------------------------- models
@@ -118,11 +121,28 @@ class ClusterConfig(_Section):
     metrics_export_port: int | None = Field(
         None, ge=1, le=65535, description="Prometheus port of a locally started cluster (default: Ray's choice)"
     )
-    dashboard_host: str = Field("127.0.0.1", description="bind address of a locally started dashboard")
+    dashboard_host: str = Field(
+        "127.0.0.1", description="bind address of a locally started dashboard (a loopback address unless "
+        "cluster.allow_remote_dashboard)"
+    )
+    allow_remote_dashboard: bool = Field(
+        False, description="let cluster.dashboard_host be a non-loopback address: the dashboard has no login and "
+        "lets anyone who reaches it submit jobs that run code on the cluster"
+    )
 
     _coerce = field_validator(
         "text_workers", "diffusion_workers", "judge_replicas", "text_learners", "diffusion_learners", mode="before"
     )(_role_from_int)
+
+    @model_validator(mode="after")
+    def _loopback_dashboard(self) -> ClusterConfig:
+        if not self.allow_remote_dashboard and not _is_loopback(self.dashboard_host):
+            raise ValueError(
+                f"cluster.dashboard_host={self.dashboard_host!r} is not a loopback address: the Ray dashboard has no "
+                "login, and anyone who can reach it can submit jobs that run code on the cluster. Keep 127.0.0.1 and "
+                "reach it through an SSH tunnel, or set cluster.allow_remote_dashboard=true behind a firewall"
+            )
+        return self
 
 
 # ------------------------------------------------------------------------------------ algorithms
@@ -317,6 +337,10 @@ class TrainConfig(_Section):
     eval_rounds: int = Field(4, ge=1, le=16, description="evaluation rounds: 1 generation + (eval_rounds-1) refinements")
     remote_timeout_s: float = Field(600.0, gt=0, description="timeout of every remote wait")
     retries: int = Field(2, ge=0, description="bounded retries of a failed rollout request")
+    max_nonfinite_steps: int = Field(
+        3, ge=1, description="stop the run (exit 4) after this many steps in a row whose update was skipped for "
+        "non-finite advantages, losses or gradients"
+    )
 
 
 class SyncConfig(_Section):
@@ -468,6 +492,16 @@ def _load_plugins(raw: dict[str, Any]) -> None:
             raise ConfigError(str(e)) from e
 
 
+def _is_loopback(host: str) -> bool:
+    """`localhost` or a loopback IP address (127.0.0.0/8, ::1)."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip()).is_loopback
+    except ValueError:  # a host name other than localhost, or not an address at all
+        return False
+
+
 def _deep_copy(d: Any) -> Any:
     if isinstance(d, dict):
         return {k: _deep_copy(v) for k, v in d.items()}
@@ -539,8 +573,18 @@ def _format_errors(err: ValidationError, raw: dict[str, Any]) -> str:
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "literal_error":
             msg = f"allowed: {e['ctx']['expected']}"
+        elif e["type"] == "finite_number" or (e["type"] == "float_parsing" and _names_nonfinite(value)):
+            msg = "must be a finite number (NaN and ±inf are refused)"
         if isinstance(value, dict):  # a cross-field rule of a section: the message names the fields
             lines.append(f"{field}: {msg}")
         else:
             lines.append(f"{field}: got {value!r}: {msg}")
     return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def _names_nonfinite(value: Any) -> bool:
+    """A string that Python would parse as NaN or ±inf ("inf", "-Infinity", "nan")."""
+    try:
+        return isinstance(value, str) and not math.isfinite(float(value))
+    except ValueError:
+        return False

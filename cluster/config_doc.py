@@ -37,7 +37,7 @@ A run reads one YAML file (`python -m cluster.train --config FILE`) and then dot
 from the command line (`r3.group_size=8 cluster.text_workers=2`); values are parsed as YAML.
 Every key below can be set either way. An unknown key, a value of the wrong type or one outside
 the allowed range stops the run before anything starts, with a message naming the key and what
-is allowed. Keys not given take the default shown here.
+is allowed. Keys not given take the default shown here. No float key accepts NaN or ±inf.
 """
 
 

@@ -4,7 +4,8 @@ It holds no algorithm code: the step's R3 logic is `cluster.r3_step`, the math i
 and `rollout.flow_sde`, the roles are built by `cluster.roles`. It times every phase, logs one metrics
 row per step, writes trajectories as parquet, checkpoints, and evaluates at the end. Every remote wait
 is bounded by `train.remote_timeout_s`; a dead or unresponsive learner raises
-`cluster.failures.LearnerFailure` (which names the actor, the step and the checkpoint to resume from).
+`cluster.failures.LearnerFailure` (which names the actor, the step and the checkpoint to resume from),
+and `train.max_nonfinite_steps` skipped updates in a row raise `cluster.failures.NonFiniteFailure`.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import yaml
 
 from cluster.config import R3Config
 from cluster.console import Console, format_round_accuracy
-from cluster.failures import bounded, learner_failure
+from cluster.failures import NonFiniteFailure, NonFiniteStreak, bounded, learner_failure
 from cluster.settings import eval_settings, load_prompt_sets, step_settings
 
 __all__ = ["run_training", "make_run_dir", "Trainer"]
@@ -64,6 +65,7 @@ class Trainer:
         self._closed = False
         self._pending: tuple[Any, float] | None = None  # one-step-off: the rollout already made for the next step
         self.last_checkpoint: Path | None = None  # saved or loaded by this trainer: where a resume continues
+        self._nonfinite = NonFiniteStreak(cfg.train.max_nonfinite_steps)
 
     # ------------------------------------------------------------------------------- one step
 
@@ -106,8 +108,20 @@ class Trainer:
         }
         flat = self.metrics.log(i, row)
         self._write_trajectories(result.trajectories)
+        self._stop_if_nonfinite(i, text_m, image_m)
         self.step_index += 1
         return flat
+
+    def _stop_if_nonfinite(self, i: int, text_m: dict[str, float], image_m: dict[str, float]) -> None:
+        """Raise `NonFiniteFailure` once `train.max_nonfinite_steps` steps in a row had an update skipped."""
+        from cluster.checkpoint import resolve_resume
+
+        skipped = [name for name, m in (("text learner", text_m), ("diffusion learner", image_m))
+                   if m.get("skipped_nonfinite")]
+        cause = self._nonfinite.observe(i, skipped)
+        if cause is not None:
+            auto = resolve_resume("auto", Path(self.cfg.train.run_dir).resolve())
+            raise NonFiniteFailure(i, "learners training", self.last_checkpoint, cause, auto)
 
     def _rollout(self, i: int, phases: dict[str, float]) -> Any:
         from cluster.r3_step import run_r3_step, tree_stages
@@ -233,8 +247,13 @@ class Trainer:
     def apply_control_file(self) -> dict[str, list[int]]:
         """`<run>/control.yaml` (e.g. `text_workers: 3`) rescales workers before the next step.
 
-        The file is renamed to `control.applied-step-N.yaml` (or `.rejected-…` with the reason logged).
+        The file is renamed to `control.applied-step-N.yaml`, or to `.rejected-…` with the reason logged
+        (bad keys or values, or more workers than the cluster's free resources can place); the run goes on.
         """
+        import ray
+
+        from cluster.placement import resize_requests, resize_shortfall
+
         path = self.run_dir / "control.yaml"
         if not path.is_file():
             return {}
@@ -247,11 +266,16 @@ class Trainer:
             for key, value in data.items():
                 if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                     raise ValueError(f"control.yaml {key}={value!r}: must be an integer >= 1")
-        except (ValueError, yaml.YAMLError) as e:
+            pools = {"text_workers": self.roles.text_pool, "diffusion_workers": self.roles.diffusion_pool}
+            shortfall = resize_shortfall(resize_requests(self.cfg, pools, data), ray.available_resources())
+            if shortfall is not None:
+                raise ValueError(shortfall)
+            new = self.resize_workers(**data)
+        except (ValueError, RuntimeError, yaml.YAMLError) as e:  # RuntimeError: a new worker's group was not placed
             log.error("rejected %s: %s", path, e)
+            self.console.line(f"control.yaml rejected: {e}")
             path.rename(self.run_dir / f"control.rejected-{stamp}.yaml")
             return {}
-        new = self.resize_workers(**data)
         path.rename(self.run_dir / f"control.applied-{stamp}.yaml")
         return new
 

@@ -3,7 +3,9 @@
 Rollout workers and judge replicas are replaceable (their state is the weights, re-sent on start).
 Learners are not: their optimizer state lives only in the actor, so a dead or unresponsive learner
 stops the run. The message names the actor, the step, the last complete checkpoint and the resume
-command; `python -m cluster.train` exits with `LearnerFailure.exit_code`.
+command; `python -m cluster.train` exits with `LearnerFailure.exit_code`. Training that keeps
+producing non-finite values (`train.max_nonfinite_steps` skipped updates in a row, or weights that
+a checkpoint refuses) stops the same way with `NonFiniteFailure` (exit 4).
 """
 
 from __future__ import annotations
@@ -14,11 +16,13 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, TypeVar
 
-__all__ = ["LearnerFailure", "LEARNER_FAILURE_EXIT_CODE", "find_dead_learners", "learner_failure", "bounded"]
+__all__ = ["LearnerFailure", "LEARNER_FAILURE_EXIT_CODE", "NonFiniteFailure", "NONFINITE_EXIT_CODE", "NonFiniteStreak",
+           "find_dead_learners", "learner_failure", "bounded"]
 
 log = logging.getLogger(__name__)
 
 LEARNER_FAILURE_EXIT_CODE = 3  # 0 ok, 2 config error (cluster.train), 3 a learner died or timed out
+NONFINITE_EXIT_CODE = 4  # training produced non-finite values it could not get past
 T = TypeVar("T")
 
 
@@ -37,19 +41,63 @@ class LearnerFailure(RuntimeError):
                  auto: Path | None = None):
         self.actors, self.step, self.phase = list(actors), step, phase
         self.checkpoint, self.auto = checkpoint, auto
-        if checkpoint is not None:
-            how = (f"`--resume auto` (picks that checkpoint) or `--resume {checkpoint}`" if auto == checkpoint else
-                   f"`--resume {checkpoint}` (`--resume auto` would pick {auto}, which is newer under train.run_dir)")
-            resume = (f"The last complete checkpoint is {checkpoint} (no newer one was completed).\n"
-                      f"Resume with the same command plus {how}.")
-        else:
-            resume = ("This run has no complete checkpoint yet, so it cannot be resumed: start it again "
-                      "(set checkpoint.every=K to save every K steps).")
         what = f"{', '.join(self.actors)} died" if self.actors else "a learner actor did not answer in time"
         super().__init__(
             f"learner failure: {what} during step {step} ({phase}): {cause}\n"
-            "Learners hold the optimizer state, so the run stopped instead of replacing them.\n" + resume
+            "Learners hold the optimizer state, so the run stopped instead of replacing them.\n"
+            + _resume_advice(checkpoint, auto)
         )
+
+
+class NonFiniteFailure(LearnerFailure):
+    """Training produced NaN or ±inf it could not get past: `train.max_nonfinite_steps` updates in a row
+    were skipped (non-finite advantages, losses or gradients), or a learner refused to save or load
+    non-finite weights. Attributes as `LearnerFailure` (`actors` is empty); exit status 4.
+
+    A skipped update leaves the weights unchanged, so the last complete checkpoint is good: every
+    checkpoint's weights were checked finite when it was written.
+    """
+
+    exit_code = NONFINITE_EXIT_CODE
+
+    def __init__(self, step: int, phase: str, checkpoint: Path | None, cause: str, auto: Path | None = None):
+        self.actors, self.step, self.phase = [], step, phase
+        self.checkpoint, self.auto = checkpoint, auto
+        RuntimeError.__init__(
+            self,
+            f"non-finite training: {cause} (step {step}, {phase}).\n"
+            "Lower the learning rates (grpo.lr, flow_grpo.lr) or look for extreme rewards; the metrics rows "
+            "(*/skipped_nonfinite, *_adv/nonfinite, judge/errors) show where it began.\n"
+            + _resume_advice(checkpoint, auto),
+        )
+
+
+class NonFiniteStreak:
+    """Counts the steps in a row whose update a learner skipped for non-finite values (pure).
+
+    `observe(step, skipped)` with `skipped` the names of the learners that skipped this step's update;
+    returns the cause of a `NonFiniteFailure` once `limit` steps in a row had one, else None.
+    """
+
+    def __init__(self, limit: int):
+        if limit < 1:
+            raise ValueError(f"train.max_nonfinite_steps must be >= 1, got {limit}")
+        self.limit, self.count, self.first = limit, 0, None
+
+    def observe(self, step: int, skipped: Sequence[str]) -> str | None:
+        if not skipped:
+            self.count, self.first = 0, None
+            return None
+        self.count += 1
+        self.first = step if self.first is None else self.first
+        log.warning("step %d: update skipped for non-finite values (%s); %d of train.max_nonfinite_steps=%d in a row",
+                    step, ", ".join(skipped), self.count, self.limit)
+        if self.count < self.limit:
+            return None
+        steps = f"steps {self.first}-{step}" if step != self.first else f"step {step}"
+        return (f"the updates of {steps} ({self.count} in a row, train.max_nonfinite_steps={self.limit}) were "
+                f"skipped for non-finite advantages, losses or gradients (last: {', '.join(skipped)}); the "
+                "weights did not change in those steps")
 
 
 def find_dead_learners(groups: Sequence[Any], error: BaseException | None = None) -> list[str]:
@@ -71,9 +119,17 @@ def find_dead_learners(groups: Sequence[Any], error: BaseException | None = None
 def learner_failure(error: BaseException, groups: Sequence[Any], step: int, phase: str, checkpoint: Path | None,
                     auto: Path | None = None, timeouts_are_learners: bool = True) -> LearnerFailure | None:
     """A `LearnerFailure` if a learner is dead, or `error` is a timeout while only learners were being
-    waited for (`timeouts_are_learners`); else None: the caller re-raises the original error."""
+    waited for (`timeouts_are_learners`); a `NonFiniteFailure` if a learner refused non-finite weights
+    (`learners.finite.NonFiniteError`); else None: the caller re-raises the original error."""
     import ray
 
+    from learners.finite import NonFiniteError
+
+    original = getattr(error, "cause", None) or error  # a RayTaskError carries the actor's exception
+    if isinstance(original, NonFiniteError):  # a learner refused to save or load non-finite weights
+        failure = NonFiniteFailure(step, phase, checkpoint, str(original), auto)
+        log.error("%s", failure)
+        return failure
     if not isinstance(error, ray.exceptions.RayError | TimeoutError):
         return None
     dead = find_dead_learners(groups, error)
@@ -83,6 +139,17 @@ def learner_failure(error: BaseException, groups: Sequence[Any], step: int, phas
     failure = LearnerFailure(dead, step, phase, checkpoint, f"{type(error).__name__}: {cause}", auto)
     log.error("%s", failure)
     return failure
+
+
+def _resume_advice(checkpoint: Path | None, auto: Path | None) -> str:
+    """Where a stopped run can continue from, and the command that does it."""
+    if checkpoint is None:
+        return ("This run has no complete checkpoint yet, so it cannot be resumed: start it again "
+                "(set checkpoint.every=K to save every K steps).")
+    how = (f"`--resume auto` (picks that checkpoint) or `--resume {checkpoint}`" if auto == checkpoint else
+           f"`--resume {checkpoint}` (`--resume auto` would pick {auto}, which is newer under train.run_dir)")
+    return (f"The last complete checkpoint is {checkpoint} (no newer one was completed).\n"
+            f"Resume with the same command plus {how}.")
 
 
 def bounded(fn: Callable[[], T], timeout_s: float, what: str) -> T:

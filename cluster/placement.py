@@ -15,20 +15,22 @@ Elastic workers: a replaced worker reuses its bundle. A worker added beyond the 
 a one-bundle group of its own (same resources, named `r3rl-<role>-<index>`), created and waited for
 when the worker is added and removed when the pool shrinks again; so every worker always runs
 inside a reservation, and the role's main group (hence the learners' placement) never changes.
+`resize_shortfall` (pure) says before a resize whether the cluster's free resources can hold it.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
     from cluster.config import R3Config
 
 __all__ = [
     "RolePlan", "RolePlacement", "plan_placement", "format_plan", "create_placement_groups", "actor_placement",
-    "ROLES", "PLACED_ROLES",
+    "ResizeRequest", "resize_requests", "resize_shortfall", "ROLES", "PLACED_ROLES",
 ]
 
 log = logging.getLogger(__name__)
@@ -66,6 +68,50 @@ class RolePlan:
     @property
     def bundles(self) -> list[dict[str, float]]:
         return [self.bundle for _ in range(self.count)]
+
+
+class ResizeRequest(NamedTuple):
+    """One pool's part of an elastic resize: `bundle` is one worker's resources; the first `reserved`
+    workers run in the role's own placement group (already reserved), the others in groups of their own."""
+
+    role: str
+    bundle: Mapping[str, float]
+    reserved: int
+    current: int
+    requested: int
+
+
+def resize_shortfall(requests: Sequence[ResizeRequest], available: Mapping[str, float]) -> str | None:
+    """Why the resize cannot be placed, or None if the cluster's free resources hold it.
+
+    Workers beyond a role's reserved bundles need new resources (one bundle each); removing such
+    workers gives theirs back, so one pool may shrink to make room for another. `available`: free
+    resources by name (`ray.available_resources()`).
+    """
+    need: dict[str, float] = {}
+    for r in requests:
+        outside = max(0, r.requested - r.reserved) - max(0, r.current - r.reserved)
+        for name, amount in r.bundle.items():
+            need[name] = need.get(name, 0.0) + outside * amount
+    short = {k: v for k, v in need.items() if v > available.get(k, 0.0) + 1e-9}
+    if not short:
+        return None
+    asked = ", ".join(f"{r.role}: {r.requested} (now {r.current}, {dict(r.bundle)} each)" for r in requests)
+    missing = ", ".join(f"{k} {need[k]:g} more but {available.get(k, 0.0):g} free" for k in sorted(short))
+    return (f"cannot place {asked}: the new workers need {missing}; free resources first, or ask for fewer "
+            "workers (add nodes to the Ray cluster to grow it)")
+
+
+def resize_requests(cfg: R3Config, pools: Mapping[str, Any], counts: Mapping[str, int]) -> list[ResizeRequest]:
+    """The `ResizeRequest` of each pool in `counts` (role -> requested count); `pools[role]` is a
+    `cluster.pools.WorkerPool` (its length and its `RolePlacement`, or None for plain requests)."""
+    plans = {p.role: p for p in plan_placement(cfg)}
+    out = []
+    for role, count in counts.items():
+        pool = pools[role]
+        reserved = pool.placement.bundle_count if pool.placement is not None else 0
+        out.append(ResizeRequest(role, plans[role].bundle, reserved, len(pool), count))
+    return out
 
 
 def plan_placement(cfg: R3Config) -> list[RolePlan]:

@@ -341,8 +341,8 @@ def _stage_metrics(stage: str, rounds: list[Round], counts: dict) -> dict[str, f
     return {
         f"{stage}/score_mean": _mean([r.score for r in rounds]),
         f"{stage}/accuracy": _mean([float(r.correct) for r in rounds]),
-        f"{stage}/text_reward_mean": _mean([r.text_reward for r in rounds]),
-        f"{stage}/image_reward_mean": _mean([r.image_reward for r in rounds]),
+        f"{stage}/text_reward_mean": _mean([r.text_reward for r in rounds], nonfinite_ok=True),
+        f"{stage}/image_reward_mean": _mean([r.image_reward for r in rounds], nonfinite_ok=True),
         f"{stage}/format_rate": _mean([float(r.well_formed) for r in rounds]),
         f"{stage}/stop_rate": _mean([float(r.stopped) for r in reflect]),
         f"{stage}/judge_errors": float(sum("error" in r.judge_details for r in rounds)),
@@ -356,12 +356,14 @@ def _batch_metrics(
 ) -> dict[str, float]:
     out: dict[str, float] = {}
     for side, items in (("text", texts), ("image", images)):
-        adv = [i.advantage for i in items]
-        out[f"{side}_adv/mean"] = _mean(adv)
+        adv = [i.advantage for i in items]  # non-finite ones reach the learners, which skip the update
+        out[f"{side}_adv/mean"] = _mean(adv, nonfinite_ok=True)
         out[f"{side}_adv/std"] = float(np.std(adv)) if adv else 0.0
-        out[f"{side}_adv/abs_max"] = max((abs(a) for a in adv), default=0.0)
+        out[f"{side}_adv/abs_max"] = float(np.max(np.abs(adv))) if adv else 0.0
+        out[f"{side}_adv/nonfinite"] = float(sum(not math.isfinite(a) for a in adv))
         out[f"{side}_batch/size"] = float(len(items))
         out[f"{side}_zero_var_groups"] = float(sum(m.get(f"{s}/{side}_zero_var_groups", 0.0) for s in stages))
+    out["judge/errors"] = float(sum(m[f"{s}/judge_errors"] for s in stages))  # error results, in every stage
     n = sum(m[f"{s}/samples"] for s in stages)
     for key in ("score_mean", "format_rate", "text_reward_mean", "image_reward_mean"):
         out[key] = sum(m[f"{s}/{key}"] * m[f"{s}/samples"] for s in stages) / n
@@ -374,9 +376,11 @@ def _flat(values: Sequence[float]) -> bool:
     return bool(zero_variance_groups(torch.tensor(values, dtype=torch.float64), len(values)).group_mask[0])
 
 
-def _mean(values: Sequence[float]) -> float:
+def _mean(values: Sequence[float], nonfinite_ok: bool = False) -> float:
+    """Mean (0 for none). Non-finite raises, except for rewards and advantages (`nonfinite_ok`): those are
+    reported as they are, counted (`*_adv/nonfinite`), and the learners skip that update."""
     vals = list(values)
     out = sum(vals) / len(vals) if vals else 0.0
-    if not math.isfinite(out):
+    if not math.isfinite(out) and not nonfinite_ok:
         raise ValueError(f"non-finite metric from values {vals[:8]}")
     return out

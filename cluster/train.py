@@ -3,7 +3,9 @@
 Inside `ray job submit` it joins the existing cluster ($RAY_ADDRESS); outside it starts a local one.
 Exit status: 0 done; 2 a mistake in the config (a message, never a traceback); 3 a learner actor died
 or stopped answering (`cluster.failures.LearnerFailure`: the message names the actor, the step, the last
-complete checkpoint and the `--resume` command).
+complete checkpoint and the `--resume` command); 4 training kept producing non-finite values
+(`cluster.failures.NonFiniteFailure`, a `LearnerFailure`: `train.max_nonfinite_steps` skipped updates in
+a row, or non-finite weights refused by a checkpoint; the message names the step and the checkpoint).
 """
 
 from __future__ import annotations

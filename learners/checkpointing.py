@@ -3,7 +3,9 @@
 Runs inside each learner actor (the driver calls these through `actor.__ray_call__`): every rank
 writes its own optimizer partition; rank 0 also writes the full module weights in HF / diffusers
 safetensors format. State: module weights, fp32 master partitions, the inner AdamW state, the LR
-schedule, DeepSpeed's step counters, the learner's version and the torch RNG.
+schedule, DeepSpeed's step counters, the learner's version and the torch RNG. Weights with NaN or
+±inf are never written, and neither they nor such master partitions are ever loaded
+(`learners.finite.NonFiniteError`, naming the tensor).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 
 import torch
 
+from learners.finite import check_finite_tensors
 from rollout.state_io import load_tree, save_tree
 
 __all__ = ["save_learner_state", "load_learner_state", "parameters_sha256"]
@@ -21,11 +24,16 @@ _COUNTERS = ("global_steps", "global_samples", "micro_steps", "skipped_steps")
 
 
 def save_learner_state(learner: Any, directory: str) -> str:
-    """Collective (ZeRO-3 gathers): call on every rank with the same `directory`."""
+    """Collective (ZeRO-3 gathers): call on every rank with the same `directory`.
+
+    Raises:
+        learners.finite.NonFiniteError: a weight holds NaN or ±inf, on every rank (each checks the full
+            weights it gathered); nothing of the checkpoint is committed.
+    """
     root = Path(directory)
     rank_dir = root / f"rank-{learner.rank}"
     rank_dir.mkdir(parents=True, exist_ok=True)
-    learner.save(str(root / "weights"))  # rank 0 writes, all ranks join the gathers
+    learner.save(str(root / "weights"))  # rank 0 writes, all ranks join the gathers; refuses non-finite weights
     engine = learner.engine
     opt = engine.optimizer
     state: dict[str, Any] = {
@@ -45,7 +53,10 @@ def load_learner_state(learner: Any, directory: str) -> int:
     root = Path(directory)
     state = load_tree(root / f"rank-{learner.rank}")
     engine = learner.engine
-    _load_module_weights(engine.module, root / "weights")
+    _load_module_weights(engine.module, root / "weights")  # collective under ZeRO-3; refuses non-finite weights
+    # this rank's own partitions, checked after the last collective so a refusal cannot leave others waiting
+    check_finite_tensors({f"master partition {i}": t for i, t in enumerate(state["master"])},
+                         f"refusing to load {root / f'rank-{learner.rank}'}")
     opt = engine.optimizer
     for dst, src in zip(_master_partitions(opt), state["master"], strict=True):
         if dst.shape != src.shape:
@@ -95,7 +106,9 @@ def _load_module_weights(module: torch.nn.Module, weights_dir: Path) -> None:
         raise FileNotFoundError(f"no safetensors weights under {weights_dir}")
     state: dict[str, torch.Tensor] = {}
     for f in files:
-        state.update(load_file(str(f)))
+        part = load_file(str(f))
+        check_finite_tensors(part, f"refusing to load checkpoint weights {f}")
+        state.update(part)
     params = dict(module.named_parameters())
     missing = [n for n in params if n not in state]
     if missing:

@@ -30,7 +30,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from learners import algos, ds_engine
+from learners import algos, ds_engine, finite
 from learners.learner_base import LearnerBase
 from rollout.flow_sde import sde_step
 from rollout.flux_forward import FLUX_VAE_SCALE, flux_velocity
@@ -143,11 +143,15 @@ class DiffusionLearner(LearnerBase):
 
         advantages: one per sample (applied to each of its steps, clipped to ±adv_clip).
         negative_embeds: (prompt_embeds (T, D), pooled (P,)) of the unconditional prompt, needed
-        when cfg_scale != 1. Returns metrics reduced over all ranks.
+        when cfg_scale != 1. Returns metrics reduced over all ranks; a step with non-finite advantages,
+        losses or gradients makes no update (`skipped_nonfinite` 1, `learners.finite`).
         """
         if len(samples) != len(advantages):
             raise ValueError(f"{len(samples)} samples but {len(advantages)} advantages")
         start = time.perf_counter()
+        nonfinite_adv = self._begin_update(advantages)
+        if nonfinite_adv:
+            return self._refused_update(nonfinite_adv, start)
         items = _items(samples)
         micro = self._plan_micro_batches(len(items))
         normalizer = ds_engine.all_reduce_sum(len(items))
@@ -155,10 +159,11 @@ class DiffusionLearner(LearnerBase):
         scale = ds_engine.micro_loss_scale(self.engine, len(micro))
         self._lr_used = self.engine.get_lr()[0]
         adv_all = torch.tensor(list(advantages), dtype=torch.float32)
-        sums = dict.fromkeys(["pg_loss", "kl_loss", "clip_frac", "ratio_mean", "num_steps"], 0.0)
+        sums = dict.fromkeys(["pg_loss", "kl_loss", "clip_frac", "ratio_mean", "num_steps", "nonfinite_loss"], 0.0)
         sums["num_images"] = float(len(samples))
         mins, maxs = {"ratio_min": float("inf")}, {"ratio_max": float("-inf")}
         for j, sl in enumerate(micro):
+            ds_engine.mark_accumulation_boundary(self.engine, j == len(micro) - 1)
             chunk = items[sl]
             res = self._score(samples, chunk, False, negative_embeds, grad=True)
             old = torch.tensor([float(samples[i.sample].log_probs[i.step]) for i in chunk], device=self.device)
@@ -170,7 +175,8 @@ class DiffusionLearner(LearnerBase):
                 kl = self._kl(samples, chunk, res, negative_embeds).sum() / normalizer
                 loss = loss + self.kl_coef * kl
                 sums["kl_loss"] += float(kl.detach())
-            self.engine.backward(self.image_loss_weight * loss * scale)
+            sums["nonfinite_loss"] += float(finite.count_nonfinite(loss.detach()))
+            self.engine.backward(self.image_loss_weight * finite.poison_nonfinite(loss) * scale)  # non-finite: no update
             self._engine_step(is_last=j == len(micro) - 1)
             b = float(len(chunk))
             sums["pg_loss"] += float(pg.detach())

@@ -207,6 +207,17 @@ def set_micro_batches(engine, num_micro: int) -> None:
     engine.set_train_batch_size(engine.train_micro_batch_size_per_gpu() * engine.dp_world_size * num_micro)
 
 
+def mark_accumulation_boundary(engine, is_last: bool) -> None:
+    """Say whether the next backward/step is the last micro-batch of this update (call before each).
+
+    DeepSpeed otherwise derives the boundary from its running micro-step counter modulo the
+    current accumulation count; the learners change that count every step (batches vary with
+    stops, dropped groups and chain lengths), so after a step of another size the counter would
+    put the update on the wrong micro-batch and carry the rest of the gradient into the next step.
+    """
+    engine.set_gradient_accumulation_boundary(is_last)
+
+
 def micro_loss_scale(engine, num_micro: int) -> float:
     """Factor undoing DeepSpeed's 1/gas loss scaling and 1/world gradient averaging.
 
@@ -253,8 +264,15 @@ def full_state_dict(module: torch.nn.Module, dtype: torch.dtype | None = torch.f
 
 
 def save_hf_module(module: torch.nn.Module, out_dir: str | Path, rank: int) -> Path | None:
-    """Save as safetensors in HF/diffusers format (collective; rank 0 writes). Returns the dir."""
+    """Save as safetensors in HF/diffusers format (collective; rank 0 writes). Returns the dir.
+
+    Raises:
+        learners.finite.NonFiniteError: a weight holds NaN or ±inf (on every rank; nothing is written).
+    """
+    from learners.finite import check_finite_tensors
+
     state = full_state_dict(module, dtype=None)
+    check_finite_tensors(state, f"refusing to save weights to {out_dir}")  # every rank holds the full state
     if rank != 0:
         return None
     out = Path(out_dir)

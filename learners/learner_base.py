@@ -5,6 +5,10 @@ Lifecycle: construct (joins the process group, builds the DeepSpeed engine) -> `
 `compute_*` calls, identical in number and order on every rank (they are collective) -> the
 weight sender methods of `WeightSenderMixin` -> process exit. Invariant: every rank holds the same
 logical weights after each `train_step`.
+
+Non-finite guard (`learners.finite`): a `train_step` whose advantages, losses or gradients are not
+finite makes no optimizer update and no lr-schedule step on any rank, and reports
+`skipped_nonfinite: 1` (with `nonfinite_advantages` / `nonfinite_loss` counts) in its metrics.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from typing import Any
 
 import torch
 
-from learners import ds_engine
+from learners import ds_engine, finite
 from learners.weight_sync import WeightSenderMixin
 
 __all__ = ["LearnerBase", "split_even"]
@@ -98,13 +102,53 @@ class LearnerBase(WeightSenderMixin):
                              "micro-batches; shard the batch evenly across ranks")
         return split_even(n_local, num_micro)
 
+    def _begin_update(self, advantages: Any) -> int:
+        """Start of a `train_step` (collective): note DeepSpeed's skipped-step count, and return the
+        number of non-finite advantages over all ranks (non-zero: the caller returns `_refused_update`)."""
+        self._skipped_before = int(self.engine.skipped_steps)
+        return int(ds_engine.all_reduce_sum(finite.count_nonfinite(advantages)))
+
+    def _refused_update(self, nonfinite_advantages: int, start: float) -> dict[str, float]:
+        """Metrics of a step refused before any forward: no optimizer update, no lr-schedule step.
+
+        The version still advances: it counts steps in lockstep with the driver's policy version."""
+        if self.rank == 0:
+            log.warning("update skipped: %d non-finite advantages", nonfinite_advantages)
+        self.version += 1
+        return {"skipped_nonfinite": 1.0, "nonfinite_advantages": float(nonfinite_advantages),
+                "nonfinite_loss": 0.0, "lr": float(self.engine.get_lr()[0]),
+                "step_seconds": time.perf_counter() - start, "version": float(self.version)}
+
     def _engine_step(self, is_last: bool) -> None:
-        """engine.step(); at the boundary of ZeRO stage 0 (which records no norm) note the grad norm."""
+        """engine.step(); at the boundary of ZeRO stage 0 (which records no norm) note the grad norm,
+        and refuse the update if it is not finite (`_skip_plain_step`)."""
         if is_last and self.engine.zero_optimization_stage() == 0:
             grads = [p.grad.detach().float() for p in self.engine.module.parameters() if p.grad is not None]
             self._stage0_grad_norm = float(torch.linalg.vector_norm(torch.stack(
                 [torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0
+            if not math.isfinite(self._stage0_grad_norm) and not hasattr(self.engine.optimizer, "overflow"):
+                self._skip_plain_step()
+                return
         self.engine.step()
+
+    def _skip_plain_step(self) -> None:
+        """Book a boundary step without an update, for a plain torch optimizer (ZeRO-0 in fp32), which
+        has no gradient check of its own. DeepSpeed's engine step runs with the optimizer's `step`
+        made a no-op and the step flagged as an overflow, as DeepSpeed's own ZeRO and bf16 optimizers
+        flag a non-finite gradient: the engine then drops the gradients, counts the step in
+        `skipped_steps`, leaves the lr schedule and keeps its micro-step counter in line."""
+        opt = self.engine.optimizer
+        own_step = opt.__dict__.get("step")  # an instance-level wrapper (the lr scheduler's), if any
+        opt.step = _no_update
+        opt.overflow = True  # read by DeepSpeedEngine._take_model_step
+        try:
+            self.engine.step()
+        finally:
+            del opt.overflow
+            if own_step is None:
+                del opt.step
+            else:
+                opt.step = own_step
 
     def _finish_step(self, sums: dict[str, float], mins: dict[str, float], maxs: dict[str, float],
                      start: float, unit: str) -> dict[str, float]:
@@ -121,12 +165,22 @@ class LearnerBase(WeightSenderMixin):
             grad_norm = self._stage0_grad_norm  # pre-clip norm of the all-reduced gradient
         metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         metrics["lr"] = float(self._lr_used)
+        skipped = int(self.engine.skipped_steps) > self._skipped_before
+        metrics["skipped_nonfinite"] = float(skipped)
+        metrics.setdefault("nonfinite_advantages", 0.0)
+        if skipped and self.rank == 0:
+            log.warning("update skipped: non-finite gradient (%d non-finite micro-batch losses)",
+                        int(metrics.get("nonfinite_loss", 0)))
         elapsed = time.perf_counter() - start
         metrics["step_seconds"] = elapsed
         metrics[f"{unit}_per_s"] = metrics.get(f"num_{unit}", 0.0) / max(elapsed, 1e-9)
         self.version += 1
         metrics["version"] = float(self.version)
         return metrics
+
+
+def _no_update(*_args: Any, **_kwargs: Any) -> None:
+    """Stands in for an optimizer's `step` during a skipped update (`LearnerBase._skip_plain_step`)."""
 
 
 def split_even(n: int, parts: int) -> list[slice]:

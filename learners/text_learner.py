@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from learners import algos, ds_engine
+from learners import algos, ds_engine, finite
 from learners.learner_base import LearnerBase
 from rollout.trajectory import TextSample
 
@@ -142,7 +142,8 @@ class TextLearner(LearnerBase):
 
         samples: this rank's TextSamples (behaviour log-probs in `logprobs`); advantages: one per
         sample; images: one (H, W, 3) uint8 array or None per sample (VLM only); temperature/top_p:
-        the sampler's, default the learner's. Returns metrics reduced over all ranks.
+        the sampler's, default the learner's. Returns metrics reduced over all ranks; a step with
+        non-finite advantages, losses or gradients makes no update (`skipped_nonfinite` 1, `learners.finite`).
         """
         if len(samples) != len(advantages):
             raise ValueError(f"{len(samples)} samples but {len(advantages)} advantages")
@@ -152,6 +153,9 @@ class TextLearner(LearnerBase):
             if len(s.logprobs) != len(s.answer_ids):
                 raise ValueError(f"sample has {len(s.answer_ids)} answer tokens but {len(s.logprobs)} logprobs")
         start = time.perf_counter()
+        nonfinite_adv = self._begin_update(advantages)
+        if nonfinite_adv:
+            return self._refused_update(nonfinite_adv, start)
         temp = self.temperature if temperature is None else temperature
         top_p = self.top_p if top_p is None else top_p
         micro = self._plan_micro_batches(len(samples))
@@ -164,10 +168,11 @@ class TextLearner(LearnerBase):
         self._lr_used = self.engine.get_lr()[0]
         adv_all = torch.tensor(list(advantages), dtype=torch.float32)
 
-        sums = dict.fromkeys(["pg_loss", "kl_loss", "kl", "clip_frac_low", "clip_frac_high",
-                              "ratio_mean", "outside_nucleus_frac", "num_tokens", "num_samples"], 0.0)
+        sums = dict.fromkeys(["pg_loss", "kl_loss", "kl", "clip_frac_low", "clip_frac_high", "ratio_mean",
+                              "outside_nucleus_frac", "num_tokens", "num_samples", "nonfinite_loss"], 0.0)
         mins, maxs = {"ratio_min": float("inf")}, {"ratio_max": float("-inf")}
         for j, sl in enumerate(micro):
+            ds_engine.mark_accumulation_boundary(self.engine, j == len(micro) - 1)
             batch = list(samples[sl])
             imgs = None if images is None else list(images[sl])
             logits, tgt, mask = self._answer_logits(batch, imgs, reference=False, grad=True)
@@ -191,7 +196,8 @@ class TextLearner(LearnerBase):
                 sums["kl_loss"] += float(kl_loss.detach())
                 sums["kl"] += float((kl_mat.detach() * mask).sum())
             del logits
-            self.engine.backward(loss * scale)
+            sums["nonfinite_loss"] += float(finite.count_nonfinite(loss.detach()))
+            self.engine.backward(finite.poison_nonfinite(loss) * scale)  # a non-finite loss: no update
             self._engine_step(is_last=j == len(micro) - 1)
             sums["pg_loss"] += float(terms.loss.detach())
             sums["clip_frac_low"] += float(terms.clip_frac_low) * ntok

@@ -5,7 +5,8 @@
 - `questions`: yes/no questions with expected answers (TIIF's `yn_question_list` /
   `yn_answer_list`) -> one question each; score = fraction answered as expected.
 - `vqascore`: "Does this image show {prompt}?" -> P(Yes) from the first answer token's
-  log-probs, normalised over yes/no variants (VQAScore, Lin et al. 2024); a smooth score.
+  log-probs, normalised over yes/no variants in log space (VQAScore, Lin et al. 2024); a smooth
+  score. A NaN or +inf log-prob is an error result, never a score.
 
 A backend turns `queries_for(...)` into answers (text, or first-token log-probs for vqascore) and
 hands them to the matching `result_from_*`. Model output never raises: it becomes
@@ -14,12 +15,13 @@ hands them to the matching `result_from_*`. Model output never raises: it become
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 from reward.checklist import checklist_text
-from reward.verdict_parsing import parse_json_verdict, parse_yes_no
+from reward.verdict_parsing import normalised_yes, parse_json_verdict, parse_yes_no, yes_probability
 from rollout.interfaces import JudgeItem, JudgeResult
 
 __all__ = [
@@ -32,6 +34,8 @@ __all__ = [
     "result_from_checklist",
     "result_from_answers",
     "result_from_yes_probability",
+    "result_from_yes_no_logprobs",
+    "result_from_token_logprobs",
     "error_result",
     "failure_kind",
 ]
@@ -144,9 +148,32 @@ def result_from_yes_probability(p_yes: float | None, raw: str = "", threshold: f
     """VQAScore: score = P(Yes); correct when it exceeds `threshold`."""
     if p_yes is None:
         return error_result("no yes/no token among the answer's first-token log-probs", raw=raw)
+    if not math.isfinite(p_yes):
+        return error_result(f"judge returned a non-finite score ({p_yes!r})", raw=raw)
     return JudgeResult(
         score=float(p_yes), correct=p_yes > threshold, details={"p_yes": float(p_yes)}, raw=raw
     )
+
+
+def result_from_yes_no_logprobs(
+    yes_logprobs: Sequence[float], no_logprobs: Sequence[float], raw: str = "", threshold: float = 0.5
+) -> JudgeResult:
+    """VQAScore from the first answer token's log-probs of the yes and the no variants (log space,
+    `verdict_parsing.normalised_yes`); a NaN or +inf log-prob gives an error result."""
+    try:
+        p_yes = normalised_yes(yes_logprobs, no_logprobs)
+    except ValueError as e:
+        return error_result(f"judge returned a non-finite log-prob: {e}", raw=raw)
+    return result_from_yes_probability(p_yes, raw=raw, threshold=threshold)
+
+
+def result_from_token_logprobs(token_logprobs: Mapping[str, float], raw: str = "", threshold: float = 0.5) -> JudgeResult:
+    """As `result_from_yes_no_logprobs`, from decoded token text -> log-prob (a remote endpoint's top log-probs)."""
+    try:
+        p_yes = yes_probability(token_logprobs)
+    except ValueError as e:
+        return error_result(f"judge returned a non-finite log-prob: {e}", raw=raw)
+    return result_from_yes_probability(p_yes, raw=raw, threshold=threshold)
 
 
 def error_result(reason: str, raw: str = "") -> JudgeResult:

@@ -34,9 +34,8 @@ from reward.judge_modes import (
     queries_for,
     result_from_answers,
     result_from_checklist,
-    result_from_yes_probability,
+    result_from_token_logprobs,
 )
-from reward.verdict_parsing import yes_probability
 from reward.vlm_judge import validate_items
 from rollout.interfaces import JudgeItem, JudgeResult
 
@@ -145,9 +144,7 @@ class RemoteJudge:
                 results[i] = result_from_answers([o[0] for o in outs], expected_answers(items[i]))
             else:
                 text, top = outs[0]
-                results[i] = result_from_yes_probability(
-                    yes_probability(top), raw=text, threshold=self._yes_threshold
-                )
+                results[i] = result_from_token_logprobs(top, raw=text, threshold=self._yes_threshold)
         return [r if r is not None else error_result("no output") for r in results]
 
     def shutdown(self) -> None:

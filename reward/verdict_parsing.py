@@ -114,7 +114,10 @@ def yes_probability(token_logprobs: Mapping[str, float]) -> float | None:
             (tokens that are neither a yes nor a no variant are ignored).
 
     Returns:
-        The probability in [0, 1], or None when no variant is present or all are -inf/NaN.
+        The probability in [0, 1], or None when no variant is present or all are -inf.
+
+    Raises:
+        ValueError: a variant's log-prob is NaN or +inf (`normalised_yes`).
     """
     yes = [token_logprobs[t] for t in YES_VARIANTS if t in token_logprobs]
     no = [token_logprobs[t] for t in NO_VARIANTS if t in token_logprobs]
@@ -122,13 +125,34 @@ def yes_probability(token_logprobs: Mapping[str, float]) -> float | None:
 
 
 def normalised_yes(yes_logprobs: Iterable[float], no_logprobs: Iterable[float]) -> float | None:
-    """sum(exp(yes)) / (sum(exp(yes)) + sum(exp(no))); None when both sums are 0 (or NaN)."""
-    p_yes = sum(math.exp(lp) for lp in yes_logprobs if math.isfinite(lp))
-    p_no = sum(math.exp(lp) for lp in no_logprobs if math.isfinite(lp))
-    total = p_yes + p_no
-    if not total > 0.0:
+    """sum(exp(yes)) / (sum(exp(yes)) + sum(exp(no))), computed in log space so it cannot overflow:
+    with Y, N the logsumexp of each side, P(Yes) = sigmoid(Y − N). A −inf log-prob is probability 0.
+
+    Returns None when both sides are empty or all −inf (no yes/no token was seen).
+
+    Raises:
+        ValueError: a log-prob is NaN or +inf (the engine returned garbage; callers make it an error result).
+    """
+    yes, no = list(yes_logprobs), list(no_logprobs)
+    bad = [lp for lp in yes + no if math.isnan(lp) or lp == math.inf]
+    if bad:
+        raise ValueError(f"non-finite yes/no log-prob {bad[0]!r}")
+    y, n = _logsumexp(yes), _logsumexp(no)
+    if y == n == -math.inf:
         return None
-    return p_yes / total
+    d = y - n  # +inf when only yes variants have mass, -inf when only no variants do
+    if d >= 0:
+        return 1.0 / (1.0 + math.exp(-d))
+    return math.exp(d) / (1.0 + math.exp(d))
+
+
+def _logsumexp(logprobs: list[float]) -> float:
+    """log(sum(exp(x))) without overflow; -inf for no terms (or only -inf terms)."""
+    finite = [lp for lp in logprobs if lp != -math.inf]
+    if not finite:
+        return -math.inf
+    top = max(finite)
+    return top + math.log(sum(math.exp(lp - top) for lp in finite))
 
 
 def _extract_objects(text: str) -> tuple[list[object], bool]:

@@ -27,9 +27,9 @@ from reward.judge_modes import (
     queries_for,
     result_from_answers,
     result_from_checklist,
-    result_from_yes_probability,
+    result_from_yes_no_logprobs,
 )
-from reward.verdict_parsing import NO_VARIANTS, YES_VARIANTS, normalised_yes
+from reward.verdict_parsing import NO_VARIANTS, YES_VARIANTS
 from rollout.interfaces import JudgeItem, JudgeResult
 
 __all__ = ["VLMJudge", "validate_items"]
@@ -176,9 +176,7 @@ class VLMJudge:
         first = steps[0]  # token id -> Logprob at the first answer position
         yes = [first[t].logprob for t in self._yes_ids if t in first]
         no = [first[t].logprob for t in self._no_ids if t in first]
-        return result_from_yes_probability(
-            normalised_yes(yes, no), raw=completion.text, threshold=self._yes_threshold
-        )
+        return result_from_yes_no_logprobs(yes, no, raw=completion.text, threshold=self._yes_threshold)
 
     def _answer_token_ids(self) -> tuple[set[int], set[int]]:
         """First token id of each yes / no variant; ids shared by both sets are dropped."""

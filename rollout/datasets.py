@@ -17,7 +17,7 @@ import random
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any, Literal
 
 __all__ = [
@@ -79,11 +79,12 @@ def load_prompt_source(spec: str) -> list[PromptRecord]:
     `data_dir()`), or a path to a `.jsonl` / `.jsonl.gz` file in GenEval or TIIF format.
 
     Raises:
-        ValueError: the name is not registered and no such file exists (the message lists the names).
+        ValueError: the name is not registered and no such file exists (the message lists the names);
+            a `data:` spec that is absolute or has a `..` part (it must stay under `data_dir()`).
     """
     if spec in _SOURCES:
         return _SOURCES[spec]()
-    path = data_dir() / spec.removeprefix(DATA_PREFIX) if spec.startswith(DATA_PREFIX) else Path(spec).expanduser()
+    path = _data_file(spec) if spec.startswith(DATA_PREFIX) else Path(spec).expanduser()
     if not path.is_file():
         raise ValueError(
             f"prompt source {spec!r}: no such registered name and no file {str(path)!r}; registered names: "
@@ -336,3 +337,14 @@ def _check_object(item: Any, where: str) -> None:
 def _geneval() -> list[PromptRecord]:
     """The 553 GenEval evaluation prompts shipped in `data/geneval/` (MIT; see its README)."""
     return load_geneval(_REPO_DATA / "geneval" / "evaluation_metadata.jsonl")
+
+
+def _data_file(spec: str) -> Path:
+    """The file a `data:<file>` spec names: a relative path that stays under `data_dir()`."""
+    rel = PurePath(spec.removeprefix(DATA_PREFIX))
+    if rel.is_absolute() or rel.anchor or ".." in rel.parts:
+        raise ValueError(
+            f"prompt source {spec!r}: a 'data:<file>' spec must be a relative path under {data_dir()} without "
+            "'..' parts; give other files as a plain path (data.train=/path/to/file.jsonl)"
+        )
+    return data_dir() / rel

@@ -6,8 +6,9 @@ ODE sampling (`SamplerSettings(stochastic="none")`), low temperature and seeds d
 `EvalSettings.seed`, one sample per prompt. A stop in round r freezes that sample: its image and
 score are carried into every later round. Reported per round, overall and per category:
 accuracy (mean `correct`), mean score, improved / worse / unchanged fractions vs the previous round
-(by score; None for round 0), finish rate (fraction that has stopped by this round) and mean
-rounds used (images drawn so far: 1 + edits made). `category_mean_accuracy` is the unweighted
+(by score; None for round 0), finish rate (fraction that has stopped by this round), mean
+rounds used (images drawn so far: 1 + edits made) and judge errors (judgements of this round's
+images that came back as error results, scored 0). `category_mean_accuracy` is the unweighted
 mean of the category accuracies per round (GenEval's overall score).
 """
 
@@ -72,6 +73,7 @@ class RoundStats:
     unchanged: float | None
     finish_rate: float
     mean_rounds: float
+    errors: int  # judgements made in this round that returned an error result (scored 0)
 
 
 @dataclass
@@ -97,8 +99,9 @@ class EvalReport:
         return json.dumps(self.to_dict(), indent=indent, sort_keys=True)
 
     def to_markdown(self) -> str:
-        head = "| category | round | n | accuracy | mean score | improved | worse | unchanged | finish rate | mean rounds |"
-        lines = [head, "|" + "---|" * 10]
+        head = ("| category | round | n | accuracy | mean score | improved | worse | unchanged | finish rate | "
+                "mean rounds | judge errors |")
+        lines = [head, "|" + "---|" * 11]
         for name, rows in [("overall", self.overall)] + sorted(self.categories.items()):
             lines += [_md_row(name, s) for s in rows]
         lines += ["", "| round | category-mean accuracy |", "|---|---|"]
@@ -141,18 +144,21 @@ def summarize(trajectories: Sequence[Trajectory], categories: Sequence[str], max
 # ------------------------------------------------------------------------------------ helpers
 
 
-def _timeline(t: Trajectory, max_rounds: int) -> list[tuple[float, bool, bool, int]]:
-    """(score, correct, finished, rounds used) at each round 0..max_rounds-1, frozen after a stop."""
+def _timeline(t: Trajectory, max_rounds: int) -> list[tuple[float, bool, bool, int, bool]]:
+    """(score, correct, finished, rounds used, judge error in this round) at each round 0..max_rounds-1,
+    frozen after a stop (a stopped or finished sample makes no judgement, so no error)."""
     if not t.rounds or len(t.rounds) > max_rounds:
         raise ValueError(f"trajectory has {len(t.rounds)} rounds; expected 1..{max_rounds}")
     out, finished, used = [], False, 0
     for r in range(max_rounds):
+        errored = False
         if r < len(t.rounds):
             rnd = t.rounds[r]
             finished = finished or rnd.stopped
             used += 0 if rnd.stopped else 1
+            errored = not rnd.stopped and "error" in rnd.judge_details
             state = (rnd.score, rnd.correct)
-        out.append((state[0], state[1], finished, used))
+        out.append((state[0], state[1], finished, used, errored))
     return out
 
 
@@ -179,6 +185,7 @@ def _stats(timelines: list[list[tuple]], max_rounds: int) -> list[RoundStats]:
                 unchanged=unc,
                 finish_rate=sum(x[2] for x in now) / n,
                 mean_rounds=sum(x[3] for x in now) / n,
+                errors=sum(x[4] for x in now),
             )
         )
     return rows
@@ -190,5 +197,5 @@ def _md_row(name: str, s: RoundStats) -> str:
 
     return (
         f"| {name} | {s.round} | {s.n} | {s.accuracy:.4f} | {s.mean_score:.4f} | {pct(s.improved)} | "
-        f"{pct(s.worse)} | {pct(s.unchanged)} | {s.finish_rate:.3f} | {s.mean_rounds:.3f} |"
+        f"{pct(s.worse)} | {pct(s.unchanged)} | {s.finish_rate:.3f} | {s.mean_rounds:.3f} | {s.errors} |"
     )

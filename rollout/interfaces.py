@@ -8,7 +8,8 @@ implementation: construct (engine starts) -> serve calls -> `load_weights` bumps
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
@@ -22,6 +23,7 @@ __all__ = [
     "SamplerSettings",
     "JudgeItem",
     "JudgeResult",
+    "finite_judge_result",
     "Reasoner",
     "Generator",
     "Judge",
@@ -100,6 +102,17 @@ class JudgeResult:
     details: dict[str, Any] = field(default_factory=dict)
     raw: str = ""
     error: str | None = None
+
+
+def finite_judge_result(result: JudgeResult) -> JudgeResult:
+    """`result` unchanged if its score is finite; else an error result (score 0, not correct, `error`
+    saying the judge returned a non-finite score), so a NaN or ±inf never becomes a reward."""
+    if math.isfinite(result.score):
+        return result
+    error = f"judge returned a non-finite score ({result.score!r})"
+    if result.error is not None:
+        error += f"; its own error: {result.error}"
+    return replace(result, score=0.0, correct=False, error=error)
 
 
 @runtime_checkable

@@ -29,6 +29,7 @@ from rollout.interfaces import (
     Reasoner,
     SamplerSettings,
     TextRequest,
+    finite_judge_result,
 )
 from rollout.templates import Templates, parse_plan, parse_reflect
 from rollout.trajectory import ImageSample, Round, Trajectory
@@ -273,8 +274,9 @@ def _sample_checked(generator: Generator, requests: list[ImageRequest], settings
     return out
 
 
-def _score_checked(judge: Judge, items: list[JudgeItem]):
+def _score_checked(judge: Judge, items: list[JudgeItem]) -> list[JudgeResult]:
+    """One result per item; a non-finite score becomes an error result (counted, never a reward)."""
     out = judge.score(items)
     if len(out) != len(items):
         raise ValueError(f"judge returned {len(out)} results for {len(items)} items")
-    return out
+    return [finite_judge_result(r) for r in out]

@@ -141,3 +141,75 @@ def test_learner_kwargs_carry_the_schedule_and_match_the_constructors():
     assert text_learner_kwargs(cfg, paths)["gradient_checkpointing"] is False
     for kwargs, cls in ((text, TextLearner), (diffusion, DiffusionLearner)):
         assert set(kwargs) <= set(inspect.signature(cls.__init__).parameters)
+
+
+def _float_paths(model: type = R3Config, prefix: str = "") -> list[tuple[str, bool]]:
+    """(dotted key, is a tuple of floats) of every float field of every section, found from the schema."""
+    import typing
+
+    from pydantic import BaseModel
+
+    def holds_float(ann) -> bool:
+        return ann is float or any(holds_float(a) for a in typing.get_args(ann))
+
+    out = []
+    for name, info in model.model_fields.items():
+        ann, key = info.annotation, f"{prefix}{name}"
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            out += _float_paths(ann, key + ".")
+        elif holds_float(ann):
+            out.append((key, typing.get_origin(ann) is tuple))
+    return out
+
+
+FLOAT_PATHS = _float_paths()
+
+
+def test_the_schema_walk_finds_the_float_fields():
+    keys = dict(FLOAT_PATHS)
+    assert len(keys) >= 30
+    assert {"grpo.lr", "flow_grpo.lr", "r3.wrong_stop_penalty", "cluster.text_workers.num_cpus",
+            "cluster.judge_replicas.num_gpus", "judge.timeout_s", "train.remote_timeout_s", "sync.bucket_mb"} <= set(keys)
+    assert keys["grpo.betas"] and keys["flow_grpo.betas"]
+
+
+@pytest.mark.parametrize(("key", "is_tuple"), FLOAT_PATHS, ids=[k for k, _ in FLOAT_PATHS])
+@pytest.mark.parametrize("text", [".inf", "-.inf", ".nan", "inf", "nan"])
+def test_no_float_field_accepts_nan_or_inf(key, is_tuple, text):
+    override = f"{key}=[{text}, 0.5]" if is_tuple else f"{key}={text}"
+    with pytest.raises(ConfigError) as e:
+        load_config(CPU, [override])
+    field = f"{key}.0" if is_tuple else key
+    assert f"{field}: got " in str(e.value) and "must be a finite number" in str(e.value), str(e.value)
+    shown = str(e.value).split(f"{field}: got ", 1)[1].split(":", 1)[0].strip("'").lower()
+    assert shown in ("inf", "-inf", "nan"), str(e.value)
+
+
+@pytest.mark.parametrize("override", ["grpo.lr=.inf", "flow_grpo.lr=.nan", "r3.wrong_stop_penalty=.inf"])
+def test_nonfinite_override_exits_2_naming_key_and_value(override, capsys):
+    assert main(["--config", CPU, "--dry-run", override]) == 2
+    err = capsys.readouterr().err
+    key, value = override.split("=")
+    assert f"{key}: got {value.lstrip('.')}: must be a finite number" in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "192.168.1.5", "example.org", "10.0.0.1"])
+def test_a_remote_dashboard_host_is_refused_unless_allowed(host, capsys):
+    assert main(["--config", CPU, "--dry-run", f"cluster.dashboard_host={host}"]) == 2
+    err = capsys.readouterr().err
+    assert f"cluster.dashboard_host={host!r} is not a loopback address" in err, err
+    assert "submit jobs" in err and "cluster.allow_remote_dashboard=true" in err
+    cfg = load_config(CPU, [f"cluster.dashboard_host={host}", "cluster.allow_remote_dashboard=true"])
+    assert cfg.cluster.dashboard_host == host
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "localhost", "::1"])
+def test_loopback_dashboard_hosts_are_accepted(host):
+    assert load_config(CPU, [f"cluster.dashboard_host={host}"]).cluster.dashboard_host == host
+    assert R3Config().cluster.allow_remote_dashboard is False
+
+
+def test_max_nonfinite_steps_default_and_bounds():
+    assert R3Config().train.max_nonfinite_steps == 3
+    with pytest.raises(ConfigError, match="train.max_nonfinite_steps"):
+        load_config(CPU, ["train.max_nonfinite_steps=0"])

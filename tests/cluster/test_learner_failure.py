@@ -55,3 +55,73 @@ def test_bounded_returns_raises_and_times_out():
         bounded(release.wait, 0.2, "stuck sync")
     assert time.monotonic() - start < 20  # the stuck thread is abandoned, not joined (no hang)
     release.set()
+
+
+def test_nonfinite_streak_counts_steps_in_a_row_and_resets():
+    from cluster.failures import NonFiniteStreak
+
+    streak = NonFiniteStreak(3)
+    assert streak.observe(0, ["text learner"]) is None
+    assert streak.observe(1, []) is None  # a good step resets the count
+    assert [streak.observe(s, ["diffusion learner"]) for s in (2, 3)] == [None, None]
+    cause = streak.observe(4, ["text learner", "diffusion learner"])
+    assert cause.startswith("the updates of steps 2-4 (3 in a row, train.max_nonfinite_steps=3) were skipped")
+    assert "(last: text learner, diffusion learner)" in cause and "weights did not change" in cause
+    assert NonFiniteStreak(1).observe(5, ["text learner"]).startswith("the updates of step 5 (1 in a row")
+    with pytest.raises(ValueError, match="max_nonfinite_steps"):
+        NonFiniteStreak(0)
+
+
+def test_nonfinite_failure_exits_4_naming_step_and_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    import cluster.driver
+    from cluster.failures import NONFINITE_EXIT_CODE, NonFiniteFailure
+
+    ckpt = tmp_path / "run" / "checkpoints" / "step-000004"
+    e = NonFiniteFailure(6, "learners training", ckpt, "the updates of steps 4-6 were skipped", auto=ckpt)
+    assert isinstance(e, LearnerFailure) and e.exit_code == NONFINITE_EXIT_CODE == 4
+    assert (e.step, e.checkpoint, e.actors) == (6, ckpt, [])
+    msg = str(e)
+    assert msg.startswith("non-finite training: the updates of steps 4-6 were skipped (step 6, learners training)")
+    assert f"last complete checkpoint is {ckpt}" in msg and "--resume auto` (picks that checkpoint)" in msg
+
+    def diverge(cfg, verbose=True):
+        raise e
+
+    monkeypatch.setattr(cluster.driver, "run_training", diverge)
+    assert train.main(["--config", "configs/cpu_tiny.yaml", f"train.run_dir={tmp_path}"]) == 4
+    err = capsys.readouterr().err
+    assert err.startswith("error: non-finite training:") and "Traceback" not in err
+
+
+def test_a_refused_non_finite_checkpoint_becomes_a_nonfinite_failure(tmp_path):
+    from types import SimpleNamespace
+
+    from cluster.failures import NonFiniteFailure, learner_failure
+    from learners.finite import NonFiniteError
+
+    refusal = NonFiniteError("refusing to save weights to /r/w: tensor 'bias' has 1 of 2 entries NaN or ±inf")
+    wrapped = RuntimeError("ray::TextLearner.__ray_call__() ... traceback ...")
+    wrapped.cause = refusal  # what a RayTaskError carries
+    for error in (refusal, wrapped):
+        f = learner_failure(error, [SimpleNamespace(kind="text", actors=[])], 3, "saving a checkpoint", None)
+        assert isinstance(f, NonFiniteFailure) and f.exit_code == 4
+        assert "tensor 'bias'" in str(f) and "(step 3, saving a checkpoint)" in str(f)
+        assert "no complete checkpoint yet" in str(f)
+
+
+def test_driver_stops_after_max_nonfinite_steps_in_a_row(tmp_path):
+    from cluster.config import load_config
+    from cluster.driver import Trainer
+    from cluster.failures import NonFiniteFailure, NonFiniteStreak
+
+    t = Trainer.__new__(Trainer)  # only what the check reads
+    t.cfg = load_config("configs/cpu_tiny.yaml", [f"train.run_dir={tmp_path}", "train.max_nonfinite_steps=2"])
+    t._nonfinite, t.last_checkpoint = NonFiniteStreak(2), tmp_path / "r" / "checkpoints" / "step-000001"
+    ok, skipped = {"skipped_nonfinite": 0.0}, {"skipped_nonfinite": 1.0}
+    t._stop_if_nonfinite(1, skipped, ok)
+    t._stop_if_nonfinite(2, ok, {"skipped": 1.0})  # an empty batch is not a non-finite step
+    t._stop_if_nonfinite(3, ok, skipped)
+    with pytest.raises(NonFiniteFailure) as info:
+        t._stop_if_nonfinite(4, skipped, skipped)
+    assert info.value.step == 4 and info.value.checkpoint == t.last_checkpoint
+    assert "steps 3-4 (2 in a row" in str(info.value) and "(last: text learner, diffusion learner)" in str(info.value)

@@ -119,6 +119,11 @@ def test_elastic_workers_get_current_weights_before_serving(first_run):
     (t.run_dir / "control.yaml").write_text("text_workers: 0\n")
     assert t.apply_control_file() == {}
     assert len(t.roles.text_pool) == 3
+    (t.run_dir / "control.yaml").write_text("text_workers: 64\n")  # far beyond the local cluster's CPUs
+    assert t.apply_control_file() == {}
+    assert not (t.run_dir / "control.yaml").exists()
+    assert (t.run_dir / f"control.rejected-step-{t.step_index:06d}.yaml").read_text() == "text_workers: 64\n"
+    assert len(t.roles.text_pool) == 3
 
 
 def _files(folder):

@@ -68,3 +68,38 @@ def test_compare_sums_names_the_differing_tensors():
         "compared": 1, "engine_only": 1, "differing": [], "match": True}
     assert compare_sums({"a": [1.0, 2.0], "b": [3.001, 4.0]}, files)["differing"] == ["b"]
     assert not compare_sums({"other": [1.0, 1.0]}, files)["match"]  # nothing compared is no match
+
+
+def test_resize_shortfall_counts_only_workers_beyond_the_reserved_bundles():
+    from cluster.placement import ResizeRequest, resize_shortfall
+
+    cpu = {"CPU": 0.5}
+    # 2 reserved bundles: growing 1 -> 2 needs nothing new; 2 -> 4 needs 2 x 0.5 CPU
+    assert resize_shortfall([ResizeRequest("text_workers", cpu, 2, 1, 2)], {}) is None
+    assert resize_shortfall([ResizeRequest("text_workers", cpu, 2, 2, 4)], {"CPU": 1.0}) is None
+    msg = resize_shortfall([ResizeRequest("text_workers", cpu, 2, 2, 5)], {"CPU": 1.0, "GPU": 0.0})
+    assert msg.startswith("cannot place text_workers: 5 (now 2, {'CPU': 0.5} each)")
+    assert "CPU 1.5 more but 1 free" in msg and "ask for fewer workers" in msg
+    # a pool shrinking below its extra groups gives their resources to the other one
+    text_down, diff_up = ResizeRequest("text_workers", cpu, 1, 3, 1), ResizeRequest("diffusion_workers", cpu, 1, 1, 3)
+    assert resize_shortfall([text_down, diff_up], {"CPU": 0.0}) is None
+    assert "CPU 1 more but 0 free" in resize_shortfall([diff_up], {"CPU": 0.0})
+    # GPUs are checked like CPUs; a pool without a placement group reserves nothing
+    gpu = ResizeRequest("text_workers", {"CPU": 1.0, "GPU": 2.0}, 0, 1, 2)
+    assert "GPU 2 more but 1 free" in resize_shortfall([gpu], {"CPU": 8.0, "GPU": 1.0})
+
+
+def test_resize_requests_read_the_pools_and_the_config():
+    from types import SimpleNamespace
+
+    from cluster.placement import ResizeRequest, resize_requests
+
+    cfg = load_config(CPU, ["cluster.text_workers.count=2", "cluster.diffusion_workers.num_cpus=1.5"])
+    class Pool(SimpleNamespace):
+        def __len__(self):
+            return self.n
+
+    pools = {"text_workers": Pool(placement=SimpleNamespace(bundle_count=2), n=2),
+             "diffusion_workers": Pool(placement=None, n=1)}
+    assert resize_requests(cfg, pools, {"text_workers": 3, "diffusion_workers": 2}) == [
+        ResizeRequest("text_workers", {"CPU": 0.5}, 2, 2, 3), ResizeRequest("diffusion_workers", {"CPU": 1.5}, 0, 1, 2)]

@@ -202,3 +202,51 @@ def test_settings_validation():
     for kw in (dict(mode="ring"), dict(adv_std="batch"), dict(tree_schedule="random"), dict(refine_groups=0)):
         with pytest.raises(ValueError):
             R3StepSettings(**kw)
+
+
+class _NonFiniteJudge:
+    """FakeJudge, but the image drawn from "s=0.5" of the cats prompt scores `value` (NaN or ±inf)."""
+
+    def __init__(self, judge, value):
+        self.judge, self.value = judge, value
+
+    def score(self, items):
+        from dataclasses import replace
+
+        out = self.judge.score(items)
+        return [replace(r, score=self.value) if r.details["made_from"] == "s=0.5" and it.prompt == "cats" else r
+                for it, r in zip(items, out, strict=True)]
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_a_non_finite_judge_score_is_an_error_result_counted_and_never_a_reward(value):
+    reasoner, gen, judge = _roles()
+    res = run_tree_step(0, PROMPTS, reasoner, gen, _NonFiniteJudge(judge, value), RolloutBuffer(seed=0), _settings())
+    rounds = [t.rounds[0] for t in res.trajectories]
+    assert [r.score for r in rounds[:4]] == [1.0, 0.0, 0.0, 0.0] and not rounds[1].correct
+    assert rounds[1].judge_details["error"] == f"judge returned a non-finite score ({value!r})"
+    # cats: text rewards r·f + f = [2, 1, 0, 1] (mean 1), image rewards [1, 0, 0, 0] (mean 0.25)
+    assert [r.text_advantage for r in rounds[:4]] == pytest.approx([1.0, 0.0, -1.0, 0.0])
+    assert [r.image_advantage for r in rounds[:4]] == pytest.approx([0.75, -0.25, -0.25, -0.25])
+    m = res.metrics
+    assert (m["generate/judge_errors"], m["judge/errors"]) == (1.0, 1.0) and _finite(m)
+
+
+def test_judge_errors_of_both_stages_add_up():
+    buf = RolloutBuffer(seed=0)
+    reasoner, gen, judge = _roles()
+    res = run_tree_step(0, PROMPTS, reasoner, gen, _NonFiniteJudge(judge, math.nan), buf,
+                        _settings(tree_schedule="both"))
+    m = res.metrics
+    assert (m["generate/judge_errors"], m["refine/judge_errors"], m["judge/errors"]) == (1.0, 0.0, 1.0)
+
+
+def test_non_finite_advantages_are_reported_not_raised():
+    """A huge format weight overflows the group mean: the step still returns, counts the non-finite
+    advantages and hands them to the learners, which skip that update."""
+    res = run_tree_step(0, PROMPTS, *_roles(), RolloutBuffer(seed=0), _settings(format_weight=1e308))
+    adv = [it.advantage for it in res.text_batch]
+    bad = sum(not math.isfinite(a) for a in adv)
+    assert bad > 0 and res.metrics["text_adv/nonfinite"] == float(bad)
+    assert res.metrics["image_adv/nonfinite"] == 0.0
+    assert not math.isfinite(res.metrics["text_adv/mean"])

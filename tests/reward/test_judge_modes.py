@@ -73,3 +73,44 @@ def test_failure_kind_tags():
     assert failure_kind("no JSON object in output") == "model_output"
     assert failure_kind("http 503: busy (after 3 attempts)") == "transport"
     assert failure_kind("bad GenEval metadata: ...") == "input"
+
+
+def test_vqascore_results_from_log_probs_are_errors_when_non_finite():
+    import math
+
+    from reward.judge_modes import result_from_token_logprobs, result_from_yes_no_logprobs
+
+    r = result_from_yes_no_logprobs([math.log(0.3)], [math.log(0.1)], raw="Yes", threshold=0.5)
+    assert (r.score, r.correct, r.error) == (pytest.approx(0.75), True, None)
+    r = result_from_yes_no_logprobs([2000.0], [2000.0 + math.log(3.0)])  # would overflow exp()
+    assert (r.score, r.correct, r.error) == (pytest.approx(0.25), False, None)
+    for yes, no in (([math.inf], [0.0]), ([math.nan], [0.0]), ([0.0], [math.inf])):
+        r = result_from_yes_no_logprobs(yes, no, raw="Yes")
+        assert (r.score, r.correct, r.raw) == (0.0, False, "Yes")
+        assert r.error.startswith("judge returned a non-finite log-prob"), r.error
+    r = result_from_token_logprobs({"Yes": math.inf, "No": -1.0})  # +inf Yes: an error, not a silent 0
+    assert r.error is not None and "non-finite" in r.error and r.score == 0.0
+    assert result_from_token_logprobs({"Yes": math.log(0.2), "no": math.log(0.6)}).score == pytest.approx(0.25)
+    assert result_from_token_logprobs({"maybe": 0.0}).error.startswith("no yes/no token")
+
+
+def test_vlm_judge_vqascore_reads_first_token_log_probs_in_log_space():
+    import math
+    from types import SimpleNamespace
+
+    from reward.vlm_judge import VLMJudge
+
+    judge = VLMJudge.__new__(VLMJudge)  # no engine: only the reading of a completion is tested
+    judge._yes_ids, judge._no_ids, judge._yes_threshold = {1, 2}, {3}, 0.5
+
+    def completion(lps: dict[int, float]):
+        return SimpleNamespace(text="Y", logprobs=[{t: SimpleNamespace(logprob=v) for t, v in lps.items()}])
+
+    r = judge._vqascore(completion({1: math.log(0.2), 2: math.log(0.1), 3: math.log(0.1), 9: 0.0}))
+    assert (r.score, r.correct, r.error) == (pytest.approx(0.75), True, None)
+    assert judge._vqascore(completion({1: 710.0, 3: 709.0})).score == pytest.approx(1 / (1 + math.exp(-1)))
+    for bad in ({1: math.inf, 3: -0.1}, {1: math.nan, 3: -0.1}):
+        r = judge._vqascore(completion(bad))
+        assert (r.score, r.correct) == (0.0, False) and "non-finite log-prob" in r.error
+    assert judge._vqascore(completion({9: 0.0})).error.startswith("no yes/no token")
+    assert judge._vqascore(SimpleNamespace(text="", logprobs=[])).error == "engine returned no log-probs"

@@ -38,11 +38,13 @@ class FakeChatServer:
                     server.requests.append((self.path, dict(self.headers), body))
                     server.inflight += 1
                     server.max_inflight = max(server.max_inflight, server.inflight)
+                self.counted_out = False
                 try:
                     server.reply(self, body)
                 finally:
                     with server.lock:
-                        server.inflight -= 1
+                        if not self.counted_out:
+                            server.inflight -= 1
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
@@ -77,8 +79,10 @@ class FakeChatServer:
         choice = {"index": 0, "message": {"role": "assistant", "content": content}, "logprobs": logprobs}
         self.send(h, 200, json.dumps({"choices": [choice]}).encode())
 
-    @staticmethod
-    def send(h, code, payload):
+    def send(self, h, code, payload):
+        with self.lock:  # counted out before the client can read the answer and send its next request
+            self.inflight -= 1
+            h.counted_out = True
         h.send_response(code)
         h.send_header("Content-Type", "application/json")
         h.send_header("Content-Length", str(len(payload)))
@@ -163,6 +167,13 @@ def test_vqascore_and_questions_and_auth(server, monkeypatch):
     assert r.score == pytest.approx(1 / 3) and r.details["unparsed"] == [2]
     with pytest.raises(ValueError, match="unset environment variable"):
         make(server, api_key_env="R3RL_SURELY_UNSET_VAR")
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered in log:RuntimeWarning")
+def test_vqascore_with_a_nan_log_prob_is_an_error_result(server):
+    judge = make(server, mode="vqascore")
+    (r,) = judge.score([item("logprobs 1.5")])  # the server sends log(1 - 1.5) = NaN for "No"
+    assert (r.score, r.correct) == (0.0, False) and "non-finite log-prob" in r.error
 
 
 def test_unreachable_endpoint_is_an_error_result():

@@ -114,3 +114,25 @@ def test_vqascore_result():
     assert (r.score, r.correct, r.error, r.details) == (0.8, True, None, {"p_yes": 0.8})
     r = result_from_yes_probability(None, raw="af")
     assert (r.score, r.correct) == (0.0, False) and "no yes/no token" in r.error
+
+
+def test_normalised_yes_is_computed_in_log_space():
+    # hand-computed: P(Yes) = sigmoid(Y - N) with Y, N the logsumexp of each side
+    assert normalised_yes([math.log(0.3), math.log(0.1)], [math.log(0.2)]) == pytest.approx(0.4 / 0.6, abs=1e-12)
+    # log-probs far above 709 overflowed math.exp before; in log space only the difference matters
+    assert normalised_yes([1000.0], [999.0]) == pytest.approx(1 / (1 + math.exp(-1.0)), abs=1e-12)
+    assert normalised_yes([-1000.0], [-1001.0, -1001.0]) == pytest.approx(1 / (1 + 2 * math.exp(-1.0)), abs=1e-12)
+    assert normalised_yes([-800.0], [0.0]) == pytest.approx(math.exp(-800.0), rel=1e-9)  # no underflow to 0
+    assert normalised_yes([-math.inf], [math.log(0.5)]) == 0.0
+    assert normalised_yes([], [math.log(0.5)]) == 0.0
+    assert normalised_yes([math.log(0.5)], [-math.inf]) == 1.0
+    assert normalised_yes([], []) is None
+
+
+@pytest.mark.parametrize(("yes", "no"), [([math.inf], [math.log(0.5)]), ([math.nan], [0.0]),
+                                         ([math.log(0.5)], [math.inf]), ([0.0], [math.log(0.1), math.nan])])
+def test_nan_or_plus_inf_log_probs_are_refused_not_scored(yes, no):
+    with pytest.raises(ValueError, match="non-finite yes/no log-prob"):
+        normalised_yes(yes, no)
+    with pytest.raises(ValueError, match="non-finite"):
+        yes_probability({"Yes": yes[0], "No": no[-1]})

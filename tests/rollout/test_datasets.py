@@ -106,6 +106,22 @@ def test_prompt_sources_names_data_prefix_and_paths(tmp_path, monkeypatch):
         load_prompt_source("data:nope.jsonl")
 
 
+@pytest.mark.parametrize("spec", ["data:../secret.jsonl", "data:mine/../../secret.jsonl", "data:/etc/passwd",
+                                  "data:mine/..", "data://host/x.jsonl"])
+def test_data_specs_cannot_leave_the_data_folder(spec, tmp_path, monkeypatch):
+    root = tmp_path / "data"
+    (root / "mine").mkdir(parents=True)
+    _write(root / "mine", [GOOD])
+    _write(tmp_path, [GOOD])  # tmp_path/m.jsonl exists outside the data folder
+    (tmp_path / "secret.jsonl").write_text((tmp_path / "m.jsonl").read_text())
+    monkeypatch.setenv("R3RL_DATA", str(root))
+    with pytest.raises(ValueError) as e:
+        load_prompt_source(spec)
+    assert repr(spec) in str(e.value) and "without '..' parts" in str(e.value), str(e.value)
+    assert [r.prompt for r in load_prompt_source("data:mine/m.jsonl")] == ["a dog left of a cup"]
+    assert [r.prompt for r in load_prompt_source("data:./mine/m.jsonl")] == ["a dog left of a cup"]
+
+
 def test_a_prompt_source_name_registers_once(monkeypatch):
     import rollout.datasets as ds
 

@@ -111,3 +111,31 @@ def test_summarize_validates():
         summarize(report.trajectories, ["A"], 3)
     with pytest.raises(ValueError, match="rounds"):
         summarize(report.trajectories, [r.category for r in RECORDS], 1)
+
+
+def test_judge_errors_are_counted_per_round():
+    from dataclasses import replace
+
+    gen = FakeGenerator()
+    judge = FakeJudge(gen)
+    real = judge.score
+
+    def flaky(items):  # images drawn from "fix s=0.25" (p2, rounds 1 and 2) and from "s=0" (p1, p3) score NaN
+        return [replace(r, score=float("nan")) if r.details["made_from"] in ("fix s=0.25", "s=0") else r
+                for r in real(items)]
+
+    judge.score = flaky
+    report = evaluate(RECORDS, FakeReasoner(_script), gen, judge, EvalSettings(max_rounds=3, templates=PLAIN, seed=1))
+    assert [s.errors for s in report.overall] == [2, 1, 1]
+    assert [s.errors for s in report.categories["A"]] == [2, 1, 1] and [s.errors for s in report.categories["B"]] == [0] * 3
+    p1 = report.trajectories[1]
+    assert p1.rounds[0].score == 0.0 and "non-finite" in p1.rounds[0].judge_details["error"]
+    assert report.to_dict()["overall"][0]["errors"] == 2
+    md = report.to_markdown()
+    assert "| finish rate | mean rounds | judge errors |" in md
+    assert "| overall | 0 | 8 | 0.2500 | 0.4375 | – | – | – | 0.000 | 1.000 | 2 |" in md
+
+
+def test_error_free_evaluation_reports_zero_errors():
+    report, _, _ = _evaluate()
+    assert all(s.errors == 0 for rows in [report.overall, *report.categories.values()] for s in rows)

@@ -152,3 +152,24 @@ def test_settings_validation():
     with pytest.raises(ValueError, match="top_p"):
         StageSettings(top_p=0.0)
     assert np.array_equal(fake_image(3), fake_image(3))
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_a_non_finite_judge_score_becomes_an_error_result(value):
+    reasoner, gen, judge = _roles(lambda req, i, call: PLANS[0])
+    judge.score = lambda items: [JudgeResult(value, True, {"why": "x"}, "raw") for _ in items]
+    trajs = run_generate_stage(RECORDS[:1], reasoner, gen, judge, SETTINGS, random.Random(0))
+    for t in trajs:
+        r = t.rounds[0]
+        assert (r.score, r.correct) == (0.0, False)
+        assert r.judge_details == {"why": "x", "error": f"judge returned a non-finite score ({value!r})"}
+
+
+def test_finite_judge_result_keeps_finite_results_and_the_judges_own_error():
+    from rollout.interfaces import finite_judge_result
+
+    ok = JudgeResult(0.5, False, {"a": 1}, "r")
+    assert finite_judge_result(ok) is ok
+    bad = finite_judge_result(JudgeResult(float("nan"), True, {"a": 1}, "r", error="timeout"))
+    assert (bad.score, bad.correct, bad.details, bad.raw) == (0.0, False, {"a": 1}, "r")
+    assert bad.error == "judge returned a non-finite score (nan); its own error: timeout"
