@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import re
 import shutil
 from pathlib import Path
 from typing import Any
 
 __all__ = ["CheckpointDir", "find_latest", "require_complete", "checkpoints_dir", "run_dir_of", "resolve_resume", "save_pending_rollout", "load_pending_rollout"]
+
+log = logging.getLogger(__name__)
 
 _STEP_DIR = re.compile(r"^step-(\d{6})$")
 COMPLETE = "COMPLETE"
@@ -70,15 +73,22 @@ def run_dir_of(checkpoint: str | Path) -> Path:
     return Path(checkpoint).parent.parent
 
 
-def resolve_resume(resume: str | None, run_root: Path) -> Path | None:
-    """`None` -> fresh start; `auto` -> newest complete checkpoint of any run under run_root (or None);
-    a path -> that checkpoint, which must be complete."""
+def resolve_resume(resume: str | None, run_root: Path, run_name: str | None = None) -> Path | None:
+    """`None` -> fresh start; a path -> that checkpoint, which must be complete; `auto` -> the newest
+    complete checkpoint of the run `run_name` (`train.run_name`) if it has one, else the one saved last
+    (`meta.json`'s `saved_at`) of any run under `run_root`, else None. A checkpoint of another run whose
+    `meta.json` is unreadable is skipped with a warning: it never stops this run's resume."""
     if resume is None:
         return None
-    if resume == "auto":
-        candidates = [c for c in (find_latest(checkpoints_dir(d)) for d in Path(run_root).glob("*") if d.is_dir()) if c]
-        return max(candidates, key=lambda p: (json.loads((p / "meta.json").read_text())["saved_at"]), default=None)
-    return require_complete(resume, f"checkpoint.resume={resume!r}")
+    if resume != "auto":
+        return require_complete(resume, f"checkpoint.resume={resume!r}")
+    if run_name:
+        own = find_latest(checkpoints_dir(Path(run_root) / run_name))
+        if own is not None:
+            return own
+    saved = [(t, c) for c in (find_latest(checkpoints_dir(d)) for d in sorted(Path(run_root).glob("*")) if d.is_dir())
+             if c is not None and (t := _saved_at(c)) is not None]
+    return max(saved, key=lambda tc: tc[0])[1] if saved else None
 
 
 def save_pending_rollout(directory: Path, result: Any, rollout_seconds: float) -> None:
@@ -118,6 +128,15 @@ def load_pending_rollout(directory: Path) -> tuple[Any, float]:
     images = [ImageItem(**{**it, "sample": image(it["sample"])}) for it in tree["image_batch"]]
     result = StepResult(int(tree["step_index"]), list(tree["stages"]), trajectories, texts, images, tree["metrics"])
     return result, float(tree["rollout_seconds"])
+
+
+def _saved_at(checkpoint: Path) -> float | None:
+    """When `checkpoint` was saved (its `meta.json`), or None with a warning if that cannot be read."""
+    try:
+        return float(json.loads((checkpoint / "meta.json").read_text())["saved_at"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        log.warning("--resume auto skips %s: its meta.json is unreadable (%s: %s)", checkpoint, type(e).__name__, e)
+        return None
 
 
 def _prune(root: Path, keep: int) -> None:

@@ -282,6 +282,10 @@ class JudgeConfig(_Section):
     timeout_s: float = Field(120.0, gt=0, description="per-request timeout")
     retries: int = Field(2, ge=0, description="bounded retries per request")
     http_port: int | None = Field(None, ge=1, le=65535, description="serve POST /score on 127.0.0.1 when set")
+    max_error_fraction: float = Field(
+        0.5, ge=0, le=1, description="stop the run (exit 5) before the update of a step whose judge failed on more "
+        "than this fraction of the step's items (error results: timeouts, unparsable or non-finite answers); 1: never"
+    )
 
     @field_validator("kind")
     @classmethod
@@ -364,7 +368,15 @@ class LoggingConfig(_Section):
 class CheckpointConfig(_Section):
     every: int = Field(0, ge=0, description="save every N steps (0: only at the end)")
     keep: int = Field(2, ge=1, description="keep the last N checkpoints")
-    resume: str | None = Field(None, description="'auto' or a checkpoint path")
+    resume: str | None = Field(
+        None, description="'auto' (the newest complete checkpoint of train.run_name's own run if it has one, else of "
+        "any run under train.run_dir) or a checkpoint path"
+    )
+    allow_config_changes: bool = Field(
+        False, description="let a resume change what breaks exactness (r3.mode, data.*, train.seed) from the "
+        "checkpoint's run config; learner counts can never change. Every change is logged and recorded in "
+        "<run>/resume-changes.json"
+    )
 
 
 class R3Config(_Section):

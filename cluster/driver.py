@@ -5,7 +5,11 @@ and `rollout.flow_sde`, the roles are built by `cluster.roles`. It times every p
 row per step, writes trajectories as parquet, checkpoints, and evaluates at the end. Every remote wait
 is bounded by `train.remote_timeout_s`; a dead or unresponsive learner raises
 `cluster.failures.LearnerFailure` (which names the actor, the step and the checkpoint to resume from),
-and `train.max_nonfinite_steps` skipped updates in a row raise `cluster.failures.NonFiniteFailure`.
+`train.max_nonfinite_steps` skipped updates in a row raise `cluster.failures.NonFiniteFailure`, and a
+step whose judge failed on more than `judge.max_error_fraction` of its items raises
+`cluster.failures.JudgeFailure` before its update. `run_training` holds the run folder's lock for the
+run's life and checks a resume's config against the checkpoint's run before any engine starts
+(`cluster.run_folder`; both refuse with `cluster.failures.RunRefused`).
 """
 
 from __future__ import annotations
@@ -24,7 +28,15 @@ import yaml
 
 from cluster.config import R3Config
 from cluster.console import Console, format_round_accuracy
-from cluster.failures import NonFiniteFailure, NonFiniteStreak, bounded, learner_failure
+from cluster.failures import (
+    JudgeFailure,
+    NonFiniteFailure,
+    NonFiniteStreak,
+    RunRefused,
+    bounded,
+    judge_failure_cause,
+    learner_failure,
+)
 from cluster.settings import eval_settings, load_prompt_sets, step_settings
 
 __all__ = ["run_training", "make_run_dir", "Trainer"]
@@ -33,11 +45,21 @@ log = logging.getLogger(__name__)
 
 
 def make_run_dir(cfg: R3Config) -> Path:
-    name = cfg.train.run_name or datetime.now().strftime("%Y%m%d-%H%M%S")
-    run_dir = Path(cfg.train.run_dir).resolve() / name
+    """Create `train.run_dir/<train.run_name or a timestamp>` and write its `config.yaml` (no lock:
+    `run_training` takes one before writing anything)."""
+    run_dir = _run_dir_path(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    _write_config(cfg, run_dir)
     return run_dir
+
+
+def _run_dir_path(cfg: R3Config) -> Path:
+    name = cfg.train.run_name or datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path(cfg.train.run_dir).resolve() / name
+
+
+def _write_config(cfg: R3Config, run_dir: Path) -> None:
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
 
 
 class Trainer:
@@ -79,6 +101,7 @@ class Trainer:
             self._pending = None
         else:
             result = self._rollout(i, phases)
+        self._stop_if_judge_failed(i, result)
         staleness = self._staleness(result)
         if cfg.train.async_one_step_off and i + 1 < cfg.train.steps:
             with ThreadPoolExecutor(1) as ex:
@@ -112,16 +135,28 @@ class Trainer:
         self.step_index += 1
         return flat
 
-    def _stop_if_nonfinite(self, i: int, text_m: dict[str, float], image_m: dict[str, float]) -> None:
-        """Raise `NonFiniteFailure` once `train.max_nonfinite_steps` steps in a row had an update skipped."""
+    def _stop_if_judge_failed(self, i: int, result: Any) -> None:
+        """Raise `JudgeFailure` (before the update) if the judge failed on more than `judge.max_error_fraction`
+        of this step's items."""
+        items = sum(result.metrics[f"{s}/samples"] for s in result.stages)
+        cause = judge_failure_cause(i, result.metrics["judge/errors"], items, self.cfg.judge.max_error_fraction,
+                                    self.cfg.judge.kind)
+        if cause is not None:
+            raise JudgeFailure(i, self.last_checkpoint, cause, self._auto_checkpoint())
+
+    def _auto_checkpoint(self) -> Path | None:
+        """What `--resume auto` would pick now (named in failure messages)."""
         from cluster.checkpoint import resolve_resume
 
+        return resolve_resume("auto", Path(self.cfg.train.run_dir).resolve(), self.cfg.train.run_name)
+
+    def _stop_if_nonfinite(self, i: int, text_m: dict[str, float], image_m: dict[str, float]) -> None:
+        """Raise `NonFiniteFailure` once `train.max_nonfinite_steps` steps in a row had an update skipped."""
         skipped = [name for name, m in (("text learner", text_m), ("diffusion learner", image_m))
                    if m.get("skipped_nonfinite")]
         cause = self._nonfinite.observe(i, skipped)
         if cause is not None:
-            auto = resolve_resume("auto", Path(self.cfg.train.run_dir).resolve())
-            raise NonFiniteFailure(i, "learners training", self.last_checkpoint, cause, auto)
+            raise NonFiniteFailure(i, "learners training", self.last_checkpoint, cause, self._auto_checkpoint())
 
     def _rollout(self, i: int, phases: dict[str, float]) -> Any:
         from cluster.r3_step import run_r3_step, tree_stages
@@ -152,13 +187,11 @@ class Trainer:
     def _learners_guarded(self, phase: str, timeouts_are_learners: bool = True) -> Iterator[None]:
         """Turn an error into a LearnerFailure when a learner is dead (or, with `timeouts_are_learners`, on
         any timeout: only learners were being waited for)."""
-        from cluster.checkpoint import resolve_resume
-
         try:
             yield
         except Exception as e:
             groups = (self.roles.text_learners, self.roles.diffusion_learners)
-            auto = resolve_resume("auto", Path(self.cfg.train.run_dir).resolve())
+            auto = self._auto_checkpoint()
             failure = learner_failure(e, groups, self.step_index, phase, self.last_checkpoint, auto,
                                       timeouts_are_learners)
             if failure is None:
@@ -378,19 +411,38 @@ def run_training(cfg: R3Config, verbose: bool = True) -> Path:
 
     With `verbose=False` the engines' logs go to `<run>/engine.log` and the terminal shows only a
     progress bar, a line per evaluation and where things are (`cluster.console`).
+
+    Raises:
+        RunRefused: another run holds the run folder's lock, or the resume changes what the checkpoint's
+            run may not (`cluster.run_folder`); nothing was started or written then.
     """
-    run_dir = make_run_dir(cfg)
-    if verbose:
-        _run(cfg, run_dir, Console.verbose())
-        return run_dir
-    with Console.quiet(run_dir / "engine.log") as console:
-        console.line(f"run directory: {run_dir} (engine logs: {console.log_path.name})")
-        _run(cfg, run_dir, console)
+    from cluster.checkpoint import resolve_resume
+    from cluster.run_folder import check_resume_config, lock_run_dir
+
+    run_dir = _run_dir_path(cfg)
+    created = not run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with lock_run_dir(run_dir) as lock:
+        resume = resolve_resume(cfg.checkpoint.resume, Path(cfg.train.run_dir).resolve(), cfg.train.run_name)
+        if resume is not None:
+            try:
+                check_resume_config(resume, cfg.model_dump(mode="json"), run_dir, cfg.checkpoint.allow_config_changes)
+            except RunRefused:
+                if created:  # leave no empty run folder behind
+                    lock.unlink()
+                    run_dir.rmdir()
+                raise
+        _write_config(cfg, run_dir)
+        if verbose:
+            _run(cfg, run_dir, Console.verbose(), resume)
+            return run_dir
+        with Console.quiet(run_dir / "engine.log") as console:
+            console.line(f"run directory: {run_dir} (engine logs: {console.log_path.name})")
+            _run(cfg, run_dir, console, resume)
     return run_dir
 
 
-def _run(cfg: R3Config, run_dir: Path, console: Console) -> None:
-    from cluster.checkpoint import resolve_resume
+def _run(cfg: R3Config, run_dir: Path, console: Console, resume: Path | None) -> None:
     from cluster.session import connect_ray
 
     log.info("run directory: %s", run_dir)
@@ -399,7 +451,6 @@ def _run(cfg: R3Config, run_dir: Path, console: Console) -> None:
     started = connect_ray(cfg)
     trainer = None
     try:
-        resume = resolve_resume(cfg.checkpoint.resume, Path(cfg.train.run_dir).resolve())
         trainer = Trainer(cfg, run_dir, console)
         console.line(f"roles ready in {time.perf_counter() - start:.0f} s")
         if resume is not None:

@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.checkpoint is not None:
             from cluster.checkpoint import resolve_resume
 
-            checkpoint = resolve_resume(args.checkpoint, Path(cfg.train.run_dir))
+            checkpoint = resolve_resume(args.checkpoint, Path(cfg.train.run_dir), cfg.train.run_name)
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

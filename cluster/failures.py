@@ -5,7 +5,10 @@ Learners are not: their optimizer state lives only in the actor, so a dead or un
 stops the run. The message names the actor, the step, the last complete checkpoint and the resume
 command; `python -m cluster.train` exits with `LearnerFailure.exit_code`. Training that keeps
 producing non-finite values (`train.max_nonfinite_steps` skipped updates in a row, or weights that
-a checkpoint refuses) stops the same way with `NonFiniteFailure` (exit 4).
+a checkpoint refuses) stops the same way with `NonFiniteFailure` (exit 4), and a step whose judge
+failed on more than `judge.max_error_fraction` of its items with `JudgeFailure` (exit 5). A run that
+must not start (its folder is locked by another run, or a resume changes what it may not) raises
+`RunRefused` (exit 2, like a config mistake) before any engine starts.
 """
 
 from __future__ import annotations
@@ -17,12 +20,15 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 __all__ = ["LearnerFailure", "LEARNER_FAILURE_EXIT_CODE", "NonFiniteFailure", "NONFINITE_EXIT_CODE", "NonFiniteStreak",
+           "JudgeFailure", "JUDGE_FAILURE_EXIT_CODE", "judge_failure_cause", "RunRefused", "RUN_REFUSED_EXIT_CODE",
            "find_dead_learners", "learner_failure", "bounded"]
 
 log = logging.getLogger(__name__)
 
 LEARNER_FAILURE_EXIT_CODE = 3  # 0 ok, 2 config error (cluster.train), 3 a learner died or timed out
 NONFINITE_EXIT_CODE = 4  # training produced non-finite values it could not get past
+JUDGE_FAILURE_EXIT_CODE = 5  # the judge failed on more than judge.max_error_fraction of a step's items
+RUN_REFUSED_EXIT_CODE = 2  # the same status as a config mistake: nothing was started
 T = TypeVar("T")
 
 
@@ -98,6 +104,52 @@ class NonFiniteStreak:
         return (f"the updates of {steps} ({self.count} in a row, train.max_nonfinite_steps={self.limit}) were "
                 f"skipped for non-finite advantages, losses or gradients (last: {', '.join(skipped)}); the "
                 "weights did not change in those steps")
+
+
+class RunRefused(ValueError):
+    """A run that must not start, found before any engine starts: its folder is locked by another run
+    (`cluster.run_folder.lock_run_dir`), or `--resume` changes what the checkpoint's run may not
+    (`cluster.run_folder.check_resume_config`). The message says what and how to proceed; exit status 2."""
+
+    exit_code = RUN_REFUSED_EXIT_CODE
+
+
+class JudgeFailure(LearnerFailure):
+    """The judge failed (error results: timeouts, unparsable or non-finite answers) on more than
+    `judge.max_error_fraction` of a step's items; the run stops before that step's update, so rewards
+    made of errors never train the policy. Attributes as `LearnerFailure` (`actors` is empty); exit 5."""
+
+    exit_code = JUDGE_FAILURE_EXIT_CODE
+
+    def __init__(self, step: int, checkpoint: Path | None, cause: str, auto: Path | None = None):
+        self.actors, self.step, self.phase = [], step, "judging"
+        self.checkpoint, self.auto = checkpoint, auto
+        RuntimeError.__init__(
+            self,
+            f"judge failure: {cause}.\n"
+            "The step's update was not made. Check the judge (its replicas' logs, judge.url and "
+            "train.remote_timeout_s for a remote one), or raise judge.max_error_fraction to accept more errors.\n"
+            + _resume_advice(checkpoint, auto),
+        )
+
+
+def judge_failure_cause(step: int, errors: float, items: float, max_fraction: float, kind: str) -> str | None:
+    """The cause of a `JudgeFailure` if the judge failed on more than `max_fraction` of a step's items (pure).
+
+    Args:
+        step: 0-based index of the step.
+        errors: items whose judgement was an error result (the row's `judge/errors`).
+        items: items judged in the step (the sum of the row's `<stage>/samples`).
+        max_fraction: `judge.max_error_fraction`, in [0, 1]; 1 never stops.
+        kind: `judge.kind`, named in the message.
+
+    Returns:
+        None when `errors / items <= max_fraction` (or nothing was judged), else the message's cause.
+    """
+    if items <= 0 or errors <= max_fraction * items:
+        return None
+    return (f"the {kind!r} judge (judge.kind) failed on {errors:g} of {items:g} items in step {step} "
+            f"(fraction {errors / items:.2f} > judge.max_error_fraction={max_fraction:g})")
 
 
 def find_dead_learners(groups: Sequence[Any], error: BaseException | None = None) -> list[str]:

@@ -5,7 +5,13 @@ Exit status: 0 done; 2 a mistake in the config (a message, never a traceback); 3
 or stopped answering (`cluster.failures.LearnerFailure`: the message names the actor, the step, the last
 complete checkpoint and the `--resume` command); 4 training kept producing non-finite values
 (`cluster.failures.NonFiniteFailure`, a `LearnerFailure`: `train.max_nonfinite_steps` skipped updates in
-a row, or non-finite weights refused by a checkpoint; the message names the step and the checkpoint).
+a row, or non-finite weights refused by a checkpoint; the message names the step and the checkpoint);
+5 the judge failed on more than `judge.max_error_fraction` of a step's items (`cluster.failures.JudgeFailure`,
+a `LearnerFailure`: the message names the step, the fraction and the judge kind; that step's update is not
+made). A run refused before anything starts also exits 2 (`cluster.failures.RunRefused`): its run folder
+is locked by another run (the message names the folder and the holding process), or `--resume` changes
+what the checkpoint's run cannot continue exactly with (learner counts; `r3.mode`, `data.*`, `train.seed`
+unless `checkpoint.allow_config_changes`; each key old -> new is listed).
 """
 
 from __future__ import annotations
@@ -53,11 +59,11 @@ def main(argv: list[str] | None = None) -> int:
         print("dry run: no engines started")
         return 0
     from cluster.driver import run_training
-    from cluster.failures import LearnerFailure
+    from cluster.failures import LearnerFailure, RunRefused
 
     try:
         run_dir = run_training(cfg, verbose=args.verbose)
-    except LearnerFailure as e:
+    except (LearnerFailure, RunRefused) as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     print(run_summary(run_dir))

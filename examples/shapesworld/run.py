@@ -5,7 +5,8 @@ From the warm start the config names (by default the one that ships in
 `models.generator.path=DIR/flux models.reasoner.path=DIR/vlm`): evaluation on the held-out split →
 R3 RL in tree mode → evaluation, all through `cluster.driver.run_training` with
 `train.eval_before=true`; then `results.json`, `results.md` and `results.png` in the run directory
-(`examples.shapesworld.results`). Exit status as `cluster.train` (2: bad config, 3: a learner died).
+(`examples.shapesworld.results`). Exit status as `cluster.train` (2: bad config, a locked run folder or a
+refused resume; 3: a learner died; 4: non-finite training; 5: the judge failed too often).
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     from cluster.checkpoint import resolve_resume
     from cluster.config import ConfigError, load_config
     from cluster.driver import run_training
-    from cluster.failures import LearnerFailure
+    from cluster.failures import LearnerFailure, RunRefused
     from cluster.session import resolve_model_path
     from examples.shapesworld.results import console_summary
 
@@ -97,12 +98,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     manifest = warm_start_manifest(generator) or {}
-    resumed_from = resolve_resume(cfg.checkpoint.resume, Path(cfg.train.run_dir).resolve())
+    resumed_from = resolve_resume(cfg.checkpoint.resume, Path(cfg.train.run_dir).resolve(), cfg.train.run_name)
     if resumed_from is not None:  # pinned, so the driver resumes exactly this one ("auto" resolved once)
         cfg.checkpoint.resume = str(resumed_from)
     try:
         run_dir = run_training(cfg, verbose=args.verbose)
-    except LearnerFailure as e:
+    except (LearnerFailure, RunRefused) as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     extra = {"warm_start": {"path": str(Path(generator).parent),

@@ -125,3 +125,68 @@ def test_driver_stops_after_max_nonfinite_steps_in_a_row(tmp_path):
         t._stop_if_nonfinite(4, skipped, skipped)
     assert info.value.step == 4 and info.value.checkpoint == t.last_checkpoint
     assert "steps 3-4 (2 in a row" in str(info.value) and "(last: text learner, diffusion learner)" in str(info.value)
+
+
+@pytest.mark.parametrize(("errors", "items", "limit", "stops"), [
+    (0, 8, 0.5, False), (4, 8, 0.5, False), (5, 8, 0.5, True), (8, 8, 0.5, True),
+    (1, 8, 0.0, True), (0, 8, 0.0, False), (8, 8, 1.0, False), (0, 0, 0.5, False),
+])
+def test_judge_failure_cause_stops_above_the_fraction(errors, items, limit, stops):
+    from cluster.failures import judge_failure_cause
+
+    cause = judge_failure_cause(3, errors, items, limit, "remote")
+    assert (cause is not None) == stops
+    if stops:
+        assert cause == (f"the 'remote' judge (judge.kind) failed on {errors} of {items} items in step 3 "
+                         f"(fraction {errors / items:.2f} > judge.max_error_fraction={limit:g})")
+
+
+def test_judge_failure_exits_5_naming_step_fraction_and_kind(tmp_path, monkeypatch, capsys):
+    import cluster.driver
+    from cluster.failures import JUDGE_FAILURE_EXIT_CODE, JudgeFailure, judge_failure_cause
+
+    ckpt = tmp_path / "run" / "checkpoints" / "step-000002"
+    e = JudgeFailure(4, ckpt, judge_failure_cause(4, 6, 8, 0.5, "vlm"), auto=ckpt)
+    assert isinstance(e, LearnerFailure) and e.exit_code == JUDGE_FAILURE_EXIT_CODE == 5
+    assert (e.step, e.phase, e.checkpoint, e.actors) == (4, "judging", ckpt, [])
+
+    def judge_down(cfg, verbose=True):
+        raise e
+
+    monkeypatch.setattr(cluster.driver, "run_training", judge_down)
+    assert train.main(["--config", "configs/cpu_tiny.yaml", f"train.run_dir={tmp_path}"]) == 5
+    err = capsys.readouterr().err
+    assert err.startswith("error: judge failure: the 'vlm' judge (judge.kind) failed on 6 of 8 items in step 4 "
+                          "(fraction 0.75 > judge.max_error_fraction=0.5)") and "Traceback" not in err
+    assert "update was not made" in err and f"last complete checkpoint is {ckpt}" in err
+
+
+def test_driver_stops_before_the_update_of_a_step_whose_judge_failed_too_often(tmp_path):
+    from types import SimpleNamespace
+
+    from cluster.config import load_config
+    from cluster.driver import Trainer
+    from cluster.failures import JudgeFailure
+
+    t = Trainer.__new__(Trainer)  # only what the check reads
+    t.cfg = load_config("configs/cpu_tiny.yaml", [f"train.run_dir={tmp_path}", "judge.max_error_fraction=0.25",
+                                                  "judge.kind=constant"])
+    t.last_checkpoint = None
+    metrics = {"generate/samples": 4.0, "refine/samples": 4.0, "judge/errors": 2.0}
+    t._stop_if_judge_failed(5, SimpleNamespace(stages=["generate", "refine"], metrics=metrics))  # 2 of 8: 0.25
+    metrics["judge/errors"] = 3.0
+    with pytest.raises(JudgeFailure, match=r"'constant' judge .* failed on 3 of 8 items in step 5 \(fraction 0.38"):
+        t._stop_if_judge_failed(5, SimpleNamespace(stages=["generate", "refine"], metrics=metrics))
+
+
+def test_a_learner_failure_message_survives_a_corrupt_meta_json_in_another_run(tmp_path):
+    """`--resume auto` (named in the message) skips another run's unreadable checkpoint instead of raising."""
+    from cluster.checkpoint import CheckpointDir, checkpoints_dir
+    from cluster.config import load_config
+    from cluster.driver import Trainer
+
+    bad = CheckpointDir(checkpoints_dir(tmp_path / "other"), 3).commit({"saved_at": 1.0}, keep=1)
+    (bad / "meta.json").write_text("{")
+    t = Trainer.__new__(Trainer)
+    t.cfg = load_config("configs/cpu_tiny.yaml", [f"train.run_dir={tmp_path}", "train.run_name=mine"])
+    assert t._auto_checkpoint() is None
