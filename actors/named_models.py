@@ -19,6 +19,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from rollout.plugins import add_to_registry
+
 __all__ = ["NamedModel", "register_named_model", "known_named_models", "named_model_path"]
 
 NamedModel = Callable[[], Path]
@@ -28,13 +30,7 @@ _REGISTRY: dict[str, NamedModel] = {}
 def register_named_model(name: str) -> Callable[[NamedModel], NamedModel]:
     """Register `fn() -> Path` (the model's folder) under `name`; a second registration of a name raises."""
 
-    def deco(fn: NamedModel) -> NamedModel:
-        if name in _REGISTRY:
-            raise ValueError(f"named model {name!r} is already registered; known: {known_named_models()}")
-        _REGISTRY[name] = fn
-        return fn
-
-    return deco
+    return add_to_registry(_REGISTRY, "named model", name)
 
 
 def known_named_models() -> list[str]:

@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from rollout.interfaces import Judge
-from rollout.plugins import load_plugins
+from rollout.plugins import add_to_registry, load_plugins
 
 __all__ = ["JudgeFactory", "register_judge", "build_judge", "known_judges"]
 
@@ -24,13 +24,7 @@ _REGISTRY: dict[str, JudgeFactory] = {}
 def register_judge(name: str) -> Callable[[JudgeFactory], JudgeFactory]:
     """Register a factory under `name`; a second registration of the same name raises."""
 
-    def deco(factory: JudgeFactory) -> JudgeFactory:
-        if name in _REGISTRY:
-            raise ValueError(f"judge {name!r} is already registered; known: {sorted(_REGISTRY)}")
-        _REGISTRY[name] = factory
-        return factory
-
-    return deco
+    return add_to_registry(_REGISTRY, "judge", name)
 
 
 def known_judges() -> list[str]:

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 from typing import Any, Literal
 
+from rollout.plugins import add_to_registry
+
 __all__ = [
     "PromptRecord",
     "load_geneval",
@@ -52,13 +54,7 @@ def register_prompt_source(name: str) -> Callable[[PromptSource], PromptSource]:
     A task's plugin module registers its own sets this way; a second registration of one name raises.
     """
 
-    def deco(fn: PromptSource) -> PromptSource:
-        if name in _SOURCES:
-            raise ValueError(f"prompt source {name!r} is already registered; known: {sorted(_SOURCES)}")
-        _SOURCES[name] = fn
-        return fn
-
-    return deco
+    return add_to_registry(_SOURCES, "prompt source", name)
 
 
 def known_prompt_sources() -> list[str]:

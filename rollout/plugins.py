@@ -16,9 +16,29 @@ installed package, or a folder on `PYTHONPATH`; `cluster.session` puts the proje
 from __future__ import annotations
 
 import importlib
-from collections.abc import Sequence
+from collections.abc import Callable, MutableMapping, Sequence
+from typing import TypeVar
 
-__all__ = ["load_plugins"]
+__all__ = ["load_plugins", "add_to_registry"]
+
+T = TypeVar("T")
+
+
+def add_to_registry(registry: MutableMapping[str, T], kind: str, name: str) -> Callable[[T], T]:
+    """The decorator behind every `register_*(name)` of the product's name registries: it stores
+    the decorated object under `name` in `registry` and returns it unchanged.
+
+    Raises:
+        ValueError: `name` is already registered (the message names the `kind` and lists the known names).
+    """
+
+    def deco(obj: T) -> T:
+        if name in registry:
+            raise ValueError(f"{kind} {name!r} is already registered; known: {sorted(registry)}")
+        registry[name] = obj
+        return obj
+
+    return deco
 
 
 def load_plugins(modules: Sequence[str]) -> None:
