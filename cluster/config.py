@@ -364,6 +364,13 @@ class LoggingConfig(_Section):
     gallery: bool = Field(True, description="write gallery.html of the evaluation trajectories")
     trajectories_per_step: int = Field(8, ge=0, description="trajectories written to parquet per step")
 
+    @model_validator(mode="after")
+    def _wandb_needs_project(self) -> LoggingConfig:
+        if self.wandb and not self.wandb_project:
+            raise ValueError("logging.wandb is true but logging.wandb_project is not set; name the project "
+                             "(logging.wandb_project=my-project) or set logging.wandb=false")
+        return self
+
 
 class CheckpointConfig(_Section):
     every: int = Field(0, ge=0, description="save every N steps (0: only at the end)")

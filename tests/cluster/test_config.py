@@ -71,6 +71,7 @@ BAD = [
     (["flow_grpo.lr_schedule=linear"], "flow_grpo.lr_schedule"),
     (["grpo.min_lr_ratio=1.5"], "grpo.min_lr_ratio"),
     (["grpo.lr_schedule=cosine", "grpo.warmup_steps=4", "train.steps=4"], "grpo.lr_schedule=cosine decays over train.steps (4)"),
+    (["logging.wandb=true"], "logging.wandb_project is not set"),
 ]
 
 
