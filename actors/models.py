@@ -34,6 +34,8 @@ __all__ = [
     "build_tiny_lm",
     "build_tiny_vlm",
     "save_idefics3",
+    "build_tiny_qwen25vl",
+    "tiny_qwen25vl",
     "LM_CHAT_TEMPLATE",
     "VLM_CHAT_TEMPLATE",
     "VLM_SPECIAL_TOKENS",
@@ -214,6 +216,60 @@ def save_idefics3(out: Path, processor: Any, text_config: dict, vision_config: d
     out = Path(out)
     model.save_pretrained(out)
     processor.save_pretrained(out)
+    return out
+
+
+def tiny_qwen25vl(cache_dir: Path | None = None, force: bool = False) -> Path:
+    """Build (or reuse) the tiny Qwen2.5-VL under `cache_dir / TINY_VERSION / qwen25vl`."""
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    return _build_once(root / TINY_VERSION / "qwen25vl", build_tiny_qwen25vl, force)
+
+
+def build_tiny_qwen25vl(out: Path, seed: int = 0) -> Path:
+    """Save a tiny Qwen2.5-VL (2-layer Qwen2 text 128 with mRoPE, 2-block vision tower 64) to `out`.
+
+    Patch 14, merge 2; images are resized to 56..112 px sides (multiples of 28): a 64x64 image is
+    56x56 = a 4x4 patch grid = 4 image tokens. Saved with the byte-level tokenizer (Qwen's special
+    tokens and chat template) and a `Qwen2VLImageProcessorPil` config, which
+    `rollout.qwen_vl_inputs.QwenVLInputs` loads without torchvision.
+    """
+    import torch
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
+
+    from rollout.qwen_vl_inputs import QWEN_VL_CHAT_TEMPLATE, QWEN_VL_SPECIAL_TOKENS
+
+    tok = build_byte_bpe(extra_special_tokens=QWEN_VL_SPECIAL_TOKENS, model_max_length=1024)
+    tok.chat_template = QWEN_VL_CHAT_TEMPLATE
+    image_processor = Qwen2VLImageProcessorPil(
+        min_pixels=56 * 56, max_pixels=112 * 112, patch_size=14, temporal_patch_size=2, merge_size=2,
+        image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
+    )
+    ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_VL_SPECIAL_TOKENS}
+    text_config = dict(
+        vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=1024,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [8, 12, 12]},
+        eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    vision_config = dict(
+        depth=2, hidden_size=64, intermediate_size=128, num_heads=2, in_channels=3, patch_size=14,
+        spatial_merge_size=2, temporal_patch_size=2, window_size=56, out_hidden_size=128,
+        fullatt_block_indexes=[1],
+    )
+    cfg = Qwen2_5_VLConfig(
+        text_config=text_config, vision_config=vision_config, image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(cfg).eval()
+    model.generation_config.eos_token_id = [tok.eos_token_id, ids["<|im_end|>"]]
+    model.generation_config.pad_token_id = tok.pad_token_id
+    out = Path(out)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    image_processor.save_pretrained(out)
     return out
 
 

@@ -2,7 +2,8 @@
 
 A name maps to a function that returns the model's local folder (building it first when it is
 cheap, as the tiny models are). The built-ins are the three tiny test models of
-`actors.models.build_tiny_models`: "lm", "vlm" and "flux". A task's plugin module (config key
+`actors.models.build_tiny_models`: "lm", "vlm" and "flux", and "qwen25vl" (`actors.models.tiny_qwen25vl`,
+served with `models.reasoner.backend: hf`). A task's plugin module (config key
 `plugins`) registers its own, e.g. a warm start that ships with it:
 
     @register_named_model("mytask-vlm")
@@ -64,3 +65,11 @@ def _tiny(field: str) -> NamedModel:
 
 for _field in ("lm", "vlm", "flux"):
     register_named_model(_field)(_tiny(_field))
+
+
+@register_named_model("qwen25vl")
+def _tiny_qwen25vl() -> Path:
+    """The tiny Qwen2.5-VL (`actors.models.tiny_qwen25vl`), built on first use."""
+    from actors.models import tiny_qwen25vl
+
+    return tiny_qwen25vl()

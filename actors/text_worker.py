@@ -27,10 +27,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from actors.text_requests import (
+    MAX_IMAGE_SIDE,
+    MIN_IMAGE_SIDE,
+    chat_dict,
+    check_text_request,
+    new_counters,
+    record_generation,
+)
 from actors.weight_receiver import EXTENSION_CLS, TextWeightReceiver
-from rollout.interfaces import ChatMessage, TextRequest
+from rollout.interfaces import TextRequest
 from rollout.trajectory import TextSample
 
 __all__ = ["TextWorker", "remote_text_worker", "CPU_ENGINE_ENV", "MIN_IMAGE_SIDE", "MAX_IMAGE_SIDE"]
@@ -39,8 +45,6 @@ logger = logging.getLogger(__name__)
 
 # Environment a CPU engine needs before vLLM is imported (in a Ray actor: via runtime_env).
 CPU_ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-MIN_IMAGE_SIDE = 8
-MAX_IMAGE_SIDE = 4096
 _PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
 
 
@@ -108,8 +112,7 @@ class TextWorker(TextWeightReceiver):
         self.max_images_per_prompt = max_images_per_prompt
         self._version = 0
         self._sleeping = False
-        self._counters = {"calls": 0, "requests": 0, "samples": 0, "prompt_tokens": 0,
-                          "generated_tokens": 0, "generate_s": 0.0, "last_tokens_per_s": 0.0}
+        self._counters = new_counters()
         engine_kwargs: dict[str, Any] = dict(
             model=self.model_path,
             dtype=dtype,
@@ -257,27 +260,9 @@ class TextWorker(TextWeightReceiver):
 
     def _engine_prompt(self, index: int, request: TextRequest) -> dict[str, Any]:
         """Validate one request and render its chat into vLLM's prompt dict."""
-        if not isinstance(request, TextRequest):
-            raise ValueError(f"request {index} is a {type(request).__name__}; expected TextRequest")
-        if request.n < 1:
-            raise ValueError(f"request {index}: n={request.n}; allowed: n >= 1")
-        if request.max_tokens < 1:
-            raise ValueError(f"request {index}: max_tokens={request.max_tokens}; allowed: >= 1")
-        if request.temperature < 0:
-            raise ValueError(f"request {index}: temperature={request.temperature}; allowed: >= 0")
-        if not 0.0 < request.top_p <= 1.0:
-            raise ValueError(f"request {index}: top_p={request.top_p}; allowed: (0, 1]")
-        if not request.messages:
-            raise ValueError(f"request {index} has no messages")
-        images = [_to_pil(index, image) for msg in request.messages for image in msg.images]
-        if images and not self.is_vlm:
-            raise ValueError(f"request {index} has {len(images)} image(s) but {self.model_path} is "
-                             "a text-only model; serve a VLM or drop the images")
-        if len(images) > self.max_images_per_prompt:
-            raise ValueError(f"request {index} has {len(images)} images; allowed: at most "
-                             f"{self.max_images_per_prompt} (max_images_per_prompt)")
+        images = check_text_request(index, request, self.is_vlm, self.max_images_per_prompt, self.model_path)
         text = self._renderer.apply_chat_template(
-            [_chat_dict(msg, self.is_vlm) for msg in request.messages],
+            [chat_dict(msg, self.is_vlm) for msg in request.messages],
             tokenize=False, add_generation_prompt=True)
         tokenizer = getattr(self._renderer, "tokenizer", self._renderer)
         n_text_tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -291,15 +276,7 @@ class TextWorker(TextWeightReceiver):
 
     def _record(self, requests: list[TextRequest], results: list[list[TextSample]],
                 elapsed: float) -> None:
-        generated = sum(len(s.answer_ids) for samples in results for s in samples)
-        c = self._counters
-        c["calls"] += 1
-        c["requests"] += len(requests)
-        c["samples"] += sum(len(samples) for samples in results)
-        c["prompt_tokens"] += sum(len(samples[0].prompt_ids) for samples in results if samples)
-        c["generated_tokens"] += generated
-        c["generate_s"] += elapsed
-        c["last_tokens_per_s"] = generated / elapsed if elapsed > 0 else 0.0
+        record_generation(self._counters, requests, results, elapsed)
 
     def _check_awake(self) -> None:
         if self.llm is None:
@@ -314,8 +291,9 @@ class TextWorker(TextWeightReceiver):
 
 
 def remote_text_worker(index: int, num_cpus: float, num_gpus: float, *, scheduling_strategy: Any = None,
-                       **kwargs: Any) -> Any:
-    """Start `TextWorker` as the named Ray actor `text-worker-{index}`; returns its handle.
+                       worker_cls: type | None = None, **kwargs: Any) -> Any:
+    """Start `worker_cls` (default `TextWorker`; `actors.hf_text_worker.HFTextWorker` for the
+    transformers backend) as the named Ray actor `text-worker-{index}`; returns its handle.
 
     `kwargs` go to `TextWorker` (model_path, max_model_len, ...). With `num_gpus == 0` the actor
     gets the CPU engine environment (in-process engine, 1 GiB KV cache) before vLLM is imported.
@@ -332,7 +310,7 @@ def remote_text_worker(index: int, num_cpus: float, num_gpus: float, *, scheduli
     env_vars = {"PYTHONPATH": _pythonpath_with_root(os.environ.get("PYTHONPATH", ""))}
     if num_gpus == 0:
         env_vars.update(CPU_ENGINE_ENV)
-    actor_cls = ray.remote(TextWorker)
+    actor_cls = ray.remote(worker_cls or TextWorker)
     options: dict[str, Any] = {"name": name, "num_cpus": num_cpus, "num_gpus": num_gpus,
                                "runtime_env": {"env_vars": env_vars}}
     if scheduling_strategy is not None:
@@ -368,38 +346,6 @@ def _load_renderer(model_path: str, is_vlm: bool) -> Any:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(model_path)
-
-
-def _chat_dict(message: ChatMessage, is_vlm: bool) -> dict[str, Any]:
-    """Images first, then the text (ChatMessage's contract); plain content for a text LM."""
-    if not is_vlm:
-        return {"role": message.role, "content": message.text}
-    parts: list[dict[str, Any]] = [{"type": "image"} for _ in message.images]
-    parts.append({"type": "text", "text": message.text})
-    return {"role": message.role, "content": parts}
-
-
-def _to_pil(index: int, image: Any) -> Any:
-    """(H, W, 3) uint8 array or RGB PIL image -> RGB PIL image; anything else is a ValueError."""
-    from PIL import Image
-
-    if isinstance(image, Image.Image):
-        if image.mode != "RGB":
-            raise ValueError(f"request {index}: PIL image mode {image.mode!r}; allowed: 'RGB'")
-        width, height = image.size
-    elif isinstance(image, np.ndarray):
-        if image.dtype != np.uint8:
-            raise ValueError(f"request {index}: image dtype {image.dtype}; allowed: uint8")
-        if image.ndim != 3 or image.shape[2] != 3:
-            raise ValueError(f"request {index}: image shape {image.shape}; allowed: (H, W, 3)")
-        height, width = image.shape[:2]
-    else:
-        raise ValueError(f"request {index}: image of type {type(image).__name__}; "
-                         "allowed: (H, W, 3) uint8 numpy array or RGB PIL image")
-    if not (MIN_IMAGE_SIDE <= height <= MAX_IMAGE_SIDE and MIN_IMAGE_SIDE <= width <= MAX_IMAGE_SIDE):
-        raise ValueError(f"request {index}: image size {height}x{width}; allowed sides: "
-                         f"{MIN_IMAGE_SIDE}..{MAX_IMAGE_SIDE} px")
-    return image if isinstance(image, Image.Image) else Image.fromarray(image)
 
 
 def _to_samples(output: Any, version: int) -> list[TextSample]:

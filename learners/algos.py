@@ -48,6 +48,7 @@ __all__ = [
     "flow_kl",
     "velocity_kl",
     "token_logprobs",
+    "sampling_logprobs",
 ]
 
 # (loss_mat [B, T], mask [B, T], max_len, normalizer) -> scalar
@@ -299,15 +300,24 @@ def token_logprobs(logits: Tensor, target_ids: Tensor, temperature: float = 1.0,
     logits: (B, T, V) (any logit bias already added, as vLLM adds it before the temperature);
     target_ids: (B, T); temperature > 0; top_p in (0, 1], 1 = no cut (and no sort). -> (B, T).
     """
+    logp = sampling_logprobs(logits, temperature, top_p)  # (B, T, V)
+    return logp.gather(-1, target_ids.long().unsqueeze(-1)).squeeze(-1)
+
+
+def sampling_logprobs(logits: Tensor, temperature: float = 1.0, top_p: float = 1.0) -> Tensor:
+    """Log-probs of every token under the sampling distribution of `token_logprobs` (the one rule
+    both the learner and a transformers sampler use): log-softmax of logits / T after the top-p cut.
+
+    logits: (..., V); returns (..., V) fp32, −inf outside the nucleus.
+    """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 for log-probs, got {temperature}")
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1] (1 = no nucleus cut), got {top_p}")
-    z = logits.float() / temperature  # (B, T, V), a new tensor: safe to fill in place
+    z = logits.float() / temperature  # (..., V), a new tensor: safe to fill in place
     if top_p < 1.0:
         z.masked_fill_(_outside_nucleus(z.detach(), top_p), float("-inf"))
-    logp = torch.log_softmax(z, dim=-1)  # (B, T, V)
-    return logp.gather(-1, target_ids.long().unsqueeze(-1)).squeeze(-1)
+    return torch.log_softmax(z, dim=-1)
 
 
 # ------------------------------------------------------------------------------ image (FlowGRPO)

@@ -232,9 +232,10 @@ class TextLearner(LearnerBase):
         return cls.from_pretrained(self.model_path, dtype=torch.float32)
 
     def _load_processor(self):
-        from transformers import AutoProcessor
+        """The family's input builder (`rollout.model_inputs`): tokenizer, image inputs, image tokens."""
+        from rollout.model_inputs import load_model_inputs
 
-        return AutoProcessor.from_pretrained(self.model_path)
+        return load_model_inputs(self.model_path)
 
     def _answer_logits(self, batch: list[TextSample], images: list[Any] | None, reference: bool,
                        grad: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -276,11 +277,9 @@ class TextLearner(LearnerBase):
             input_ids[i, : len(x)] = torch.tensor(x)
             attn[i, : len(x)] = 1
         kwargs: dict[str, Any] = {"input_ids": input_ids.to(self.device), "attention_mask": attn.to(self.device)}
-        if images is not None:
-            pix = self.processor.image_processor(images=[[_pil(im)] for im in images], return_tensors="pt")
-            kwargs["pixel_values"] = pix["pixel_values"].to(self.device, self.dtype)
-            if "pixel_attention_mask" in pix:
-                kwargs["pixel_attention_mask"] = pix["pixel_attention_mask"].to(self.device)
+        if images is not None:  # the family's image kwargs (Qwen-VL: grid and token types for mRoPE)
+            kwargs.update(self.processor.image_kwargs(input_ids, [[_pil(im)] for im in images], self.device,
+                                                      self.dtype))
         # logits at position p-1+j predict answer token j of a prompt of length p
         idx = torch.zeros((len(batch), t_ans), dtype=torch.long)
         tgt = torch.zeros((len(batch), t_ans), dtype=torch.long)
