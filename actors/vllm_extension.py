@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from rollout.sync_ranks import process_rank
 from rollout.weight_buckets import receive_buckets, standalone_group, tensors_checksum
 
 __all__ = ["WeightSyncExtension"]
@@ -41,7 +42,15 @@ class WeightSyncExtension:
     _r3rl_group: Any = None
     _r3rl_sums: dict[str, float] | None = None
 
-    def r3rl_join_weight_group(self, master_addr: str, port: int, rank: int, world_size: int, backend: str) -> None:
+    def r3rl_engine_rank(self) -> tuple[int, int]:
+        """(this process's rank inside the engine, the engine's process count: tp x pp)."""
+        return int(self.rank), int(self.parallel_config.world_size)
+
+    def r3rl_join_weight_group(self, master_addr: str, port: int, first_rank: int, world_size: int,
+                               backend: str) -> None:
+        """Join as group rank `first_rank` + this process's engine rank (rollout.sync_ranks): every
+        tensor-parallel rank receives the full tensors and `reload_weights` keeps its shard."""
+        rank = process_rank(first_rank, *self.r3rl_engine_rank())
         self._r3rl_group = standalone_group(master_addr, port, rank, world_size, backend)
 
     def r3rl_leave_weight_group(self) -> None:

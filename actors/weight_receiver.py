@@ -1,8 +1,10 @@
 """Receiving side of the weight sync, as mixins for the rollout workers (docs/design.md#weight-sync).
 
 Protocol (driven by `learners.weight_sync.WeightSync`, the sender is learner rank 0 = group rank 0):
-1. `join_weight_group(master_addr, port, rank, world_size, backend)` on every worker, concurrently
-   with the sender's `init_weight_group` (the group construction is a rendezvous).
+1. `weight_group_size()` says how many group ranks a worker takes (one per process holding the
+   weights: tensor_parallel_size x pipeline stages for vLLM); the coordinator lays the ranks out
+   with `rollout.sync_ranks`. Then `join_weight_group(master_addr, port, first_rank, world_size,
+   backend)` on every worker, concurrently with the sender's `init_weight_group` (a rendezvous).
 2. Per update: `receive_weights(version, bucket_meta)` on every worker, concurrently with the
    sender's `broadcast_weights(version)`; `bucket_meta` is the list of wire dicts from
    `WeightSenderMixin.weight_bucket_meta`. Returns the version now held.
@@ -45,10 +47,18 @@ class TextWeightReceiver:
     llm: Any
     _version: int
 
+    def weight_group_size(self) -> int:
+        """Group ranks this worker takes: one per vLLM process (tensor_parallel_size x pipeline stages)."""
+        ranks = self.llm.collective_rpc("r3rl_engine_rank")
+        if sorted(r for r, _ in ranks) != list(range(ranks[0][1])):
+            raise RuntimeError(f"vLLM engine reported process ranks {ranks}; expected each of 0..{ranks[0][1] - 1} once")
+        return len(ranks)
+
     def join_weight_group(
         self, master_addr: str, port: int, rank: int, world_size: int, backend: str = "gloo"
     ) -> None:
-        """Join the standalone broadcast group as `rank` (>= 1; rank 0 is the learner)."""
+        """Join the standalone broadcast group: engine process r takes group rank `rank` + r
+        (`rank` >= 1 is this worker's first rank, rollout.sync_ranks; rank 0 is the learner)."""
         self.llm.collective_rpc("r3rl_join_weight_group", args=(master_addr, int(port), int(rank),
                                                                   int(world_size), backend))
 
@@ -85,6 +95,10 @@ class TorchWeightReceiver:
     transformer: torch.nn.Module
     _version: int
     _weight_group: Any = None
+
+    def weight_group_size(self) -> int:
+        """Group ranks this worker takes: one (a single process holds the module)."""
+        return 1
 
     def join_weight_group(
         self, master_addr: str, port: int, rank: int, world_size: int, backend: str = "gloo"

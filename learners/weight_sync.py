@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from rollout.sync_ranks import sync_world_size, worker_first_ranks
 from rollout.weight_buckets import bucket_meta_for, dtype_from_name, plan_buckets, standalone_group
 
 __all__ = [
@@ -291,19 +292,22 @@ class BroadcastWeightSync(WeightSync):
         self._meta: list[dict[str, Any]] | None = None
 
     def setup(self, learners: Any, workers: Sequence[Any]) -> None:
-        """Form the group: learner rank 0 plus every worker, concurrently (a rendezvous)."""
+        """Form the group: learner rank 0 plus every process of every worker (a vLLM worker at
+        tensor_parallel_size tp joins with tp ranks; rollout.sync_ranks), concurrently (a rendezvous)."""
         import ray
 
         self._learners = _as_actor_list(learners)
         sender = self._learners[0]
         addr, port = ray.get(sender.weight_group_address.remote())
-        world = len(workers) + 1
+        sizes = ray.get([w.weight_group_size.remote() for w in workers])  # tensor-parallel vLLM: tp ranks
+        world, firsts = sync_world_size(sizes), worker_first_ranks(sizes)
         ray.get([sender.init_weight_group.remote(addr, port, world, self.backend)]
-                + [w.join_weight_group.remote(addr, port, i + 1, world, self.backend) for i, w in enumerate(workers)])
+                + [w.join_weight_group.remote(addr, port, first, world, self.backend)
+                   for w, first in zip(workers, firsts, strict=True)])
         self._members = _actor_keys(workers)
         self._meta = ray.get(sender.weight_bucket_meta.remote(self.bucket_mb))
-        logger.info("weight group ready: %d workers, %d buckets of <= %.0f MB at %s:%d",
-                    len(workers), len(self._meta), self.bucket_mb, addr, port)
+        logger.info("weight group ready: %d workers (%d receiving processes), %d buckets of <= %.0f MB at %s:%d",
+                    len(workers), world - 1, len(self._meta), self.bucket_mb, addr, port)
 
     def sync(self, learners: Any, workers: Sequence[Any], version: int) -> SyncReport:
         import ray
