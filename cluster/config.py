@@ -41,6 +41,11 @@ class ReasonerModel(_Section):
     max_model_len: int = Field(1024, gt=0, description="vLLM context length")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="engine dtype")
     trust_remote_code: bool = Field(False, description="never needed for supported architectures")
+    config: str | None = Field(
+        None, description="folder with this model's config files (no weights), read by --dry-run's memory plan when "
+        "`path` is not on this machine; a relative path is taken from the current directory, else from the "
+        "repository (configs/models/ ships the production models' configs)"
+    )
 
 
 class GeneratorModel(_Section):
@@ -49,6 +54,11 @@ class GeneratorModel(_Section):
     height: int = Field(64, gt=0, multiple_of=16, description="image height in pixels")
     width: int = Field(64, gt=0, multiple_of=16, description="image width in pixels")
     max_sequence_length: int = Field(128, ge=1, le=512, description="T5 tokens per prompt (FLUX: 512)")
+    config: str | None = Field(
+        None, description="folder with this model's config files (no weights), read by --dry-run's memory plan when "
+        "`path` is not on this machine; a relative path is taken from the current directory, else from the "
+        "repository (configs/models/ ships the production models' configs)"
+    )
 
 
 class ModelsConfig(_Section):
@@ -95,6 +105,15 @@ def _role_from_int(value: Any) -> Any:
     return value
 
 
+class HardwareSpec(_Section):
+    """The machines a config is meant for: placement and memory are checked against them before launch."""
+
+    nodes: int = Field(..., ge=1, description="number of machines")
+    gpus_per_node: int = Field(..., ge=0, description="GPUs on each machine")
+    gpu_memory_gb: float = Field(..., gt=0, description="memory of one GPU in GB (1e9 bytes), e.g. 80 for an H100")
+    cpus_per_node: int | None = Field(None, ge=1, description="CPUs on each machine (None: CPUs are not checked)")
+
+
 class ClusterConfig(_Section):
     address: str | None = Field(None, description="Ray address; default: $RAY_ADDRESS or a local cluster")
     num_cpus: int | None = Field(None, ge=1, description="logical CPUs of a locally started cluster")
@@ -112,6 +131,11 @@ class ClusterConfig(_Section):
     )
     diffusion_learners: RoleSpec = Field(
         default_factory=RoleSpec, description="FlowGRPO learner ranks of the generator (a number: shorthand for .count)"
+    )
+    hardware: HardwareSpec | None = Field(
+        None, description="the cluster this config is for (None: not declared). When declared, every role must fit "
+        "on it (judge at max_replicas) and in its GPU memory (the --dry-run memory plan), else the run is refused "
+        "with exit 2 before any actor starts"
     )
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="Ray placement-group strategy per role"
@@ -282,6 +306,16 @@ class JudgeConfig(_Section):
     timeout_s: float = Field(120.0, gt=0, description="per-request timeout")
     retries: int = Field(2, ge=0, description="bounded retries per request")
     http_port: int | None = Field(None, ge=1, le=65535, description="serve POST /score on 127.0.0.1 when set")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="kind=vlm: engine dtype")
+    tensor_parallel_size: int = Field(
+        1, ge=1, description="kind=vlm: GPUs one replica's vLLM engine spreads the judge over (its multiprocessing "
+        "executor, inside the replica); with GPUs, cluster.judge_replicas.num_gpus must equal it"
+    )
+    max_model_len: int = Field(1024, gt=0, description="kind=vlm: the judge engine's context length")
+    config: str | None = Field(
+        None, description="kind=vlm: folder with the judge's config.json for --dry-run's memory plan when `path` is "
+        "not on this machine (as models.reasoner.config)"
+    )
     max_error_fraction: float = Field(
         0.5, ge=0, le=1, description="stop the run (exit 5) before the update of a step whose judge failed on more "
         "than this fraction of the step's items (error results: timeouts, unparsable or non-finite answers); 1: never"
@@ -416,6 +450,16 @@ class R3Config(_Section):
                 )
         return self
 
+    @model_validator(mode="after")
+    def _judge_gpus_match_tensor_parallel(self) -> R3Config:
+        tp, gpus = self.judge.tensor_parallel_size, self.cluster.judge_replicas.num_gpus
+        if tp > 1 and gpus != tp:
+            raise ValueError(
+                f"judge.tensor_parallel_size={tp} spreads each judge replica over {tp} GPUs, but "
+                f"cluster.judge_replicas.num_gpus={gpus:g}; set cluster.judge_replicas.num_gpus={tp}"
+            )
+        return self
+
     def lr_decay_steps(self, section: _LrSchedule) -> int:
         """Updates over which `section`'s cosine reaches its floor (0: constant after warm-up)."""
         return self.train.steps if section.lr_schedule == "cosine" else 0
@@ -476,23 +520,30 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return out
 
 
-def check_model_paths(cfg: R3Config) -> None:
-    """Model paths must be tiny:<name> or an existing local folder (no hub downloads at run time)."""
-    checks = [("models.reasoner.path", cfg.models.reasoner.path), ("models.generator.path", cfg.models.generator.path)]
+def check_model_paths(cfg: R3Config, dry_run: bool = False) -> None:
+    """Model paths must be tiny:<name> or an existing local folder (no hub downloads at run time).
+
+    `dry_run`: a folder that is not on this machine is accepted when the model's `config` key names
+    where its config files are (the memory plan reads them and checks that folder).
+    """
+    checks = [("models.reasoner", cfg.models.reasoner), ("models.generator", cfg.models.generator)]
     if cfg.judge.kind == "vlm":
-        checks.append(("judge.path", cfg.judge.path))
+        checks.append(("judge", cfg.judge))
     from actors.named_models import known_named_models  # the tiny test models and those of loaded plugins
 
     named = known_named_models()
-    for field, value in checks:
+    for section, model in checks:
+        field, value = f"{section}.path", model.path
         if value.startswith(TINY_PREFIX):
             if value[len(TINY_PREFIX):] not in named:
                 raise ConfigError(
                     f"{field}: {value!r} is not a named model; allowed: {[TINY_PREFIX + n for n in named]} "
                     "(a plugin may register more: config key plugins)"
                 )
-        elif not Path(os.path.expanduser(value)).is_dir():
-            raise ConfigError(f"{field}: model folder {value!r} does not exist (give a local folder or tiny:<name>)")
+        elif not Path(os.path.expanduser(value)).is_dir() and not (dry_run and model.config):
+            hint = f"; for a dry run elsewhere, set {section}.config to a folder with its config files" if dry_run else ""
+            raise ConfigError(
+                f"{field}: model folder {value!r} does not exist (give a local folder or tiny:<name>){hint}")
 
 
 # ------------------------------------------------------------------------------------ helpers

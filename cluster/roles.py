@@ -218,21 +218,36 @@ def build_judge_client(cfg: R3Config, paths: ModelPaths) -> Any:
     from reward.service import ServeJudgeClient, deploy_judge, start_serve
 
     j, r = cfg.judge, cfg.cluster.judge_replicas
-    if r.num_gpus:
-        raise ValueError("cluster.judge_replicas.num_gpus > 0 is not wired into the Serve deployment yet; "
-                         "use a remote judge (judge.kind=remote) for GPU judges")
-    spec: dict[str, Any] = {"kind": j.kind, "plugins": list(cfg.plugins)}  # a replica resolves plugin kinds too
-    if j.kind == "vlm":
-        spec.update(model_path=paths.judge, mode=j.mode, max_model_len=cfg.models.reasoner.max_model_len)
-    elif j.kind == "remote":
-        spec.update(base_url=j.url, model=j.remote_model, mode=j.mode)
+    spec = judge_spec(cfg, paths)
     start_serve(host="127.0.0.1", port=j.http_port, http=j.http_port is not None)
     autoscaling = {"min_replicas": r.min_replicas, "max_replicas": r.max_replicas} if r.min_replicas else None
     deploy_judge(
         spec, name="judge", num_replicas=None if autoscaling else r.count, autoscaling=autoscaling,
         max_batch_size=j.max_batch_size, batch_wait_timeout_s=j.batch_wait_s, num_cpus=r.num_cpus,
+        num_gpus=r.num_gpus,
     )
     return _ServeJudge(ServeJudgeClient("judge", timeout_s=j.timeout_s, max_retries=j.retries))
+
+
+def judge_spec(cfg: R3Config, paths: ModelPaths) -> dict[str, Any]:
+    """What each Serve replica builds its judge from (`reward.registry.build_judge`).
+
+    A VLM judge gets its own engine settings (judge.dtype, judge.max_model_len). With
+    judge.tensor_parallel_size > 1 its vLLM engine spreads the model over the replica's GPUs
+    (cluster.judge_replicas.num_gpus, equal to the tensor-parallel size) with vLLM's multiprocessing
+    executor: Ray gives the replica actor those GPUs and the executor's workers run on them, on the
+    replica's node (vLLM's Ray executor would look for a placement group the replica does not have).
+    """
+    j = cfg.judge
+    spec: dict[str, Any] = {"kind": j.kind, "plugins": list(cfg.plugins)}  # a replica resolves plugin kinds too
+    if j.kind == "vlm":
+        spec.update(model_path=paths.judge, mode=j.mode, max_model_len=j.max_model_len, dtype=j.dtype)
+        if j.tensor_parallel_size > 1:
+            spec["engine_kwargs"] = {"tensor_parallel_size": j.tensor_parallel_size,
+                                     "distributed_executor_backend": "mp"}
+    elif j.kind == "remote":
+        spec.update(base_url=j.url, model=j.remote_model, mode=j.mode)
+    return spec
 
 
 class _ServeJudge:

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import yaml
 
-from cluster.config import ConfigError, load_config
+from cluster.config import ConfigError, R3Config, check_model_paths, load_config
+from cluster.launch_plan import check_launch, format_memory_plan, memory_plan
 from cluster.placement import format_plan, plan_placement
 
 log = logging.getLogger("r3rl")
@@ -48,16 +49,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.resume is not None:
         overrides.append(f"checkpoint.resume={args.resume}")
     try:
-        cfg = load_config(args.config, overrides, check_paths=True)
+        cfg = load_config(args.config, overrides)
+        check_model_paths(cfg, dry_run=args.dry_run)
+        if args.dry_run:
+            return dry_run(cfg)
+        check_launch(cfg)  # placement and memory against cluster.hardware, when declared
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.dry_run:
-        print("# resolved config")
-        print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).rstrip())
-        print(format_plan(plan_placement(cfg), cfg.cluster.placement_strategy))
-        print("dry run: no engines started")
-        return 0
     from cluster.driver import run_training
     from cluster.failures import LearnerFailure, RunRefused
 
@@ -67,6 +66,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     print(run_summary(run_dir))
+    return 0
+
+
+def dry_run(cfg: R3Config) -> int:
+    """Print the resolved config, the placement and the memory plan; raise ConfigError if they do not fit."""
+    print("# resolved config")
+    print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).rstrip())
+    print(format_plan(plan_placement(cfg), cfg.cluster.placement_strategy))
+    plans = memory_plan(cfg)
+    print(format_memory_plan(plans, cfg))
+    check_launch(cfg, plans)
+    print("dry run: no engines started")
     return 0
 
 

@@ -35,7 +35,7 @@ from reward.judge_modes import error_result, failure_kind
 from reward.registry import build_judge
 from rollout.interfaces import JudgeItem, JudgeResult
 
-__all__ = ["JudgeDeployment", "ServeJudgeClient", "deploy_judge", "start_serve", "free_port"]
+__all__ = ["JudgeDeployment", "ServeJudgeClient", "deploy_judge", "deployment_options", "start_serve", "free_port"]
 
 log = logging.getLogger(__name__)
 
@@ -259,6 +259,7 @@ def deploy_judge(
     batch_wait_timeout_s: float = 0.05,
     max_ongoing_requests: int | None = None,
     num_cpus: float = 1.0,
+    num_gpus: float = 0.0,
     runtime_env: dict[str, Any] | None = None,
 ) -> Any:
     """Deploy `judge_spec` as the Serve app `name`; returns its deployment handle.
@@ -266,28 +267,15 @@ def deploy_judge(
     Exactly one of `num_replicas` / `autoscaling` (`{"min_replicas", "max_replicas",
     "target_ongoing_requests"?}`) is used. `max_ongoing_requests` defaults to twice the batch size
     so that a replica can fill a batch (Serve's own default of 5 would cap batches at 5).
-    `runtime_env` (e.g. `{"env_vars": {"OMP_NUM_THREADS": "1"}}`) applies to the replicas. Call
+    `num_cpus` / `num_gpus` are each replica's Ray resources (a judge whose engine is tensor
+    parallel over N GPUs needs num_gpus=N: its workers run on the replica's GPUs). `runtime_env` (e.g. `{"env_vars": {"OMP_NUM_THREADS": "1"}}`) applies to the replicas. Call
     `start_serve` first to choose the HTTP address (else Serve's default applies).
     """
-    if (num_replicas is None) == (autoscaling is None):
-        raise ValueError(
-            f"give exactly one of num_replicas ({num_replicas!r}) and autoscaling ({autoscaling!r})"
-        )
-    if num_replicas is not None and num_replicas < 1:
-        raise ValueError(f"num_replicas {num_replicas} must be >= 1")
-    if max_batch_size < 1 or batch_wait_timeout_s < 0:
-        raise ValueError(f"max_batch_size {max_batch_size} must be >= 1, batch_wait_timeout_s >= 0")
-    options: dict[str, Any] = {
-        "name": name,
-        "max_ongoing_requests": max_ongoing_requests or 2 * max_batch_size,
-        "ray_actor_options": {"num_cpus": num_cpus, **({"runtime_env": runtime_env} if runtime_env else {})},
-    }
-    if autoscaling is not None:
-        if not {"min_replicas", "max_replicas"} <= set(autoscaling):
-            raise ValueError(f"autoscaling {autoscaling!r} needs min_replicas and max_replicas")
-        options["autoscaling_config"] = dict(autoscaling)
-    else:
-        options["num_replicas"] = num_replicas
+    options = deployment_options(
+        name=name, num_replicas=num_replicas, autoscaling=autoscaling, max_batch_size=max_batch_size,
+        batch_wait_timeout_s=batch_wait_timeout_s, max_ongoing_requests=max_ongoing_requests, num_cpus=num_cpus,
+        num_gpus=num_gpus, runtime_env=runtime_env,
+    )
     app = (
         serve.deployment(JudgeDeployment)
         .options(**options)
@@ -299,6 +287,41 @@ def deploy_judge(
         )
     )
     return serve.run(app, name=name, route_prefix=route_prefix or f"/{name}")
+
+
+def deployment_options(
+    *, name: str, num_replicas: int | None, autoscaling: dict[str, Any] | None, max_batch_size: int,
+    batch_wait_timeout_s: float, max_ongoing_requests: int | None, num_cpus: float, num_gpus: float,
+    runtime_env: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """The `serve.deployment(...).options(...)` of `deploy_judge` (pure; raises ValueError on bad values)."""
+    if (num_replicas is None) == (autoscaling is None):
+        raise ValueError(
+            f"give exactly one of num_replicas ({num_replicas!r}) and autoscaling ({autoscaling!r})"
+        )
+    if num_replicas is not None and num_replicas < 1:
+        raise ValueError(f"num_replicas {num_replicas} must be >= 1")
+    if max_batch_size < 1 or batch_wait_timeout_s < 0:
+        raise ValueError(f"max_batch_size {max_batch_size} must be >= 1, batch_wait_timeout_s >= 0")
+    if num_cpus < 0 or num_gpus < 0:
+        raise ValueError(f"num_cpus {num_cpus} and num_gpus {num_gpus} must be >= 0")
+    actor: dict[str, Any] = {"num_cpus": num_cpus}
+    if num_gpus > 0:
+        actor["num_gpus"] = num_gpus
+    if runtime_env:
+        actor["runtime_env"] = runtime_env
+    options: dict[str, Any] = {
+        "name": name,
+        "max_ongoing_requests": max_ongoing_requests or 2 * max_batch_size,
+        "ray_actor_options": actor,
+    }
+    if autoscaling is not None:
+        if not {"min_replicas", "max_replicas"} <= set(autoscaling):
+            raise ValueError(f"autoscaling {autoscaling!r} needs min_replicas and max_replicas")
+        options["autoscaling_config"] = dict(autoscaling)
+    else:
+        options["num_replicas"] = num_replicas
+    return options
 
 
 def _items_from_json(body: bytes) -> list[JudgeItem]:

@@ -20,7 +20,7 @@ def test_shipped_configs_validate():
     gpu = load_config(GPU)  # model folders live on the GPU cluster, not here
     assert cpu.r3.mode == "tree" and cpu.models.reasoner.path == "tiny:vlm"
     assert gpu.cluster.text_workers.count == 4 and gpu.cluster.text_workers.num_gpus == 1
-    assert gpu.cluster.judge_replicas.max_replicas == 3
+    assert gpu.cluster.judge_replicas.max_replicas == 2 and gpu.judge.tensor_parallel_size == 4
     assert gpu.grpo.zero_stage == 3
 
 

@@ -103,3 +103,79 @@ def test_resize_requests_read_the_pools_and_the_config():
              "diffusion_workers": Pool(placement=None, n=1)}
     assert resize_requests(cfg, pools, {"text_workers": 3, "diffusion_workers": 2}) == [
         ResizeRequest("text_workers", {"CPU": 0.5}, 2, 2, 3), ResizeRequest("diffusion_workers", {"CPU": 1.5}, 0, 1, 2)]
+
+
+# ---- fit against the declared cluster, judge replicas with GPUs --------------------------------------
+
+
+def _hardware(nodes, gpus, cpus=None):
+    return [f"cluster.hardware={{nodes: {nodes}, gpus_per_node: {gpus}, gpu_memory_gb: 80"
+            + (f", cpus_per_node: {cpus}" if cpus else "") + "}"]
+
+
+def test_fit_check_places_whole_bundles_on_nodes():
+    from cluster.fit_check import placement_misfit
+
+    gpu_roles = [f"cluster.{r}.num_gpus=1" for r in ("text_workers", "diffusion_workers", "text_learners",
+                                                     "diffusion_learners")]
+    judge = ["cluster.judge_replicas.num_gpus=2", "cluster.judge_replicas.min_replicas=1",
+             "cluster.judge_replicas.max_replicas=2"]
+    assert placement_misfit(load_config(CPU, gpu_roles)) is None  # no hardware declared: nothing to check
+    # 4 one-GPU actors + 2 judge replicas x 2 GPUs = 8 GPUs on 2 nodes of 4
+    assert placement_misfit(load_config(CPU, gpu_roles + judge + _hardware(2, 4))) is None
+    # the same 8 GPUs on 4 nodes of 2 fit too; on 8 nodes of 1 a 2-GPU replica has no node
+    assert placement_misfit(load_config(CPU, gpu_roles + judge + _hardware(4, 2))) is None
+    msg = placement_misfit(load_config(CPU, gpu_roles + judge + _hardware(8, 1)))
+    assert msg.startswith("cluster.judge_replicas does not fit") and "(2 GPUs, 0.5 CPUs)" in msg
+    # the judge counts at max_replicas: a third replica needs 2 GPUs more than the 8
+    msg = placement_misfit(load_config(CPU, gpu_roles + judge + ["cluster.judge_replicas.max_replicas=3"]
+                                       + _hardware(2, 4)))
+    assert "3 actors at max_replicas" in msg and "asks for 10 GPUs" in msg and "has 8 GPUs" in msg
+
+
+def test_fit_check_counts_cpus_when_declared():
+    from cluster.fit_check import placement_misfit
+
+    many = ["cluster.text_workers.count=3", "cluster.text_workers.num_cpus=2"]
+    # 3 text workers x 2 CPUs + the 4 other roles' actors x 0.5 CPUs = 8 CPUs
+    msg = placement_misfit(load_config(CPU, many + _hardware(1, 0, cpus=7)))
+    assert msg is not None and "asks for" in msg and "8 CPUs in all" in msg and "7 CPUs" in msg
+    assert placement_misfit(load_config(CPU, many + _hardware(1, 0, cpus=8))) is None
+    assert placement_misfit(load_config(CPU, many + _hardware(1, 0))) is None  # CPUs not declared: not checked
+
+
+def test_judge_tensor_parallel_needs_as_many_gpus_per_replica():
+    from cluster.config import ConfigError
+
+    with pytest.raises(ConfigError, match="set cluster.judge_replicas.num_gpus=4"):
+        load_config(CPU, ["judge.tensor_parallel_size=4", "cluster.judge_replicas.num_gpus=1"])
+    load_config(CPU, ["judge.tensor_parallel_size=4", "cluster.judge_replicas.num_gpus=4"])
+
+
+def test_vlm_judge_gets_its_own_engine_settings_and_tensor_parallel_executor():
+    from cluster.roles import ModelPaths, judge_spec
+
+    paths = ModelPaths("r", "g", "/judge")
+    cfg = load_config(CPU, ["judge.kind=vlm", "judge.dtype=bfloat16", "judge.max_model_len=8192",
+                            "models.reasoner.max_model_len=512"])
+    spec = judge_spec(cfg, paths)
+    assert (spec["model_path"], spec["dtype"], spec["max_model_len"]) == ("/judge", "bfloat16", 8192)
+    assert "engine_kwargs" not in spec
+    tp = judge_spec(load_config(CPU, ["judge.kind=vlm", "judge.tensor_parallel_size=4",
+                                      "cluster.judge_replicas.num_gpus=4"]), paths)
+    assert tp["engine_kwargs"] == {"tensor_parallel_size": 4, "distributed_executor_backend": "mp"}
+
+
+def test_judge_replica_gpus_reach_the_serve_actor_options():
+    from reward.service import deployment_options
+
+    common = dict(name="judge", max_batch_size=8, batch_wait_timeout_s=0.05, max_ongoing_requests=None,
+                  num_cpus=16, runtime_env=None)
+    gpu = deployment_options(num_replicas=None, autoscaling={"min_replicas": 1, "max_replicas": 2}, num_gpus=4,
+                             **common)
+    assert gpu["ray_actor_options"] == {"num_cpus": 16, "num_gpus": 4}
+    assert gpu["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 2} and gpu["max_ongoing_requests"] == 16
+    assert deployment_options(num_replicas=1, autoscaling=None, num_gpus=0, **common)["ray_actor_options"] == {
+        "num_cpus": 16}  # no zero GPU entry
+    with pytest.raises(ValueError, match="num_gpus -1"):
+        deployment_options(num_replicas=1, autoscaling=None, num_gpus=-1, **common)
