@@ -34,7 +34,9 @@ log = logging.getLogger("r3rl")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m cluster.train", description=__doc__)
     ap.add_argument("--config", default="configs/cpu_tiny.yaml", help="YAML config file")
-    ap.add_argument("--dry-run", action="store_true", help="print resolved config and placement plan, then exit")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="print the resolved config, the placement and the per-GPU memory plan, then exit "
+                    "(exit 2 if they do not fit cluster.hardware)")
     ap.add_argument("--resume", default=None, help="'auto' or a checkpoint path (overrides checkpoint.resume)")
     ap.add_argument("--verbose", action="store_true",
                     help="show the engines' logs on the console (default: they go to <run>/engine.log)")

@@ -141,3 +141,28 @@ def test_dry_run_prints_the_plan_without_model_folders_and_refuses_what_cannot_f
     assert bad.returncode == 2
     assert "diffusion_learners: does not fit" in bad.stderr and "Ways out" in bad.stderr
     assert "Traceback" not in bad.stderr and "dry run: no engines started" not in bad.stdout
+
+
+def test_meta_count_equals_the_loaded_tiny_model():
+    """The plan's parameter count (meta device) is that of the weights a learner loads."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from cluster.model_shapes import lm_shape
+    from cluster.session import resolve_model_path
+
+    path = resolve_model_path("tiny:vlm")
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
+    shape = lm_shape(path)
+    assert shape.params == sum(p.numel() for p in model.parameters())
+    assert mp.learner_memory(setup(params=shape.params, trainable=shape.params, weight_bytes=4, reference=False,
+                                   activations=0)).parts["weights"] == sum(
+        p.numel() * p.element_size() for p in model.parameters())
+
+
+def test_cpu_dry_run_has_nothing_to_plan(capsys):
+    from cluster.train import main
+
+    assert main(["--config", str(ROOT / "configs/cpu_tiny.yaml"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "memory plan" in out and "no role has GPUs: nothing to plan" in out
