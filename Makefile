@@ -16,7 +16,7 @@ export VLLM_ENABLE_V1_MULTIPROCESSING := 0
 export TOKENIZERS_PARALLELISM := false
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: setup test test-fast demo smoke bench lint clean shapes warmstart models docs
+.PHONY: setup test test-fast demo smoke bench lint clean shapes warmstart models docs gpu-setup gpu-smoke
 
 setup: $(STAMP)
 
@@ -32,6 +32,28 @@ $(STAMP): pyproject.toml Makefile
 	-$(PIP) uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null
 	$(PY) -c "import torch, vllm, ray, deepspeed, diffusers, transformers, rapidocr_onnxruntime; print('setup ok: torch', torch.__version__, 'vllm', vllm.__version__)"
 	@rm -rf .stamps && mkdir -p .stamps && touch $(STAMP)
+
+# The GPU stack, in its own venv (the CPU one keeps the CPU builds): the default CUDA wheels of torch and vLLM
+# (the `gpu` extra). `make gpu-smoke GPU_PY=/path/to/python` uses a Python that already has them instead.
+GPU_VENV := .venv-gpu
+GPU_PY ?= $(GPU_VENV)/bin/python
+GPU_STAMP := .stamps-gpu/setup-$(SPEC_HASH)
+
+gpu-setup: $(GPU_STAMP)
+
+$(GPU_STAMP): pyproject.toml Makefile
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (R3RL needs Python 3.11)"; exit 1; }
+	@test -x $(GPU_VENV)/bin/python || $(PYTHON) -m venv $(GPU_VENV)
+	$(GPU_VENV)/bin/python -m pip install -q --upgrade pip
+	$(GPU_VENV)/bin/python -m pip install -q "vllm==0.32.0"  # first, as torch first on the CPU: its CUDA torch
+	$(GPU_VENV)/bin/python -m pip install -q -e ".[gpu,dev]"
+	$(GPU_VENV)/bin/python -m pip install -q --no-deps rapidocr-onnxruntime==1.4.4
+	$(GPU_VENV)/bin/python -c "import torch, vllm, ray, deepspeed, diffusers; assert torch.version.cuda, 'torch is a CPU build'; print('gpu setup ok: torch', torch.__version__, 'CUDA', torch.version.cuda, 'vllm', vllm.__version__)"
+	@rm -rf .stamps-gpu && mkdir -p .stamps-gpu && touch $(GPU_STAMP)
+
+# One CUDA GPU, every role on a fraction of it, two steps and an evaluation; PASS/FAIL per role (exit 2: no GPU).
+gpu-smoke: $(if $(filter $(GPU_VENV)/bin/python,$(GPU_PY)),gpu-setup)
+	env -u DS_ACCELERATOR -u VLLM_ENABLE_V1_MULTIPROCESSING -u VLLM_CPU_KVCACHE_SPACE $(GPU_PY) -m cluster.gpu_smoke $(ARGS)
 
 models: setup
 	$(PY) -m actors.models build-tiny
@@ -65,5 +87,5 @@ lint: setup
 	$(PY) -m ruff check actors learners rollout reward cluster examples tests bench
 
 clean:
-	rm -rf $(VENV) .stamps runs bench/results .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .stamps $(GPU_VENV) .stamps-gpu runs bench/results .pytest_cache .ruff_cache *.egg-info
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

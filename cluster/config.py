@@ -41,6 +41,10 @@ class ReasonerModel(_Section):
     max_model_len: int = Field(1024, gt=0, description="vLLM context length")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="engine dtype")
     trust_remote_code: bool = Field(False, description="never needed for supported architectures")
+    gpu_memory_utilization: float = Field(
+        0.8, gt=0, le=1, description="share of each GPU's memory one text worker's vLLM engine takes (weights + KV "
+        "cache); lower it when other roles share the GPU (vLLM refuses to start if that much is not free)"
+    )
     config: str | None = Field(
         None, description="folder with this model's config files (no weights), read by --dry-run's memory plan when "
         "`path` is not on this machine; a relative path is taken from the current directory, else from the "
@@ -312,6 +316,10 @@ class JudgeConfig(_Section):
         "executor, inside the replica); with GPUs, cluster.judge_replicas.num_gpus must equal it"
     )
     max_model_len: int = Field(1024, gt=0, description="kind=vlm: the judge engine's context length")
+    gpu_memory_utilization: float | None = Field(
+        None, gt=0, le=1, description="kind=vlm on GPUs: share of each GPU's memory the judge's vLLM engine takes "
+        "(None: vLLM's default, 0.9); lower it when other roles share the GPU"
+    )
     config: str | None = Field(
         None, description="kind=vlm: folder with the judge's config.json for --dry-run's memory plan when `path` is "
         "not on this machine (as models.reasoner.config)"
@@ -388,6 +396,11 @@ class SyncConfig(_Section):
         "safetensors blob through the Ray object store",
     )
     bucket_mb: float = Field(64.0, gt=0, description="flat bucket size in MB")
+    backend: Literal["auto", "nccl", "gloo"] = Field(
+        "auto", description="broadcast group transport. auto: nccl when each model's learners and workers hold whole "
+        "GPUs (num_gpus >= 1), else gloo (NCCL refuses two ranks on one GPU, which fractional GPUs may share; "
+        "gloo moves CUDA tensors through host memory)"
+    )
 
 
 class LoggingConfig(_Section):

@@ -121,6 +121,7 @@ def build_worker_pools(cfg: R3Config, paths: ModelPaths, placements: dict[str, A
             scheduling_strategy=strategy, model_path=paths.reasoner, max_model_len=cfg.models.reasoner.max_model_len,
             tensor_parallel_size=c.text_workers.tensor_parallel_size, dtype=cfg.models.reasoner.dtype,
             seed=seed + i, enable_sleep_mode=c.colocate,
+            gpu_memory_utilization=cfg.models.reasoner.gpu_memory_utilization,
         )
 
     def diffusion_worker(i: int, strategy: Any) -> Any:
@@ -146,11 +147,13 @@ def build_roles(cfg: R3Config, paths: ModelPaths) -> Roles:
     """
     from learners.group import LearnerGroup
     from learners.weight_sync import make_weight_sync
+    from rollout.sync_ranks import sync_backend
 
     c = cfg.cluster
-    backend = "nccl" if c.text_learners.num_gpus > 0 else "gloo"
-    text_sync = make_weight_sync(cfg.sync.method, bucket_mb=cfg.sync.bucket_mb, backend=backend)
-    diffusion_sync = make_weight_sync(cfg.sync.method, bucket_mb=cfg.sync.bucket_mb, backend=backend)
+    text_backend = sync_backend(cfg.sync.backend, c.text_learners.num_gpus, c.text_workers.num_gpus)
+    image_backend = sync_backend(cfg.sync.backend, c.diffusion_learners.num_gpus, c.diffusion_workers.num_gpus)
+    text_sync = make_weight_sync(cfg.sync.method, bucket_mb=cfg.sync.bucket_mb, backend=text_backend)
+    diffusion_sync = make_weight_sync(cfg.sync.method, bucket_mb=cfg.sync.bucket_mb, backend=image_backend)
     roles_box: dict[str, Roles] = {}
 
     def resync(sync: Any) -> Any:
@@ -245,6 +248,8 @@ def judge_spec(cfg: R3Config, paths: ModelPaths) -> dict[str, Any]:
         if j.tensor_parallel_size > 1:
             spec["engine_kwargs"] = {"tensor_parallel_size": j.tensor_parallel_size,
                                      "distributed_executor_backend": "mp"}
+        if j.gpu_memory_utilization is not None:  # a judge sharing its GPUs with other roles
+            spec.setdefault("engine_kwargs", {})["gpu_memory_utilization"] = j.gpu_memory_utilization
     elif j.kind == "remote":
         spec.update(base_url=j.url, model=j.remote_model, mode=j.mode)
     return spec

@@ -14,16 +14,18 @@ size this is the familiar `1 + i * tp + r`.
 Workers may differ in size (a worker added later with another parallel layout): the layout is
 computed from the list of sizes, in the order the coordinator lists the workers. The learner side
 uses `sync_world_size` and `worker_first_ranks`; each engine process uses `process_rank`.
-Pure integer functions, no torch or Ray.
+`sync_backend` picks the group's transport. Pure functions, no torch or Ray.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-__all__ = ["SENDER_RANK", "sync_world_size", "worker_first_ranks", "process_rank", "uniform_process_rank"]
+__all__ = ["SENDER_RANK", "SYNC_BACKENDS", "sync_world_size", "worker_first_ranks", "process_rank",
+           "uniform_process_rank", "sync_backend"]
 
 SENDER_RANK = 0  # learner rank 0 broadcasts; every other rank receives
+SYNC_BACKENDS = ("auto", "nccl", "gloo")
 
 
 def _check_sizes(processes_per_worker: Sequence[int]) -> None:
@@ -85,3 +87,23 @@ def uniform_process_rank(worker_index: int, local_rank: int, processes_per_worke
         raise ValueError(f"worker_index {worker_index} must be >= 0")
     first = worker_first_ranks([processes_per_worker] * (worker_index + 1))[-1]
     return process_rank(first, local_rank, processes_per_worker)
+
+
+def sync_backend(requested: str, learner_gpus: float, worker_gpus: float) -> str:
+    """The group's backend: `requested` unless it is "auto".
+
+    auto: "nccl" when learner rank 0 and every worker process hold whole GPUs (`num_gpus` >= 1 per
+    process), else "gloo". NCCL refuses two ranks on one device ("Duplicate GPU detected"), and
+    roles with fractional GPUs may be packed onto the same one; gloo also moves CUDA tensors (through
+    host memory), so a shared GPU still syncs, only slower. CPU roles (0 GPUs) need gloo.
+
+    Args:
+        requested: "auto" | "nccl" | "gloo" (config `sync.backend`).
+        learner_gpus: GPUs of the learner rank (`cluster.*_learners.num_gpus`).
+        worker_gpus: GPUs of one worker process (`cluster.*_workers.num_gpus`; for vLLM per TP rank).
+    """
+    if requested not in SYNC_BACKENDS:
+        raise ValueError(f"sync.backend={requested!r}; allowed: {list(SYNC_BACKENDS)}")
+    if requested != "auto":
+        return requested
+    return "nccl" if learner_gpus >= 1 and worker_gpus >= 1 else "gloo"

@@ -113,3 +113,8 @@ def test_job_submit_runs_and_writes_run_dir(head, tmp_path):
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0] and rows[0]["version/policy"] == 1
     assert (run / "config.yaml").is_file() and (run / "eval-final" / "eval.json").is_file()
+    # the GPU smoke test's verdicts read these files: every role passes on a real (CPU) run folder
+    from cluster.gpu_smoke import format_verdicts, role_verdicts
+
+    verdicts = role_verdicts(run, steps=1, require_gpu=False)
+    assert all(v.passed for v in verdicts), format_verdicts(verdicts)

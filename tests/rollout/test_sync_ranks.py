@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from rollout.sync_ranks import process_rank, sync_world_size, uniform_process_rank, worker_first_ranks
+from rollout.sync_ranks import (
+    process_rank,
+    sync_backend,
+    sync_world_size,
+    uniform_process_rank,
+    worker_first_ranks,
+)
 
 
 @pytest.mark.parametrize(
@@ -56,3 +62,25 @@ def test_mistakes_are_refused_with_the_bad_value():
         process_rank(1, 2, 2)
     with pytest.raises(ValueError, match="worker_index -1"):
         uniform_process_rank(-1, 0, 2)
+
+
+@pytest.mark.parametrize(
+    ("requested", "learner_gpus", "worker_gpus", "backend"),
+    [
+        ("auto", 0, 0, "gloo"),      # CPU run
+        ("auto", 1, 1, "nccl"),      # whole GPUs each
+        ("auto", 2, 1, "nccl"),
+        ("auto", 0.2, 0.2, "gloo"),  # fractions: may share one GPU, which NCCL refuses
+        ("auto", 1, 0.5, "gloo"),
+        ("auto", 1, 0, "gloo"),      # CPU workers
+        ("nccl", 0.2, 0.2, "nccl"),  # explicit choices are kept
+        ("gloo", 1, 1, "gloo"),
+    ],
+)
+def test_sync_backend(requested, learner_gpus, worker_gpus, backend):
+    assert sync_backend(requested, learner_gpus, worker_gpus) == backend
+
+
+def test_unknown_sync_backend_is_named():
+    with pytest.raises(ValueError, match="sync.backend='mpi'"):
+        sync_backend("mpi", 1, 1)
