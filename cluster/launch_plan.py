@@ -26,8 +26,8 @@ __all__ = ["RoleMemory", "memory_plan", "format_memory_plan", "check_launch", "m
            "TEXT_WORKER_GPU_UTILIZATION", "JUDGE_GPU_UTILIZATION"]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-TEXT_WORKER_GPU_UTILIZATION = 0.8  # actors.text_worker.TextWorker's gpu_memory_utilization
-JUDGE_GPU_UTILIZATION = 0.9  # vLLM's default; the VLM judge leaves it as is
+TEXT_WORKER_GPU_UTILIZATION = 0.8  # the default of models.reasoner.gpu_memory_utilization (and of TextWorker)
+JUDGE_GPU_UTILIZATION = 0.9  # vLLM's default, which the VLM judge keeps unless judge.gpu_memory_utilization
 LM_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 FLUX_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 SUGGESTED_LORA_RANK = 64
@@ -84,7 +84,7 @@ def memory_plan(cfg: R3Config) -> list[RoleMemory]:
     if c.text_workers.num_gpus > 0:
         w = c.text_workers
         out.append(_engine("text_workers", "reasoner on vLLM", reasoner, cfg.models.reasoner.dtype,
-                           w.tensor_parallel_size, TEXT_WORKER_GPU_UTILIZATION, cfg.models.reasoner.max_model_len,
+                           w.tensor_parallel_size, cfg.models.reasoner.gpu_memory_utilization, cfg.models.reasoner.max_model_len,
                            _share(gpu, w.num_gpus), "models.reasoner", "cluster.text_workers.tensor_parallel_size"))
     if c.diffusion_workers.num_gpus > 0:
         out.append(_diffusion_worker(cfg, generator, _share(gpu, c.diffusion_workers.num_gpus)))
@@ -93,7 +93,7 @@ def memory_plan(cfg: R3Config) -> list[RoleMemory]:
         shape = lm_shape(model_config_dir("judge", j.path, j.config))
         per_gpu = c.judge_replicas.num_gpus / j.tensor_parallel_size
         out.append(_engine("judge_replicas", "VLM judge on vLLM", shape, j.dtype, j.tensor_parallel_size,
-                           JUDGE_GPU_UTILIZATION, j.max_model_len, _share(gpu, per_gpu), "judge",
+                           j.gpu_memory_utilization or JUDGE_GPU_UTILIZATION, j.max_model_len, _share(gpu, per_gpu), "judge",
                            "judge.tensor_parallel_size"))
     if c.text_learners.num_gpus > 0:
         out.append(_text_learner(cfg, reasoner, _share(gpu, c.text_learners.num_gpus)))

@@ -34,6 +34,11 @@ def test_the_smoke_config_passes_the_dry_run(capsys):
     assert train_main(["--config", str(CONFIG), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "total at most: CPU 5, GPU 1" in out and "dry run: no engines started" in out
+    # on a declared 80 GB GPU the memory plan uses the config's vLLM memory shares and everything fits
+    assert train_main(["--config", str(CONFIG), "--dry-run",
+                       "cluster.hardware={nodes: 1, gpus_per_node: 1, gpu_memory_gb: 80}"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("KV cache budget 0.2 x ") == 2 and out.count(" GB: fits") == 5
 
 
 # ---- verdicts on a fake run folder -------------------------------------------------------------------
