@@ -35,6 +35,7 @@ DEFAULT_CONFIG = REPO_ROOT / "configs" / "gpu_smoke.yaml"
 # CPU-only settings (the Makefile exports them for the CPU stack): on a GPU they would put the learners on
 # the CPU (DS_ACCELERATOR) or change how vLLM runs, so the smoke run never inherits them
 CPU_ONLY_ENV = ("DS_ACCELERATOR", "VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CPU_KVCACHE_SPACE")
+STOP_GRACE_S = 30.0  # after --timeout-s: how long the run may take to stop cleanly before it is killed
 _GPU_ROLES = {"text worker": "text_workers", "diffusion worker": "diffusion_workers", "judge": "judge_replicas",
               "text learner": "text_learners", "diffusion learner": "diffusion_learners"}
 
@@ -204,6 +205,15 @@ def _eval_verdict(path: Path, cfg: dict[str, Any]) -> Verdict:
 # ---- the runner ----------------------------------------------------------------------------------------
 
 
+def error_lines(log: Path, limit: int = 20) -> list[str]:
+    """The last `limit` lines of an engine log that mention an error (what to read first after a FAIL)."""
+    if not log.is_file():
+        return [f"(no {log.name})"]
+    hits = [line for line in log.read_text(errors="replace").splitlines()
+            if any(word in line for word in ("Error", "ERROR", "error:", "Traceback"))]
+    return [f"last error lines of {log}:"] + hits[-limit:] if hits else [f"(no error lines in {log.name})"]
+
+
 def cuda_problem() -> str | None:
     """Why this Python cannot run the smoke test on a GPU, or None."""
     try:
@@ -235,7 +245,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="the smoke config (default: %(default)s)")
     ap.add_argument("--run-dir", type=Path, default=REPO_ROOT / "runs", help="parent of the run folder")
-    ap.add_argument("--timeout-s", type=float, default=480.0, help="stop the run after this many seconds")
+    ap.add_argument("--timeout-s", type=float, default=450.0,
+                    help=f"stop the run after this many seconds, model builds included (SIGTERM, then SIGKILL "
+                    f"{STOP_GRACE_S:g} s later; default: %(default)s)")
     ap.add_argument("--verdict-only", type=Path, default=None, metavar="RUN_FOLDER",
                     help="print the verdicts of an existing run folder and exit (no GPU needed)")
     ap.add_argument("--allow-cpu", action="store_true",
@@ -278,16 +290,24 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(cfg.train.run_dir) / run_name
     cmd = [sys.executable, "-m", "cluster.train", "--config", str(args.config), *overrides]
     print(f"$ {' '.join(cmd)}", flush=True)
+    proc = subprocess.Popen(cmd, env=smoke_env(dict(os.environ)), cwd=REPO_ROOT)
     try:
-        code = subprocess.run(cmd, env=smoke_env(dict(os.environ)), cwd=REPO_ROOT,
-                              timeout=max(1.0, args.timeout_s - (time.perf_counter() - start))).returncode
-    except subprocess.TimeoutExpired:
+        code = proc.wait(timeout=max(1.0, args.timeout_s - (time.perf_counter() - start)))
+    except subprocess.TimeoutExpired:  # SIGTERM first: the run stops its actors and its local Ray cluster
         code = None
+        proc.terminate()
+        try:
+            proc.wait(timeout=STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
     seconds = time.perf_counter() - start
     verdicts = role_verdicts(run_dir, cfg.train.steps)
     print(format_verdicts(verdicts))
     status = "timed out" if code is None else f"exit status {code}"
     print(f"training run: {status} after {seconds:.0f} s; run folder {run_dir} (engine logs: engine.log)")
+    if code != 0 or not all(v.passed for v in verdicts):
+        print("\n".join(error_lines(run_dir / "engine.log")))
     return 0 if code == 0 and all(v.passed for v in verdicts) else 1
 
 

@@ -163,3 +163,60 @@ def test_the_run_never_inherits_cpu_only_settings():
                      "PATH": "/bin", "PYTHONPATH": "/x"})
     assert not set(CPU_ONLY_ENV) & set(env)
     assert env["PATH"] == "/bin" and env["PYTHONPATH"] == f"{ROOT}:/x" and env["HF_HUB_OFFLINE"] == "1"
+
+
+# ---- the runner around a stand-in for cluster.train ------------------------------------------------------
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch, tmp_path, run_folder):
+    """`main` as on a GPU machine, with `sys.executable` replaced by `fake_gpu(script_body)`: a Python
+    script that receives cluster.train's arguments (sys.argv) instead of a real run."""
+    import sys
+
+    import torch
+
+    import actors.models
+    import cluster.gpu_smoke as smoke
+
+    monkeypatch.setattr(smoke, "cuda_problem", lambda: None)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "Stand-in GPU")
+    monkeypatch.setattr(actors.models, "build_tiny_models", lambda: None)
+    good = run_folder()  # a good run's files, to copy into the folder the runner names
+
+    def make(body: str) -> Path:
+        script = tmp_path / "python"
+        script.write_text(f"#!{sys.executable}\nimport shutil, sys, time\nGOOD = {str(good)!r}\n{body}\n")
+        script.chmod(0o755)
+        monkeypatch.setattr(sys, "executable", str(script))
+        return script
+
+    return make
+
+
+def test_the_runner_passes_a_good_run_and_reports_its_folder(fake_gpu, tmp_path, capsys):
+    fake_gpu("args = dict(a.split('=', 1) for a in sys.argv if '=' in a)\n"
+             "shutil.copytree(GOOD, args['train.run_dir'] + '/' + args['train.run_name'])")
+    assert main(["--run-dir", str(tmp_path / "runs")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("gpu smoke on Stand-in GPU") and "gpu smoke: PASS" in out
+    assert "training run: exit status 0" in out and str(tmp_path / "runs" / "gpu-smoke-") in out
+
+
+def test_a_run_past_the_timeout_is_stopped_and_fails(fake_gpu, tmp_path, capsys):
+    fake_gpu("time.sleep(600)")
+    assert main(["--run-dir", str(tmp_path / "runs"), "--timeout-s", "2"]) == 1
+    out = capsys.readouterr().out
+    assert "training run: timed out" in out and "no metrics.jsonl in the run folder" in out
+    assert "(no engine.log)" in out
+
+
+def test_a_failed_run_prints_its_last_error_lines(fake_gpu, tmp_path, capsys):
+    fake_gpu("args = dict(a.split('=', 1) for a in sys.argv if '=' in a)\n"
+             "run = args['train.run_dir'] + '/' + args['train.run_name']\n"
+             "shutil.copytree(GOOD, run)\n"
+             "open(run + '/engine.log', 'w').write('ok\\nValueError: NCCL error: duplicate GPU\\n')\n"
+             "sys.exit(3)")
+    assert main(["--run-dir", str(tmp_path / "runs")]) == 1
+    out = capsys.readouterr().out
+    assert "training run: exit status 3" in out and out.rstrip().endswith("ValueError: NCCL error: duplicate GPU")
