@@ -5,8 +5,9 @@ from `cluster.model_shapes` and the config (`cluster.launch_plan`). All results 
 
 Learner (mixed precision as in the ZeRO paper, Rajbhandari et al. 2020): the weights in the learner
 dtype (2 bytes bf16, 4 fp32), gradients of the trained parameters in the same dtype, and Adam's
-state: an fp32 master copy plus two fp32 moments (12 bytes per trained parameter; 8 in fp32 training,
-whose weights are the master copy). ZeRO stage 1 shards the optimizer state over the data-parallel
+state: an fp32 master copy plus two fp32 moments (12 bytes per trained parameter; 8 in fp32 training
+below ZeRO-3, whose weights are the master copy; ZeRO-3 keeps its own fp32 partition even then, as
+measured on a DeepSpeed learner). ZeRO stage 1 shards the optimizer state over the data-parallel
 ranks, stage 2 the gradients too, stage 3 the weights too (plus a gathered working set of about two
 layers: the one computed and the one prefetched). A reference model for the KL term is a second
 copy of the weights, sharded like them under ZeRO-3 (a frozen DeepSpeed engine, `learners.lean_init`)
@@ -67,9 +68,10 @@ class MemoryEstimate:
         return sum(self.parts.values())
 
 
-def optimizer_bytes_per_param(weight_bytes: int) -> int:
-    """Adam state per trained parameter: fp32 master + 2 moments (12) in 16-bit training, the 2 moments (8) in fp32."""
-    return 8 if weight_bytes >= 4 else 12
+def optimizer_bytes_per_param(weight_bytes: int, zero_stage: int) -> int:
+    """Adam state per trained parameter: fp32 master + 2 moments (12), or the 2 moments alone (8) when
+    fp32 weights serve as the master copy (fp32 training below ZeRO-3)."""
+    return 8 if weight_bytes >= 4 and zero_stage < 3 else 12
 
 
 def learner_memory(s: LearnerSetup) -> MemoryEstimate:
@@ -80,7 +82,8 @@ def learner_memory(s: LearnerSetup) -> MemoryEstimate:
     parts = {
         "weights": weights / (s.dp if s.zero_stage >= 3 else 1),
         "gradients": s.trainable * s.weight_bytes / (s.dp if s.zero_stage >= 2 else 1),
-        "optimizer": s.trainable * optimizer_bytes_per_param(s.weight_bytes) / (s.dp if s.zero_stage >= 1 else 1),
+        "optimizer": (s.trainable * optimizer_bytes_per_param(s.weight_bytes, s.zero_stage)
+                      / (s.dp if s.zero_stage >= 1 else 1)),
         "reference": (s.params * s.weight_bytes / (s.dp if s.zero_stage >= 3 else 1)
                       if s.reference and not s.lora else 0.0),
         "zero3_gather": 2 * s.largest_layer_params * s.weight_bytes if s.zero_stage >= 3 and s.dp > 1 else 0.0,

@@ -36,9 +36,11 @@ def test_learner_memory_by_zero_stage():
     assert mp.learner_memory(setup(zero_stage=3, dp=1)).parts["zero3_gather"] == 0  # nothing to gather
 
 
-def test_fp32_training_has_no_separate_master_copy():
+def test_fp32_training_has_no_separate_master_copy_below_zero3():
     parts = mp.learner_memory(setup(weight_bytes=4, reference=False)).parts
     assert (parts["weights"], parts["gradients"], parts["optimizer"], parts["reference"]) == (4000, 4000, 8000, 0)
+    # ZeRO-3 keeps an fp32 partition of its own: 12 bytes per parameter, over 4 ranks
+    assert mp.learner_memory(setup(weight_bytes=4, zero_stage=3)).parts["optimizer"] == 3000
 
 
 def test_lora_trains_adapters_only_and_its_reference_costs_nothing():
