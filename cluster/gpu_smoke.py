@@ -15,7 +15,6 @@ import argparse
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -273,9 +272,6 @@ def main(argv: list[str] | None = None) -> int:
     from cluster.config import ConfigError, load_config
 
     print(f"gpu smoke on {torch.cuda.get_device_name(0)} (torch {torch.__version__}, CUDA {torch.version.cuda})")
-    if not (os.environ.get("CUDA_HOME") or shutil.which("nvcc")):
-        print("note: no CUDA toolkit (nvcc / CUDA_HOME): DeepSpeed builds its fused Adam on first use and will "
-              "fail without one; install the toolkit if the learners fail")
     run_name = f"gpu-smoke-{time.strftime('%Y%m%d-%H%M%S')}"
     overrides = [f"train.run_dir={args.run_dir}", f"train.run_name={run_name}", *args.overrides]
     try:

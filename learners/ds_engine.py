@@ -146,7 +146,9 @@ def build_ds_config(
                 "betas": list(betas),
                 "eps": adam_eps,
                 "weight_decay": weight_decay,
-                "torch_adam": not on_gpu(),
+                # torch's AdamW (foreach kernels on GPU): DeepSpeed's own fused (GPU) and CPU Adam are
+                # compiled on first use and would need a compiler and, on GPU, the CUDA toolkit (nvcc)
+                "torch_adam": True,
             },
         },
         "bf16": {"enabled": dtype == torch.bfloat16},
