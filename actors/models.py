@@ -35,7 +35,9 @@ __all__ = [
     "build_tiny_vlm",
     "save_idefics3",
     "build_tiny_qwen25vl",
+    "build_tiny_qwen2vl",
     "tiny_qwen25vl",
+    "tiny_qwen2vl",
     "LM_CHAT_TEMPLATE",
     "VLM_CHAT_TEMPLATE",
     "VLM_SPECIAL_TOKENS",
@@ -225,6 +227,12 @@ def tiny_qwen25vl(cache_dir: Path | None = None, force: bool = False) -> Path:
     return _build_once(root / TINY_VERSION / "qwen25vl", build_tiny_qwen25vl, force)
 
 
+def tiny_qwen2vl(cache_dir: Path | None = None, force: bool = False) -> Path:
+    """Build (or reuse) the tiny Qwen2-VL under `cache_dir / TINY_VERSION / qwen2vl`."""
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    return _build_once(root / TINY_VERSION / "qwen2vl", build_tiny_qwen2vl, force)
+
+
 def build_tiny_qwen25vl(out: Path, seed: int = 0) -> Path:
     """Save a tiny Qwen2.5-VL (2-layer Qwen2 text 128 with mRoPE, 2-block vision tower 64) to `out`.
 
@@ -233,8 +241,29 @@ def build_tiny_qwen25vl(out: Path, seed: int = 0) -> Path:
     tokens and chat template) and a `Qwen2VLImageProcessorPil` config, which
     `rollout.qwen_vl_inputs.QwenVLInputs` loads without torchvision.
     """
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    vision_config = dict(
+        depth=2, hidden_size=64, intermediate_size=128, num_heads=2, in_channels=3, patch_size=14,
+        spatial_merge_size=2, temporal_patch_size=2, window_size=56, out_hidden_size=128,
+        fullatt_block_indexes=[1],
+    )
+    return _save_tiny_qwen_vl(out, seed, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, vision_config)
+
+
+def build_tiny_qwen2vl(out: Path, seed: int = 0) -> Path:
+    """Save a tiny Qwen2-VL (as `build_tiny_qwen25vl`; the Qwen2-VL vision tower: embed 64, no windows)."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    vision_config = dict(depth=2, embed_dim=64, hidden_size=128, mlp_ratio=2, num_heads=2, in_channels=3,
+                         patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+    return _save_tiny_qwen_vl(out, seed, Qwen2VLConfig, Qwen2VLForConditionalGeneration, vision_config)
+
+
+def _save_tiny_qwen_vl(out: Path, seed: int, config_cls: Any, model_cls: Any, vision_config: dict) -> Path:
+    """Seeded random Qwen-VL of `model_cls` (text 128 with mRoPE sections 8/12/12) + tokenizer + image processor."""
     import torch
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
+    from transformers import Qwen2VLImageProcessorPil
 
     from rollout.qwen_vl_inputs import QWEN_VL_CHAT_TEMPLATE, QWEN_VL_SPECIAL_TOKENS
 
@@ -252,18 +281,13 @@ def build_tiny_qwen25vl(out: Path, seed: int = 0) -> Path:
         eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id,
         tie_word_embeddings=False,
     )
-    vision_config = dict(
-        depth=2, hidden_size=64, intermediate_size=128, num_heads=2, in_channels=3, patch_size=14,
-        spatial_merge_size=2, temporal_patch_size=2, window_size=56, out_hidden_size=128,
-        fullatt_block_indexes=[1],
-    )
-    cfg = Qwen2_5_VLConfig(
+    cfg = config_cls(
         text_config=text_config, vision_config=vision_config, image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(cfg).eval()
+    model = model_cls(cfg).eval()
     model.generation_config.eos_token_id = [tok.eos_token_id, ids["<|im_end|>"]]
     model.generation_config.pad_token_id = tok.pad_token_id
     out = Path(out)

@@ -2,8 +2,8 @@
 
 A name maps to a function that returns the model's local folder (building it first when it is
 cheap, as the tiny models are). The built-ins are the three tiny test models of
-`actors.models.build_tiny_models`: "lm", "vlm" and "flux", and "qwen25vl" (`actors.models.tiny_qwen25vl`,
-served with `models.reasoner.backend: hf`). A task's plugin module (config key
+`actors.models.build_tiny_models`: "lm", "vlm" and "flux", and "qwen25vl" / "qwen2vl" (`actors.models.tiny_qwen25vl`,
+`tiny_qwen2vl`, served with `models.reasoner.backend: hf`). A task's plugin module (config key
 `plugins`) registers its own, e.g. a warm start that ships with it:
 
     @register_named_model("mytask-vlm")
@@ -73,3 +73,11 @@ def _tiny_qwen25vl() -> Path:
     from actors.models import tiny_qwen25vl
 
     return tiny_qwen25vl()
+
+
+@register_named_model("qwen2vl")
+def _tiny_qwen2vl() -> Path:
+    """The tiny Qwen2-VL (`actors.models.tiny_qwen2vl`), built on first use."""
+    from actors.models import tiny_qwen2vl
+
+    return tiny_qwen2vl()

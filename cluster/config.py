@@ -41,6 +41,11 @@ class ReasonerModel(_Section):
     max_model_len: int = Field(1024, gt=0, description="vLLM context length")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="engine dtype")
     trust_remote_code: bool = Field(False, description="never needed for supported architectures")
+    backend: Literal["vllm", "hf"] = Field(
+        "vllm", description="rollout engine of the text workers: vllm (actors.text_worker) or hf = transformers "
+        "(actors.hf_text_worker: one device per worker, no tensor parallelism; serves families vLLM cannot serve "
+        "here, e.g. Qwen2.5-VL with images on the CPU, tiny:qwen25vl)"
+    )
     gpu_memory_utilization: float = Field(
         0.8, gt=0, le=1, description="share of each GPU's memory one text worker's vLLM engine takes (weights + KV "
         "cache); lower it when other roles share the GPU (vLLM refuses to start if that much is not free)"
@@ -470,6 +475,16 @@ class R3Config(_Section):
             raise ValueError(
                 f"judge.tensor_parallel_size={tp} spreads each judge replica over {tp} GPUs, but "
                 f"cluster.judge_replicas.num_gpus={gpus:g}; set cluster.judge_replicas.num_gpus={tp}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _hf_reasoner_on_one_device(self) -> R3Config:
+        tp = self.cluster.text_workers.tensor_parallel_size
+        if self.models.reasoner.backend == "hf" and tp != 1:
+            raise ValueError(
+                f"models.reasoner.backend=hf runs each text worker on one device, but "
+                f"cluster.text_workers.tensor_parallel_size={tp}; set it to 1 or use models.reasoner.backend=vllm"
             )
         return self
 

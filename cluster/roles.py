@@ -118,10 +118,12 @@ def build_worker_pools(cfg: R3Config, paths: ModelPaths, placements: dict[str, A
     def text_worker(i: int, strategy: Any) -> Any:
         return remote_text_worker(
             i, c.text_workers.num_cpus, c.text_workers.num_gpus * c.text_workers.tensor_parallel_size,
-            scheduling_strategy=strategy, model_path=paths.reasoner, max_model_len=cfg.models.reasoner.max_model_len,
+            scheduling_strategy=strategy, worker_cls=text_worker_class(cfg.models.reasoner.backend),
+            model_path=paths.reasoner, max_model_len=cfg.models.reasoner.max_model_len,
             tensor_parallel_size=c.text_workers.tensor_parallel_size, dtype=cfg.models.reasoner.dtype,
             seed=seed + i, enable_sleep_mode=c.colocate,
-            gpu_memory_utilization=cfg.models.reasoner.gpu_memory_utilization,
+            **({} if cfg.models.reasoner.backend == "hf" else  # vLLM's memory share; transformers has none
+               {"gpu_memory_utilization": cfg.models.reasoner.gpu_memory_utilization}),
         )
 
     def diffusion_worker(i: int, strategy: Any) -> Any:
@@ -138,6 +140,19 @@ def build_worker_pools(cfg: R3Config, paths: ModelPaths, placements: dict[str, A
         pools.append(WorkerPool(role, factory, getattr(c, role).count, timeout_s=timeout, retries=retries,
                                 on_replace=hooks.get(role), placement=placements.get(role)))
     return pools[0], pools[1]
+
+
+def text_worker_class(backend: str) -> type:
+    """The text worker of `models.reasoner.backend`: vLLM's `TextWorker` or transformers' `HFTextWorker`."""
+    if backend == "hf":
+        from actors.hf_text_worker import HFTextWorker
+
+        return HFTextWorker
+    if backend == "vllm":
+        from actors.text_worker import TextWorker
+
+        return TextWorker
+    raise ValueError(f"models.reasoner.backend={backend!r}; allowed: ['hf', 'vllm']")
 
 
 def build_roles(cfg: R3Config, paths: ModelPaths) -> Roles:

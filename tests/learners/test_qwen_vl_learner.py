@@ -1,6 +1,6 @@
 """The reasoner learner on the Qwen2.5-VL family (tiny random Qwen2.5-VL, real DeepSpeed on the CPU).
 
-Shows: the family's inputs give the model its multimodal RoPE (the image tokens' positions change
+Shows: the family's inputs give the model (Qwen2.5-VL and Qwen2-VL) its multimodal RoPE (the image tokens' positions change
 the logits) and the same logits with the prompt padded on the left or on the right; log-probs the
 learner recomputes for answers sampled by the transformers worker with images (two image sizes)
 and without equal the sampler's within 1e-4 (ratio 1 before the update, top-p replayed); one GRPO
@@ -45,12 +45,15 @@ def sampled(qwen_path, make_image):
     return samples, images
 
 
-def test_mrope_positions_and_padding_side(qwen_path, make_image):
+@pytest.mark.parametrize("family", ["qwen25vl", "qwen2vl"])
+def test_mrope_positions_and_padding_side(make_image, family):
     from PIL import Image
     from transformers import AutoModelForImageTextToText
 
+    from actors import models
     from rollout.model_inputs import load_model_inputs
 
+    qwen_path = getattr(models, f"tiny_{family}")()
     model = AutoModelForImageTextToText.from_pretrained(str(qwen_path), dtype=torch.float32).eval()
     inputs = load_model_inputs(str(qwen_path))
     image = Image.fromarray(make_image(2, 64, 64))
@@ -72,7 +75,11 @@ def test_mrope_positions_and_padding_side(qwen_path, make_image):
     left = logits(torch.tensor([[0] * pad + ids]), torch.tensor([[0] * pad + [1] * n]))[pad:]
     torch.testing.assert_close(right, ref, atol=1e-5, rtol=0)
     torch.testing.assert_close(left, ref, atol=1e-5, rtol=0)
-    assert (logits(plain, torch.ones_like(plain), drop_types=True) - ref).abs().max() > 1e-3
+    if family == "qwen2vl":  # refuses images without the token types
+        with pytest.raises(ValueError, match="mm_token_type_ids"):
+            logits(plain, torch.ones_like(plain), drop_types=True)
+    else:  # falls back to 1-D positions: other logits
+        assert (logits(plain, torch.ones_like(plain), drop_types=True) - ref).abs().max() > 1e-3
 
 
 def test_learner_replays_the_hf_sampler_and_a_grpo_step_moves_it(ray_cluster, qwen_path, sampled):
