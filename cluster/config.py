@@ -240,6 +240,10 @@ class GRPOConfig(_LrSchedule):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     grad_clip: float = Field(1.0, gt=0, description="clip of the global gradient norm")
     zero_stage: Literal[0, 1, 2, 3] = Field(1, description="DeepSpeed ZeRO stage")
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="learner dtype: bfloat16 = bf16 weights, activations and gradients with fp32 master "
+        "weights in the optimizer (DeepSpeed bf16 mode)"
+    )
     micro_batch_size: int = Field(4, ge=1, description="answers per forward/backward on each learner rank")
     gradient_checkpointing: bool = Field(
         False, description="recompute activations in the backward pass: less memory, more compute"
@@ -283,6 +287,10 @@ class FlowGRPOConfig(_LrSchedule):
     betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas")
     grad_clip: float = Field(1.0, gt=0, description="clip of the global gradient norm")
     zero_stage: Literal[0, 1, 2, 3] = Field(1, description="DeepSpeed ZeRO stage")
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="learner dtype: bfloat16 = bf16 weights, activations and gradients with fp32 master "
+        "weights in the optimizer (DeepSpeed bf16 mode)"
+    )
     micro_batch_size: int = Field(
         4, ge=1, description="(image, stored denoising step) items per forward/backward on each learner rank"
     )
@@ -328,6 +336,11 @@ class JudgeConfig(_Section):
     config: str | None = Field(
         None, description="kind=vlm: folder with the judge's config.json for --dry-run's memory plan when `path` is "
         "not on this machine (as models.reasoner.config)"
+    )
+    api_key_env: str | None = Field(
+        None, description="kind=remote: name of the environment variable holding the endpoint's API key (sent as a "
+        "bearer token; the key itself never goes into the config, config.yaml or logs). The run is refused at start "
+        "if the variable is unset or empty"
     )
     max_error_fraction: float = Field(
         0.5, ge=0, le=1, description="stop the run (exit 5) before the update of a step whose judge failed on more "
@@ -386,8 +399,19 @@ class TrainConfig(_Section):
     eval_every: int = Field(0, ge=0, description="evaluate every N steps (0: only at the end)")
     eval_before: bool = Field(False, description="also evaluate before the first step (eval-before/)")
     eval_rounds: int = Field(4, ge=1, le=16, description="evaluation rounds: 1 generation + (eval_rounds-1) refinements")
-    remote_timeout_s: float = Field(600.0, gt=0, description="timeout of every remote wait")
-    retries: int = Field(2, ge=0, description="bounded retries of a failed rollout request")
+    remote_timeout_s: float = Field(
+        600.0, gt=0, description="timeout of every remote wait; a judge call's worst case, judge.timeout_s x "
+        "(judge.retries + 1), must fit in it"
+    )
+    retries: int = Field(
+        2, ge=0, description="bounded retries of a failed rollout request, and replacements of a dead rollout worker "
+        "per call (weight sync, version query, resize, evaluation) before the run stops"
+    )
+    stop_grace_s: float = Field(
+        60.0, ge=0, description="on SIGTERM/SIGINT, how long a step still in its rollout may run on before it is "
+        "abandoned (a step whose learners have begun their update always finishes); then a checkpoint of the last "
+        "completed step is written and the run exits 143/130"
+    )
     max_nonfinite_steps: int = Field(
         3, ge=1, description="stop the run (exit 4) after this many steps in a row whose update was skipped for "
         "non-finite advantages, losses or gradients"
@@ -479,12 +503,13 @@ class R3Config(_Section):
         return self
 
     @model_validator(mode="after")
-    def _hf_reasoner_on_one_device(self) -> R3Config:
-        tp = self.cluster.text_workers.tensor_parallel_size
-        if self.models.reasoner.backend == "hf" and tp != 1:
+    def _judge_fits_remote_timeout(self) -> R3Config:
+        worst = self.judge.timeout_s * (self.judge.retries + 1)
+        if self.judge.kind == "remote" and worst > self.train.remote_timeout_s:
             raise ValueError(
-                f"models.reasoner.backend=hf runs each text worker on one device, but "
-                f"cluster.text_workers.tensor_parallel_size={tp}; set it to 1 or use models.reasoner.backend=vllm"
+                f"judge.timeout_s={self.judge.timeout_s:g} x (judge.retries={self.judge.retries} + 1) = {worst:g} s "
+                f"exceeds train.remote_timeout_s={self.train.remote_timeout_s:g}: a hanging remote judge could "
+                "outlast every remote wait; lower judge.timeout_s or judge.retries, or raise train.remote_timeout_s"
             )
         return self
 
@@ -638,6 +663,10 @@ def _check_override_path(parts: list[str]) -> None:
     if model is dict:
         return
     if model is None:
+        depth = len(walked.split(".")) if walked else 0
+        parent, _ = _fields_at(parts[: depth + 1])  # the section that should hold parts[depth]
+        if isinstance(parent, type) and issubclass(parent, BaseModel) and parts[depth] not in parent.model_fields:
+            raise ConfigError(_unknown_key_message(parts[: depth + 1], parent))
         raise ConfigError(f"{'.'.join(parts)}: {walked!r} has no sub-keys")
     if parts[-1] not in model.model_fields:
         raise ConfigError(_unknown_key_message(parts, model))

@@ -7,9 +7,12 @@ is bounded by `train.remote_timeout_s`; a dead or unresponsive learner raises
 `cluster.failures.LearnerFailure` (which names the actor, the step and the checkpoint to resume from),
 `train.max_nonfinite_steps` skipped updates in a row raise `cluster.failures.NonFiniteFailure`, and a
 step whose judge failed on more than `judge.max_error_fraction` of its items raises
-`cluster.failures.JudgeFailure` before its update. `run_training` holds the run folder's lock for the
-run's life and checks a resume's config against the checkpoint's run before any engine starts
-(`cluster.run_folder`; both refuse with `cluster.failures.RunRefused`).
+`cluster.failures.JudgeFailure` before its update. A rollout worker found dead anywhere (rollout,
+weight sync, version query, resize, evaluation) is replaced and re-synced (`cluster.pools`); one that
+cannot be replaced within `train.retries` tries raises `cluster.failures.WorkerFailure` after a
+checkpoint of the last completed step. A stop signal is honoured between steps or by abandoning a
+step's rollout (`cluster.stopping`). The run loop itself (lock, resume, steps, evaluation, stop) is
+`cluster.run_loop`.
 """
 
 from __future__ import annotations
@@ -28,16 +31,19 @@ import yaml
 
 from cluster.config import R3Config
 from cluster.console import Console, format_round_accuracy
+from cluster.elastic import TrainerElastic
 from cluster.failures import (
     JudgeFailure,
     NonFiniteFailure,
     NonFiniteStreak,
-    RunRefused,
     bounded,
     judge_failure_cause,
     learner_failure,
 )
+from cluster.pools import WorkerReplacementError
 from cluster.settings import eval_settings, load_prompt_sets, step_settings
+from cluster.stopping import GracefulStop, StopRequested
+from cluster.trainer_checkpoints import TrainerCheckpoints
 
 __all__ = ["run_training", "make_run_dir", "Trainer"]
 
@@ -62,7 +68,7 @@ def _write_config(cfg: R3Config, run_dir: Path) -> None:
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
 
 
-class Trainer:
+class Trainer(TrainerCheckpoints, TrainerElastic):
     """Owns the roles, data and buffer of one run; `step()` is one full R3 RL step."""
 
     def __init__(self, cfg: R3Config, run_dir: Path, console: Console | None = None):
@@ -87,28 +93,63 @@ class Trainer:
         self._closed = False
         self._pending: tuple[Any, float] | None = None  # one-step-off: the rollout already made for the next step
         self.last_checkpoint: Path | None = None  # saved or loaded by this trainer: where a resume continues
+        self._checkpoint_step: int | None = None  # the step of last_checkpoint
         self._nonfinite = NonFiniteStreak(cfg.train.max_nonfinite_steps)
+        # (prompt cursor, buffer copy, pending rollout) of the current step's start while the learners are
+        # untouched, or of a completed step whose next rollout was abandoned: what a checkpoint written now holds
+        self._resume_state: tuple[dict[str, Any], Any, Any] | None = None
+        self._learners_touched = False  # the current step's update has begun (the step must then complete)
+        self._target_version = 0  # the weight version the current step's update makes
 
     # ------------------------------------------------------------------------------- one step
 
-    def step(self) -> dict[str, Any]:
+    def step(self, stop: GracefulStop | None = None) -> dict[str, Any]:
         """One step. With `train.async_one_step_off`, the rollout of step t+1 runs while the learners
-        train on step t (its samples are then one weight version stale, never more)."""
-        cfg, roles, i = self.cfg, self.roles, self.step_index
+        train on step t (its samples are then one weight version stale, never more).
+
+        With `stop` (the run's signal state), a rollout still running `train.stop_grace_s` after a stop
+        signal is abandoned (`StopRequested`; no metrics row, the learners untouched); a rollout of the
+        next step abandoned that way in one-step-off mode ends the run after this step.
+        """
+        stop = stop if stop is not None else GracefulStop(0.0)  # never installed: never requested
+        i = self.step_index
+        self._resume_state, self._learners_touched = self._driver_state(), False
+        try:
+            flat, abandoned_ahead = self._step(i, stop)
+        except WorkerReplacementError as e:
+            raise self._worker_failure(e, i) from e
+        self._resume_state = abandoned_ahead[1] if abandoned_ahead else None
+        self._learners_touched = False
+        if abandoned_ahead:
+            raise abandoned_ahead[0]
+        return flat
+
+    def _step(self, i: int, stop: GracefulStop) -> tuple[dict[str, Any], tuple[StopRequested, Any] | None]:
+        cfg, roles = self.cfg, self.roles
         phases: dict[str, float] = {}
         if self._pending is not None:
             result, phases["rollout"] = self._pending
             self._pending = None
         else:
-            result = self._rollout(i, phases)
+            result = stop.wait(lambda: self._rollout(i, phases), f"the rollout of step {i}")
         self._stop_if_judge_failed(i, result)
         staleness = self._staleness(result)
+        abandoned_ahead = None
         if cfg.train.async_one_step_off and i + 1 < cfg.train.steps:
-            with ThreadPoolExecutor(1) as ex:
+            before_ahead = self._driver_state()
+            ex = ThreadPoolExecutor(1)
+            try:
                 ahead: dict[str, float] = {}
                 future = ex.submit(self._rollout, i + 1, ahead)
                 text_m, image_m = self._learn_timed(result, i, phases)
-                self._pending = (future.result(timeout=cfg.train.remote_timeout_s), ahead["rollout"])
+                try:
+                    rollout = stop.wait(lambda: future.result(timeout=cfg.train.remote_timeout_s),
+                                        f"the rollout of step {i + 1}")
+                    self._pending = (rollout, ahead["rollout"])
+                except StopRequested as s:  # this step still completes; the checkpoint resumes before i+1
+                    abandoned_ahead = (s, before_ahead)
+            finally:
+                ex.shutdown(wait=False, cancel_futures=True)
         else:
             text_m, image_m = self._learn_timed(result, i, phases)
         with _timed(phases, "sync", self.phase_log, i):
@@ -133,7 +174,7 @@ class Trainer:
         self._write_trajectories(result.trajectories)
         self._stop_if_nonfinite(i, text_m, image_m)
         self.step_index += 1
-        return flat
+        return flat, abandoned_ahead
 
     def _stop_if_judge_failed(self, i: int, result: Any) -> None:
         """Raise `JudgeFailure` (before the update) if the judge failed on more than `judge.max_error_fraction`
@@ -173,15 +214,37 @@ class Trainer:
 
     def _sync_weights(self) -> tuple[Any, Any]:
         """Push the new weights to every worker (bounded waits); the policy version advances on success."""
-        roles, timeout = self.roles, self.cfg.train.remote_timeout_s
-        version = roles.version + 1
         with self._learners_guarded("weight sync", timeouts_are_learners=False):  # a stuck worker also times out
-            text = bounded(lambda: roles.text_sync.sync(roles.text_learners, roles.text_pool.actors, version),
-                           timeout, "text weight sync")
-            image = bounded(lambda: roles.diffusion_sync.sync(roles.diffusion_learners, roles.diffusion_pool.actors,
-                                                              version), timeout, "diffusion weight sync")
-        roles.version = version
+            text, image = self._push_weights(self._target_version)
+        self.roles.version = self._target_version
         return text, image
+
+    def _push_weights(self, version: int) -> tuple[Any, Any]:
+        """Both models' weights to every worker as `version`. Dead workers are replaced first (the group
+        must not include them); a worker that dies during the sync is replaced and the sync redone, at
+        most `train.retries` times (then `WorkerReplacementError`)."""
+        import ray
+
+        roles, timeout, retries = self.roles, self.cfg.train.remote_timeout_s, self.cfg.train.retries
+        reports = []
+        for name, sync, learners, pool in (("text", roles.text_sync, roles.text_learners, roles.text_pool),
+                                           ("diffusion", roles.diffusion_sync, roles.diffusion_learners,
+                                            roles.diffusion_pool)):
+            for attempt in range(retries + 1):
+                pool.ensure_alive()
+                try:
+                    reports.append(bounded(lambda s=sync, ls=learners, p=pool: s.sync(ls, p.actors, version),
+                                           timeout, f"{name} weight sync"))
+                    break
+                except ray.exceptions.RayActorError as e:
+                    dead = pool.slots_named_by(e)
+                    if not dead:  # a learner died: the guard around this turns it into a LearnerFailure
+                        raise
+                    if attempt == retries:
+                        raise WorkerReplacementError(pool.role, dead, "weight sync", retries, type(e).__name__) from e
+                    log.warning("%s weight sync: a worker died (%s); replacing it and syncing again (%d of %d)",
+                                name, type(e).__name__, attempt + 1, retries)
+        return reports[0], reports[1]
 
     @contextmanager
     def _learners_guarded(self, phase: str, timeouts_are_learners: bool = True) -> Iterator[None]:
@@ -206,8 +269,8 @@ class Trainer:
     def _worker_versions(self) -> dict[str, list[int]]:
         versions = {}
         for role, pool in (("text_workers", self.roles.text_pool), ("diffusion_workers", self.roles.diffusion_pool)):
-            versions[role] = pool.call_all("version")
-            stats = pool.call_all("stats")
+            versions[role] = pool.call_each("version")
+            stats = pool.call_each("stats")
             for k, (st, v) in enumerate(zip(stats, versions[role], strict=True)):
                 st.update(name=f"{role.removesuffix('s').replace('_', '-')}-{k}", weight_version=v)
             self.metrics.log_workers(role, stats)
@@ -218,6 +281,8 @@ class Trainer:
         roles, timeout = self.roles, self.cfg.train.remote_timeout_s
         text = _trim(result.text_batch, roles.text_learners.num_learners)
         image = _trim(result.image_batch, roles.diffusion_learners.num_learners)
+        negative_embeds = self._negative_embeds() if image else None  # before any learner starts
+        self._learners_touched, self._target_version = True, roles.version + 1
 
         def train_text() -> dict[str, float]:
             if not text:
@@ -232,7 +297,7 @@ class Trainer:
             if not image:
                 return {"skipped": 1.0}
             return roles.diffusion_learners.train_step([it.sample for it in image], [it.advantage for it in image],
-                                                       negative_embeds=self._negative_embeds(), timeout_s=timeout)
+                                                       negative_embeds=negative_embeds, timeout_s=timeout)
 
         pool = ThreadPoolExecutor(2)
         try:
@@ -246,10 +311,7 @@ class Trainer:
         if self.cfg.flow_grpo.train_cfg_scale == 1.0:
             return None
         if self._uncond is None:
-            import ray
-
-            embeds, pooled = ray.get(self.roles.diffusion_pool.actors[0].encode.remote([""]),
-                                     timeout=self.cfg.train.remote_timeout_s)
+            embeds, pooled = self.roles.diffusion_pool.call_one(0, "encode", [""])
             self._uncond = (embeds[0], pooled[0])
         return self._uncond
 
@@ -261,117 +323,6 @@ class Trainer:
             out = self.run_dir / "trajectories"
             out.mkdir(exist_ok=True)
             write_trajectories(out / f"step-{self.step_index:06d}.parquet", keep)
-
-    # ------------------------------------------------------------------------------- elasticity
-
-    def resize_workers(self, text_workers: int | None = None, diffusion_workers: int | None = None) -> dict[str, list[int]]:
-        """Change rollout worker counts between steps; new workers get the current weights before serving.
-
-        Learners are untouched. Returns the indices of the new workers per role.
-        """
-        new: dict[str, list[int]] = {}
-        for role, pool, count in (("text_workers", self.roles.text_pool, text_workers),
-                                  ("diffusion_workers", self.roles.diffusion_pool, diffusion_workers)):
-            if count is not None and count != len(pool):
-                log.info("resizing %s: %d -> %d", role, len(pool), count)
-                new[role] = pool.resize(count)
-        return new
-
-    def apply_control_file(self) -> dict[str, list[int]]:
-        """`<run>/control.yaml` (e.g. `text_workers: 3`) rescales workers before the next step.
-
-        The file is renamed to `control.applied-step-N.yaml`, or to `.rejected-…` with the reason logged
-        (bad keys or values, or more workers than the cluster's free resources can place); the run goes on.
-        """
-        import ray
-
-        from cluster.placement import resize_requests, resize_shortfall
-
-        path = self.run_dir / "control.yaml"
-        if not path.is_file():
-            return {}
-        stamp = f"step-{self.step_index:06d}"
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-            allowed = {"text_workers", "diffusion_workers"}
-            if not isinstance(data, dict) or set(data) - allowed:
-                raise ValueError(f"control.yaml keys must be among {sorted(allowed)}, got {data!r}")
-            for key, value in data.items():
-                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                    raise ValueError(f"control.yaml {key}={value!r}: must be an integer >= 1")
-            pools = {"text_workers": self.roles.text_pool, "diffusion_workers": self.roles.diffusion_pool}
-            shortfall = resize_shortfall(resize_requests(self.cfg, pools, data), ray.available_resources())
-            if shortfall is not None:
-                raise ValueError(shortfall)
-            new = self.resize_workers(**data)
-        except (ValueError, RuntimeError, yaml.YAMLError) as e:  # RuntimeError: a new worker's group was not placed
-            log.error("rejected %s: %s", path, e)
-            self.console.line(f"control.yaml rejected: {e}")
-            path.rename(self.run_dir / f"control.rejected-{stamp}.yaml")
-            return {}
-        path.rename(self.run_dir / f"control.applied-{stamp}.yaml")
-        return new
-
-    # ------------------------------------------------------------------------------- checkpoints
-
-    def save_checkpoint(self) -> Path:
-        """Weights + optimizer + schedule + RNG of every learner rank, data cursor, buffer, versions, and in
-        one-step-off mode the rollout already made for the next step (so a resume continues exactly)."""
-        import ray
-
-        from cluster.checkpoint import CheckpointDir, checkpoints_dir, save_pending_rollout
-        from learners.checkpointing import save_learner_state
-
-        ck = CheckpointDir(checkpoints_dir(self.run_dir), self.step_index)
-        refs = []
-        for kind, group in (("text_learner", self.roles.text_learners), ("diffusion_learner", self.roles.diffusion_learners)):
-            refs += [a.__ray_call__.remote(save_learner_state, str(ck.path / kind)) for a in group.actors]
-        with self._learners_guarded("saving a checkpoint"):
-            ray.get(refs, timeout=self.cfg.train.remote_timeout_s)
-        driver = {"prompts": self.prompts.state_dict(), "buffer": self.buffer.state_dict()}
-        (ck.path / "driver.json").write_text(json.dumps(driver))
-        if self._pending is not None:  # its prompts and buffer draws are already in the cursor/buffer above
-            save_pending_rollout(ck.path / "pending", *self._pending)
-        meta = {"step": self.step_index, "version": self.roles.version, "saved_at": time.time(),
-                "pending_rollout": self._pending is not None,
-                "learners": {"text": self.roles.text_learners.num_learners,
-                             "diffusion": self.roles.diffusion_learners.num_learners}}
-        final = ck.commit(meta, keep=self.cfg.checkpoint.keep)
-        self.last_checkpoint = final
-        log.info("checkpoint saved: %s", final)
-        return final
-
-    def load_checkpoint(self, path: Path) -> None:
-        """Continue exactly where `path` left off; workers get the checkpoint's weights before serving."""
-        import ray
-
-        from cluster.checkpoint import load_pending_rollout
-        from learners.checkpointing import load_learner_state
-
-        meta = json.loads((path / "meta.json").read_text())
-        for kind, group in (("text", self.roles.text_learners), ("diffusion", self.roles.diffusion_learners)):
-            if meta["learners"][kind] != group.num_learners:
-                raise ValueError(f"checkpoint {path} has {meta['learners'][kind]} {kind} learners, this run "
-                                 f"{group.num_learners}: resume with the same cluster.{kind}_learners")
-        refs = []
-        for kind, group in (("text_learner", self.roles.text_learners), ("diffusion_learner", self.roles.diffusion_learners)):
-            refs += [a.__ray_call__.remote(load_learner_state, str(path / kind)) for a in group.actors]
-        self.last_checkpoint = path  # still the place to resume from if a learner dies while loading it
-        with self._learners_guarded("loading a checkpoint"):
-            ray.get(refs, timeout=self.cfg.train.remote_timeout_s)
-        driver = json.loads((path / "driver.json").read_text())
-        self.prompts.load_state_dict(driver["prompts"])
-        self.buffer.load_state_dict(driver["buffer"])
-        self.step_index, self.roles.version = int(meta["step"]), int(meta["version"])
-        self._pending = load_pending_rollout(path / "pending") if meta.get("pending_rollout") else None
-        if self._pending is not None and self._pending[0].step_index != self.step_index:
-            raise ValueError(f"checkpoint {path}: pending rollout is for step {self._pending[0].step_index}, "
-                             f"the checkpoint's step is {self.step_index}")
-        if self.roles.version > 0:
-            self.roles.text_sync.sync(self.roles.text_learners, self.roles.text_pool.actors, self.roles.version)
-            self.roles.diffusion_sync.sync(self.roles.diffusion_learners, self.roles.diffusion_pool.actors,
-                                           self.roles.version)
-        log.info("resumed from %s at step %d (weights version %d)", path, self.step_index, self.roles.version)
 
     # ------------------------------------------------------------------------------- evaluation
 
@@ -396,102 +347,26 @@ class Trainer:
                           f"[{time.perf_counter() - start:.0f} s; {out}]")
         return report
 
-    def close(self) -> None:
-        """Stop every role (idempotent); actor names are free again afterwards."""
+    def close(self, hurry: bool = False) -> None:
+        """Stop every role (idempotent); actor names are free again afterwards. `hurry` (after a stop signal
+        or abandoned work: workers may still be busy) waits at most 10 s for the workers' own shutdown."""
         if self._closed:
             return
         self._closed = True
+        if hurry:
+            for pool in (self.roles.text_pool, self.roles.diffusion_pool):
+                pool.timeout_s = min(pool.timeout_s, 10.0)
         self.metrics.close()
         (self.run_dir / "phases.json").write_text(json.dumps(self.phase_log, indent=1))
         self.roles.shutdown()
 
 
 def run_training(cfg: R3Config, verbose: bool = True) -> Path:
-    """The whole job: connect, build roles, train `train.steps` steps, evaluate, shut down.
+    """The whole job: connect, build roles, train `train.steps` steps, evaluate, shut down
+    (`cluster.run_loop.run_training`, which documents what it raises)."""
+    from cluster.run_loop import run_training as run
 
-    With `verbose=False` the engines' logs go to `<run>/engine.log` and the terminal shows only a
-    progress bar, a line per evaluation and where things are (`cluster.console`).
-
-    Raises:
-        RunRefused: another run holds the run folder's lock, or the resume changes what the checkpoint's
-            run may not (`cluster.run_folder`); nothing was started or written then.
-    """
-    from cluster.checkpoint import resolve_resume
-    from cluster.run_folder import check_resume_config, lock_run_dir
-
-    run_dir = _run_dir_path(cfg)
-    created = not run_dir.exists()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with lock_run_dir(run_dir) as lock:
-        resume = resolve_resume(cfg.checkpoint.resume, Path(cfg.train.run_dir).resolve(), cfg.train.run_name)
-        if resume is not None:
-            try:
-                check_resume_config(resume, cfg.model_dump(mode="json"), run_dir, cfg.checkpoint.allow_config_changes)
-            except RunRefused:
-                if created:  # leave no empty run folder behind
-                    lock.unlink()
-                    run_dir.rmdir()
-                raise
-        _write_config(cfg, run_dir)
-        if verbose:
-            _run(cfg, run_dir, Console.verbose(), resume)
-            return run_dir
-        with Console.quiet(run_dir / "engine.log") as console:
-            console.line(f"run directory: {run_dir} (engine logs: {console.log_path.name})")
-            _run(cfg, run_dir, console, resume)
-    return run_dir
-
-
-def _run(cfg: R3Config, run_dir: Path, console: Console, resume: Path | None) -> None:
-    from cluster.session import connect_ray
-
-    log.info("run directory: %s", run_dir)
-    console.line("starting Ray and the roles (rollout workers, judge, learners)")
-    start = time.perf_counter()
-    started = connect_ray(cfg)
-    trainer = None
-    try:
-        trainer = Trainer(cfg, run_dir, console)
-        console.line(f"roles ready in {time.perf_counter() - start:.0f} s")
-        if resume is not None:
-            trainer.load_checkpoint(resume)
-            console.line(f"resumed from {resume} at step {trainer.step_index}")
-        elif cfg.checkpoint.resume == "auto":
-            log.info("checkpoint.resume=auto: no complete checkpoint under %s; starting fresh", cfg.train.run_dir)
-        if cfg.train.eval_before and trainer.step_index == 0:
-            trainer.evaluate(tag="before")
-        _train_steps(cfg, trainer, console)
-        if not cfg.checkpoint.every or trainer.step_index % cfg.checkpoint.every:
-            trainer.save_checkpoint()  # a clean stop always leaves a checkpoint
-        report = trainer.evaluate()
-        if console.is_quiet:
-            log.info("final evaluation\n%s", report.to_markdown())
-        else:
-            print(report.to_markdown())
-    finally:
-        if trainer is not None:
-            trainer.close()
-        if started:
-            import ray
-
-            ray.shutdown()
-
-
-def _train_steps(cfg: R3Config, trainer: Trainer, console: Console) -> None:
-    """Steps until `train.steps`, with checkpoints, periodic evaluations and the progress bar."""
-    bar = console.progress(cfg.train.steps, trainer.step_index, enabled=cfg.logging.progress)
-    while trainer.step_index < cfg.train.steps:
-        trainer.apply_control_file()
-        row = trainer.step()
-        if cfg.checkpoint.every and trainer.step_index % cfg.checkpoint.every == 0:
-            trainer.save_checkpoint()
-        bar.update(1)
-        bar.set_postfix({k.split("/")[-1]: f"{row[k]:.3g}" for k in
-                         ("generate/score_mean", "refine/score_mean", "time/rollout", "time/learn", "time/sync")
-                         if isinstance(row.get(k), float)})
-        if cfg.train.eval_every and trainer.step_index % cfg.train.eval_every == 0 < cfg.train.steps - trainer.step_index:
-            trainer.evaluate(tag=f"step-{trainer.step_index:06d}")
-    bar.close()
+    return run(cfg, verbose)
 
 
 def _trim(batch: list[Any], ranks: int) -> list[Any]:

@@ -8,7 +8,10 @@ producing non-finite values (`train.max_nonfinite_steps` skipped updates in a ro
 a checkpoint refuses) stops the same way with `NonFiniteFailure` (exit 4), and a step whose judge
 failed on more than `judge.max_error_fraction` of its items with `JudgeFailure` (exit 5). A run that
 must not start (its folder is locked by another run, or a resume changes what it may not) raises
-`RunRefused` (exit 2, like a config mistake) before any engine starts.
+`RunRefused` (exit 2, like a config mistake) before any engine starts. A rollout worker that died is
+replaced and re-synced (`cluster.pools`); one that cannot be replaced within `train.retries` tries
+stops the run with `WorkerFailure` (exit 6). A stop signal ends the run with `StoppedBySignal`
+(exit 143 for SIGTERM, 130 for SIGINT; `cluster.stopping`).
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from typing import Any, TypeVar
 
 __all__ = ["LearnerFailure", "LEARNER_FAILURE_EXIT_CODE", "NonFiniteFailure", "NONFINITE_EXIT_CODE", "NonFiniteStreak",
            "JudgeFailure", "JUDGE_FAILURE_EXIT_CODE", "judge_failure_cause", "RunRefused", "RUN_REFUSED_EXIT_CODE",
-           "find_dead_learners", "learner_failure", "bounded"]
+           "find_dead_learners", "learner_failure", "bounded", "WorkerFailure", "WORKER_FAILURE_EXIT_CODE",
+           "StoppedBySignal"]
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +33,7 @@ LEARNER_FAILURE_EXIT_CODE = 3  # 0 ok, 2 config error (cluster.train), 3 a learn
 NONFINITE_EXIT_CODE = 4  # training produced non-finite values it could not get past
 JUDGE_FAILURE_EXIT_CODE = 5  # the judge failed on more than judge.max_error_fraction of a step's items
 RUN_REFUSED_EXIT_CODE = 2  # the same status as a config mistake: nothing was started
+WORKER_FAILURE_EXIT_CODE = 6  # a dead rollout worker could not be replaced within train.retries tries
 T = TypeVar("T")
 
 
@@ -131,6 +136,40 @@ class JudgeFailure(LearnerFailure):
             "train.remote_timeout_s for a remote one), or raise judge.max_error_fraction to accept more errors.\n"
             + _resume_advice(checkpoint, auto),
         )
+
+
+class WorkerFailure(LearnerFailure):
+    """A dead rollout worker could not be replaced (its replacement died or did not start) more than
+    `train.retries` times in a row during one call. The run stops with a checkpoint of the last
+    completed step; attributes as `LearnerFailure` (`actors` names the workers); exit status 6."""
+
+    exit_code = WORKER_FAILURE_EXIT_CODE
+
+    def __init__(self, actors: Sequence[str], step: int, phase: str, checkpoint: Path | None, cause: str,
+                 auto: Path | None = None):
+        self.actors, self.step, self.phase = list(actors), step, phase
+        self.checkpoint, self.auto = checkpoint, auto
+        RuntimeError.__init__(
+            self,
+            f"rollout worker failure: {', '.join(self.actors) or 'a worker'} could not be replaced during step "
+            f"{step} ({phase}): {cause}.\nCheck the workers' logs (engine.log, the Ray dashboard) and the cluster's "
+            "free resources; raise train.retries to try more replacements.\n" + _resume_advice(checkpoint, auto),
+        )
+
+
+class StoppedBySignal(RuntimeError):
+    """The run stopped cleanly after SIGTERM/SIGINT (`cluster.stopping`). Attributes: `signum`, `step`
+    (completed steps), `checkpoint` (where a resume continues; None if none was written), `abandoned`
+    (what was cut short, or None), `exit_code` (128 + signum: 143 SIGTERM, 130 SIGINT)."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path | None, abandoned: str | None = None):
+        import signal
+
+        self.signum, self.step, self.checkpoint, self.abandoned = signum, step, checkpoint, abandoned
+        self.exit_code = 128 + int(signum)
+        cut = f" (abandoned {abandoned})" if abandoned else ""
+        where = f"checkpoint {checkpoint}" if checkpoint is not None else "no checkpoint (no step completed)"
+        super().__init__(f"stopped by {signal.Signals(signum).name} after {step} completed steps{cut}; {where}")
 
 
 def judge_failure_cause(step: int, errors: float, items: float, max_fraction: float, kind: str) -> str | None:

@@ -90,6 +90,26 @@ class MetricsLogger:
             self._gauges.set(numeric)
         return flat
 
+    def drop_rows_from(self, step: int) -> int:
+        """Forget the rows of steps >= `step` (a resume from a checkpoint of `step` redoes them), so the
+        file keeps one row per step; TensorBoard purges its events of those steps too. Returns how many
+        rows were dropped."""
+        self._file.close()
+        lines = self.path.read_text().splitlines(keepends=True) if self.path.is_file() else []
+        keep = [ln for ln in lines if _row_step(ln) < step]  # a torn last line (a killed run) goes too
+        if len(keep) != len(lines):
+            tmp = self.path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(keep))
+            tmp.replace(self.path)
+        self._file = self.path.open("a")
+        if self._tb is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            log_dir = self._tb.log_dir
+            self._tb.close()
+            self._tb = SummaryWriter(log_dir, purge_step=step)
+        return len(lines) - len(keep)
+
     def log_workers(self, role: str, stats: list[dict[str, Any]]) -> None:
         """Per-worker numbers (tokens/s, images/s, weight version, ...) tagged by role and worker."""
         if self._gauges is None:
@@ -103,6 +123,14 @@ class MetricsLogger:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def _row_step(line: str) -> float:
+    """The step of a metrics.jsonl line; +inf for a line that is not a complete row."""
+    try:
+        return float(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def _jsonable(x: Any) -> Any:

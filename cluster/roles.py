@@ -167,8 +167,11 @@ def build_roles(cfg: R3Config, paths: ModelPaths) -> Roles:
     c = cfg.cluster
     text_backend = sync_backend(cfg.sync.backend, c.text_learners.num_gpus, c.text_workers.num_gpus)
     image_backend = sync_backend(cfg.sync.backend, c.diffusion_learners.num_gpus, c.diffusion_workers.num_gpus)
-    text_sync = make_weight_sync(cfg.sync.method, bucket_mb=cfg.sync.bucket_mb, backend=text_backend)
-    diffusion_sync = make_weight_sync(cfg.sync.method, bucket_mb=cfg.sync.bucket_mb, backend=image_backend)
+    # weights travel in the dtype the workers hold (models.*.dtype), not the learner's
+    text_sync = make_weight_sync(cfg.sync.method, bucket_mb=cfg.sync.bucket_mb, backend=text_backend,
+                                 wire_dtype=cfg.models.reasoner.dtype)
+    diffusion_sync = make_weight_sync(cfg.sync.method, bucket_mb=cfg.sync.bucket_mb, backend=image_backend,
+                                      wire_dtype=cfg.models.generator.dtype)
     roles_box: dict[str, Roles] = {}
 
     def resync(sync: Any) -> Any:
@@ -207,6 +210,7 @@ def text_learner_kwargs(cfg: R3Config, paths: ModelPaths) -> dict[str, Any]:
     return dict(
         model_path=paths.reasoner, zero_stage=g.zero_stage, lr=g.lr, betas=tuple(g.betas),
         weight_decay=g.weight_decay, warmup_steps=g.warmup_steps, lr_decay_steps=cfg.lr_decay_steps(g),
+        dtype=g.dtype,
         min_lr_ratio=g.min_lr_ratio, grad_clip=g.grad_clip, micro_batch_size=g.micro_batch_size,
         temperature=g.temperature, top_p=g.top_p, kl_coef=g.kl_coef, kl_kind=g.kl_kind,
         clip_low=g.clip_low, clip_high=g.clip_high, loss_agg=g.loss_agg,
@@ -219,6 +223,7 @@ def diffusion_learner_kwargs(cfg: R3Config, paths: ModelPaths) -> dict[str, Any]
     return dict(
         model_path=paths.generator, zero_stage=f.zero_stage, lr=f.lr, betas=tuple(f.betas),
         warmup_steps=f.warmup_steps, lr_decay_steps=cfg.lr_decay_steps(f), min_lr_ratio=f.min_lr_ratio,
+        dtype=f.dtype,
         grad_clip=f.grad_clip, micro_batch_size=f.micro_batch_size,
         clip_range=f.clip_range, adv_clip=f.adv_clip, kl_coef=f.kl_coef, kl_mode=f.kl_mode,
         image_loss_weight=f.image_loss_weight, cfg_scale=f.train_cfg_scale,
@@ -244,6 +249,9 @@ def build_judge_client(cfg: R3Config, paths: ModelPaths) -> Any:
         max_batch_size=j.max_batch_size, batch_wait_timeout_s=j.batch_wait_s, num_cpus=r.num_cpus,
         num_gpus=r.num_gpus,
     )
+    if j.kind == "remote":  # the replica retries over HTTP: one Serve attempt spans them all, within
+        # judge.timeout_s x (retries + 1) <= train.remote_timeout_s (checked by the config)
+        return _ServeJudge(ServeJudgeClient("judge", timeout_s=j.timeout_s * (j.retries + 1), max_retries=0))
     return _ServeJudge(ServeJudgeClient("judge", timeout_s=j.timeout_s, max_retries=j.retries))
 
 
@@ -265,8 +273,9 @@ def judge_spec(cfg: R3Config, paths: ModelPaths) -> dict[str, Any]:
                                      "distributed_executor_backend": "mp"}
         if j.gpu_memory_utilization is not None:  # a judge sharing its GPUs with other roles
             spec.setdefault("engine_kwargs", {})["gpu_memory_utilization"] = j.gpu_memory_utilization
-    elif j.kind == "remote":
-        spec.update(base_url=j.url, model=j.remote_model, mode=j.mode)
+    elif j.kind == "remote":  # each HTTP request has judge.timeout_s and judge.retries retries, in the replica
+        spec.update(base_url=j.url, model=j.remote_model, mode=j.mode, api_key_env=j.api_key_env,
+                    timeout_s=j.timeout_s, max_retries=j.retries)
     return spec
 
 

@@ -11,7 +11,12 @@ a `LearnerFailure`: the message names the step, the fraction and the judge kind;
 made). A run refused before anything starts also exits 2 (`cluster.failures.RunRefused`): its run folder
 is locked by another run (the message names the folder and the holding process), or `--resume` changes
 what the checkpoint's run cannot continue exactly with (learner counts; `r3.mode`, `data.*`, `train.seed`
-unless `checkpoint.allow_config_changes`; each key old -> new is listed).
+unless `checkpoint.allow_config_changes`; each key old -> new is listed), or its inputs are wrong
+(`cluster.preflight`: a malformed or too long prompt, an incomplete model folder, an unset API-key
+variable, more CPUs than a local cluster has). 6 a dead rollout worker could not be replaced within
+`train.retries` tries (`cluster.failures.WorkerFailure`). 143 / 130 SIGTERM / SIGINT stopped the run
+cleanly (`cluster.stopping`): one line names the checkpoint and the resume command; a second signal
+exits at once.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -56,16 +63,22 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             return dry_run(cfg)
         check_launch(cfg)  # placement and memory against cluster.hardware, when declared
+        from cluster.preflight import check_before_start
+
+        check_before_start(cfg)  # prompts, model folders, API-key variable, local CPUs: before any engine
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from cluster.driver import run_training
-    from cluster.failures import LearnerFailure, RunRefused
+    from cluster.failures import LearnerFailure, RunRefused, StoppedBySignal
 
     try:
         run_dir = run_training(cfg, verbose=args.verbose)
     except (LearnerFailure, RunRefused) as e:
         print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except StoppedBySignal as e:
+        print(f"{e}; {resume_hint(argv, e.checkpoint)}", file=sys.stderr)
         return e.exit_code
     print(run_summary(run_dir))
     return 0
@@ -81,6 +94,21 @@ def dry_run(cfg: R3Config) -> int:
     check_launch(cfg, plans)
     print("dry run: no engines started")
     return 0
+
+
+def resume_hint(argv: list[str] | None, checkpoint: Path | None) -> str:
+    """How to go on after a stop: this command line with `--resume <checkpoint>` in place of any `--resume`."""
+    if checkpoint is None:
+        return "nothing to resume: start the run again"
+    args, skip = [], False
+    for a in sys.argv[1:] if argv is None else argv:
+        if skip:
+            skip = False
+        elif a == "--resume":
+            skip = True
+        elif not a.startswith("--resume="):
+            args.append(a)
+    return f"resume with: python -m cluster.train {shlex.join([*args, '--resume', str(checkpoint)])}"
 
 
 def run_summary(run_dir: Path) -> str:
@@ -100,4 +128,10 @@ def run_summary(run_dir: Path) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if code >= 128:  # stopped by a signal: threads of abandoned work must not hold the exit up
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(code)
+    sys.exit(code)

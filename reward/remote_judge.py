@@ -6,7 +6,10 @@ for `logprobs` + `top_logprobs` of a one-token answer. Standard library only (ur
 
 Transport policy: at most `max_concurrency` requests in flight; each has `timeout_s`; timeouts,
 connection errors, HTTP 429 and 5xx are retried up to `max_retries` times with exponential
-back-off; other HTTP errors are not. An item whose request finally fails gets an error result
+back-off; other HTTP errors are not. One query never takes longer than `timeout_s x (max_retries + 1)`
+in all (back-off included: the last attempt gets what is left), which the run's config keeps within
+`train.remote_timeout_s`. The API key is read from the environment variable `api_key_env` at each
+request; it is never stored, logged or put in an error message. An item whose request finally fails gets an error result
 (never an exception), as does an unreadable response body.
 """
 
@@ -102,7 +105,7 @@ class RemoteJudge:
                 f"{max_concurrency}, {max_retries}, {timeout_s}"
             )
         if api_key_env is not None and not os.environ.get(api_key_env):
-            raise ValueError(f"api_key_env={api_key_env!r} names an unset environment variable")
+            raise ValueError(f"api_key_env={api_key_env!r} names an unset environment variable (or an empty one)")
         self._url = base_url.rstrip("/") + "/chat/completions"
         self._model = model
         self._api_key_env = api_key_env
@@ -154,17 +157,23 @@ class RemoteJudge:
         """(answer text, first-token top log-probs) or a RemoteError after retries."""
         body = self._request_body(image_url, text)
         last = "no attempt"
+        deadline = time.monotonic() + self._timeout_s * (self._max_retries + 1)  # all attempts, back-off included
+        attempts = 0
         for attempt in range(self._max_retries + 1):
             if attempt:
-                time.sleep(self._backoff_s * 2 ** (attempt - 1))
+                time.sleep(min(self._backoff_s * 2 ** (attempt - 1), max(0.0, deadline - time.monotonic() - 0.05)))
+            remaining = min(self._timeout_s, deadline - time.monotonic())
+            if remaining < 0.05:  # no time left for another request
+                break
+            attempts += 1
             try:
-                return _parse_reply(self._post(body))
+                return _parse_reply(self._post(body, remaining))
             except _Retryable as e:
                 last = str(e)
                 log.warning("remote judge attempt %d/%d failed: %s", attempt + 1, self._max_retries + 1, last)
             except RemoteError as e:
                 return e
-        return RemoteError(f"{last} (after {self._max_retries + 1} attempts)")
+        return RemoteError(f"{last} (after {attempts} attempts)")
 
     def _request_body(self, image_url: str, text: str) -> bytes:
         content = [{"type": "image_url", "image_url": {"url": image_url}}, {"type": "text", "text": text}]
@@ -180,13 +189,13 @@ class RemoteJudge:
             body.update(logprobs=True, top_logprobs=self._top_logprobs)
         return json.dumps(body).encode()
 
-    def _post(self, body: bytes) -> bytes:
+    def _post(self, body: bytes, timeout_s: float) -> bytes:
         headers = {"Content-Type": "application/json"}
         if self._api_key_env:
             headers["Authorization"] = f"Bearer {os.environ.get(self._api_key_env, '')}"
         req = urllib.request.Request(self._url, data=body, headers=headers, method="POST")
         try:
-            with urllib.request.urlopen(req, timeout=self._timeout_s) as resp:
+            with urllib.request.urlopen(req, timeout=timeout_s) as resp:
                 return resp.read()
         except urllib.error.HTTPError as e:
             detail = f"http {e.code}: {e.read()[:200].decode(errors='replace')}"
@@ -194,11 +203,11 @@ class RemoteJudge:
                 raise _Retryable(detail) from e
             raise RemoteError(detail) from e
         except TimeoutError as e:
-            raise _Retryable(f"timeout after {self._timeout_s}s") from e
+            raise _Retryable(f"timeout after {timeout_s:.3g}s") from e
         except (urllib.error.URLError, ConnectionError, OSError) as e:
             reason = getattr(e, "reason", e)
             if isinstance(reason, TimeoutError | socket.timeout):
-                raise _Retryable(f"timeout after {self._timeout_s}s") from e
+                raise _Retryable(f"timeout after {timeout_s:.3g}s") from e
             raise _Retryable(f"connection error: {reason}") from e
 
 

@@ -88,6 +88,16 @@ class RolloutBuffer:
         for e in entries:
             self.add(e)
 
+    def snapshot(self) -> RolloutBuffer:
+        """An independent copy (entries shared, never mutated; lists and RNG copied): what a checkpoint
+        of the moment before a step writes if that step is abandoned while it still changes this buffer."""
+        import copy
+
+        twin = copy.copy(self)
+        twin._rng = copy.deepcopy(self._rng)
+        twin._perfect, twin._imperfect = copy.copy(self._perfect), copy.copy(self._imperfect)
+        return twin
+
     def sample(self, n: int) -> list[BufferEntry]:
         """Draw `n` start entries by the p_perfect rule (with replacement)."""
         if n < 1:

@@ -1,0 +1,82 @@
+"""SIGTERM (what `ray job stop` sends) and SIGINT stop a real run cleanly: a checkpoint of the last completed
+step, exit 143 / 130 with one line naming the checkpoint and the resume command, and a resume that
+continues to the end with one metrics row per step.
+
+Real `python -m cluster.train` subprocesses on the tiny models (ShapesWorld judge behind Ray Serve).
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "DS_ACCELERATOR": "cpu",
+       "TOKENIZERS_PARALLELISM": "false", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+       "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+def _args(root: Path, name: str, steps: int, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "cluster.train", "--config", "configs/cpu_tiny.yaml", f"train.run_dir={root}",
+            f"train.run_name={name}", f"train.steps={steps}", "plugins=[examples.shapesworld]", "judge.kind=shapes",
+            "data.train=shapes-train", "data.test=shapes-test", "data.eval_limit=2", "train.eval_rounds=1",
+            "logging.progress=false", "logging.tensorboard=false", *extra]
+
+
+def _rows(run_dir: Path) -> list[int]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line)["step"] for line in path.read_text().splitlines() if line.endswith("}")]
+
+
+def _signal_after_first_step(args: list[str], run_dir: Path, signum: int) -> subprocess.CompletedProcess:
+    """Start the run, wait until its first step's metrics row is written, send `signum`, wait for the end."""
+    proc = subprocess.Popen(args, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        while not _rows(run_dir):
+            assert proc.poll() is None, f"the run ended before its first step: {proc.communicate()[1][-3000:]}"
+            time.sleep(0.5)
+        proc.send_signal(signum)
+        out, err = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return subprocess.CompletedProcess(args, proc.returncode, out, err)
+
+
+def test_sigterm_abandons_the_rollout_checkpoints_and_resume_continues_without_duplicate_rows(tmp_path):
+    run_dir = tmp_path / "term"
+    # stop_grace_s=0: the next step's rollout is abandoned at once (no metrics row, learners untouched)
+    stopped = _signal_after_first_step(_args(tmp_path, "term", 3, "train.stop_grace_s=0"), run_dir, signal.SIGTERM)
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    last = stopped.stderr.strip().splitlines()[-1]
+    assert last.startswith("stopped by SIGTERM after 1 completed steps (abandoned the rollout of step 1)"), last
+    checkpoint = run_dir / "checkpoints" / "step-000001"
+    assert f"checkpoint {checkpoint};" in last and f"--resume {checkpoint}" in last and "python -m cluster.train" in last
+    assert json.loads((checkpoint / "meta.json").read_text())["step"] == 1
+    assert _rows(run_dir) == [0]  # the abandoned step wrote nothing
+    assert not (run_dir / "eval-final").exists()
+
+    resumed = subprocess.run(_args(tmp_path, "term", 3, "--resume", str(checkpoint)), env=ENV, capture_output=True,
+                             text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert _rows(run_dir) == [0, 1, 2]
+    assert (run_dir / "eval-final" / "eval.json").is_file()
+
+
+def test_sigint_finishes_the_step_in_flight_and_exits_130(tmp_path):
+    run_dir = tmp_path / "int"
+    stopped = _signal_after_first_step(_args(tmp_path, "int", 4), run_dir, signal.SIGINT)
+    assert stopped.returncode == 130, stopped.stderr[-3000:]
+    last = stopped.stderr.strip().splitlines()[-1]
+    assert last.startswith("stopped by SIGINT after 2 completed steps;"), last  # step 1 finished within the grace
+    checkpoint = run_dir / "checkpoints" / "step-000002"
+    assert (checkpoint / "meta.json").is_file() and f"--resume {checkpoint}" in last
+    assert _rows(run_dir) == [0, 1]
