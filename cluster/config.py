@@ -240,6 +240,10 @@ class GRPOConfig(_LrSchedule):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     grad_clip: float = Field(1.0, gt=0, description="clip of the global gradient norm")
     zero_stage: Literal[0, 1, 2, 3] = Field(1, description="DeepSpeed ZeRO stage")
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="learner dtype: bfloat16 = bf16 weights, activations and gradients with fp32 master "
+        "weights in the optimizer (DeepSpeed bf16 mode)"
+    )
     micro_batch_size: int = Field(4, ge=1, description="answers per forward/backward on each learner rank")
     gradient_checkpointing: bool = Field(
         False, description="recompute activations in the backward pass: less memory, more compute"
@@ -283,6 +287,10 @@ class FlowGRPOConfig(_LrSchedule):
     betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas")
     grad_clip: float = Field(1.0, gt=0, description="clip of the global gradient norm")
     zero_stage: Literal[0, 1, 2, 3] = Field(1, description="DeepSpeed ZeRO stage")
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="learner dtype: bfloat16 = bf16 weights, activations and gradients with fp32 master "
+        "weights in the optimizer (DeepSpeed bf16 mode)"
+    )
     micro_batch_size: int = Field(
         4, ge=1, description="(image, stored denoising step) items per forward/backward on each learner rank"
     )

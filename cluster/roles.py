@@ -167,8 +167,11 @@ def build_roles(cfg: R3Config, paths: ModelPaths) -> Roles:
     c = cfg.cluster
     text_backend = sync_backend(cfg.sync.backend, c.text_learners.num_gpus, c.text_workers.num_gpus)
     image_backend = sync_backend(cfg.sync.backend, c.diffusion_learners.num_gpus, c.diffusion_workers.num_gpus)
-    text_sync = make_weight_sync(cfg.sync.method, bucket_mb=cfg.sync.bucket_mb, backend=text_backend)
-    diffusion_sync = make_weight_sync(cfg.sync.method, bucket_mb=cfg.sync.bucket_mb, backend=image_backend)
+    # weights travel in the dtype the workers hold (models.*.dtype), not the learner's
+    text_sync = make_weight_sync(cfg.sync.method, bucket_mb=cfg.sync.bucket_mb, backend=text_backend,
+                                 wire_dtype=cfg.models.reasoner.dtype)
+    diffusion_sync = make_weight_sync(cfg.sync.method, bucket_mb=cfg.sync.bucket_mb, backend=image_backend,
+                                      wire_dtype=cfg.models.generator.dtype)
     roles_box: dict[str, Roles] = {}
 
     def resync(sync: Any) -> Any:
@@ -207,6 +210,7 @@ def text_learner_kwargs(cfg: R3Config, paths: ModelPaths) -> dict[str, Any]:
     return dict(
         model_path=paths.reasoner, zero_stage=g.zero_stage, lr=g.lr, betas=tuple(g.betas),
         weight_decay=g.weight_decay, warmup_steps=g.warmup_steps, lr_decay_steps=cfg.lr_decay_steps(g),
+        dtype=g.dtype,
         min_lr_ratio=g.min_lr_ratio, grad_clip=g.grad_clip, micro_batch_size=g.micro_batch_size,
         temperature=g.temperature, top_p=g.top_p, kl_coef=g.kl_coef, kl_kind=g.kl_kind,
         clip_low=g.clip_low, clip_high=g.clip_high, loss_agg=g.loss_agg,
@@ -219,6 +223,7 @@ def diffusion_learner_kwargs(cfg: R3Config, paths: ModelPaths) -> dict[str, Any]
     return dict(
         model_path=paths.generator, zero_stage=f.zero_stage, lr=f.lr, betas=tuple(f.betas),
         warmup_steps=f.warmup_steps, lr_decay_steps=cfg.lr_decay_steps(f), min_lr_ratio=f.min_lr_ratio,
+        dtype=f.dtype,
         grad_clip=f.grad_clip, micro_batch_size=f.micro_batch_size,
         clip_range=f.clip_range, adv_clip=f.adv_clip, kl_coef=f.kl_coef, kl_mode=f.kl_mode,
         image_loss_weight=f.image_loss_weight, cfg_scale=f.train_cfg_scale,

@@ -30,7 +30,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from learners import algos, ds_engine, finite
+from learners import algos, ds_engine, finite, lean_init
 from learners.learner_base import LearnerBase
 from rollout.flow_sde import sde_step
 from rollout.flux_forward import FLUX_VAE_SCALE, flux_velocity
@@ -67,7 +67,7 @@ class DiffusionLearner(LearnerBase):
         min_lr_ratio: float = 0.0,
         grad_clip: float = 1.0,
         micro_batch_size: int = 4,
-        dtype: str = "auto",
+        dtype: str = "float32",
         kl_coef: float = 0.0,
         kl_mode: str = "mean",
         clip_range: float = 0.2,
@@ -90,6 +90,7 @@ class DiffusionLearner(LearnerBase):
         reads it from the pipeline's `vae/config.json` (FLUX's 8 for a bare transformer folder).
         gradient_checkpointing: recompute the transformer blocks' activations in the backward pass
         (diffusers checkpoints whenever gradients are enabled, in eval mode too).
+        dtype: "float32" or "bfloat16" (fp32 master weights in the optimizer; `flow_grpo.dtype`).
         rank/world_size/master_*: as `TextLearner`.
         """
         if kl_mode not in KL_MODES:
@@ -105,16 +106,20 @@ class DiffusionLearner(LearnerBase):
         self.dtype = ds_engine.resolve_dtype(dtype)
         self.vae_scale_factor = vae_scale_factor or _pipeline_vae_scale(Path(model_path))
 
-        model = self._load_transformer()
-        if gradient_checkpointing:
-            model.enable_gradient_checkpointing()
-        self.ref_model = None
-        if kl_coef > 0:
-            self.ref_model = self._load_transformer().to(self.device, self.dtype).eval().requires_grad_(False)
         config = ds_engine.build_ds_config(
             zero_stage=zero_stage, lr=lr, betas=betas, weight_decay=weight_decay, adam_eps=adam_eps,
             grad_clip=grad_clip, micro_batch_size=micro_batch_size, world_size=self.world_size,
-            dtype=self.dtype)
+            dtype=self.dtype, hidden_size=self._inner_dim())
+        # ---- lean loading (docs/design.md#lean-learners-under-zero-3): ZeRO-3 partitions at construction
+        model = self._load_transformer(config)
+        if gradient_checkpointing:
+            model.enable_gradient_checkpointing()
+        self.ref_model = None
+        if kl_coef > 0:  # sharded like the policy under ZeRO-3, else a whole frozen copy
+            reference = self._load_transformer(config).eval().requires_grad_(False)
+            self.ref_model = (lean_init.reference_engine(reference, config) if lean_init.is_zero3(config)
+                              else reference.to(self.device))
+        # ---- end lean loading
         self.engine = ds_engine.initialize_engine(model, config, warmup_steps, lr_decay_steps, min_lr_ratio)
         self.engine.eval()
         self.guidance_embeds = bool(self.engine.module.config.guidance_embeds)
@@ -192,12 +197,27 @@ class DiffusionLearner(LearnerBase):
         return m
 
     # ---- model ------------------------------------------------------------------------------
-    def _load_transformer(self) -> torch.nn.Module:
+    def _transformer_folder(self) -> Path:
+        path = Path(self.model_path)
+        return path / "transformer" if (path / "transformer").is_dir() else path
+
+    def _inner_dim(self) -> int:
+        """The transformer's width: heads x head dim."""
+        config = json.loads((self._transformer_folder() / "config.json").read_text())
+        return int(config["num_attention_heads"]) * int(config["attention_head_dim"])
+
+    def _load_transformer(self, ds_config: dict[str, Any]) -> torch.nn.Module:
+        """The transformer in the learner's dtype; under ZeRO-3 built partitioned and filled one
+        checkpoint tensor at a time (`lean_init`), never whole on any rank."""
         from diffusers import FluxTransformer2DModel
 
-        path = Path(self.model_path)
-        sub = "transformer" if (path / "transformer").is_dir() else None
-        return FluxTransformer2DModel.from_pretrained(str(path), subfolder=sub, torch_dtype=torch.float32)
+        folder = self._transformer_folder()
+        if not lean_init.is_zero3(ds_config):
+            return FluxTransformer2DModel.from_pretrained(str(folder), torch_dtype=self.dtype)
+        with lean_init.partitioned_construction(ds_config):
+            model = FluxTransformer2DModel.from_config(FluxTransformer2DModel.load_config(str(folder)))
+        lean_init.load_safetensors_partitioned(model, folder)
+        return model
 
     def _copy_side_files(self, out: Path) -> None:
         """The transformer folder is self-contained (config.json + safetensors)."""

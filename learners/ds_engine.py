@@ -33,6 +33,7 @@ __all__ = [
     "resolve_dtype",
     "init_distributed",
     "build_ds_config",
+    "zero3_bucket_sizes",
     "warmup_lambda",
     "initialize_engine",
     "set_micro_batches",
@@ -95,14 +96,16 @@ def on_gpu() -> bool:
     return os.environ.get("DS_ACCELERATOR", "") != "cpu" and torch.cuda.is_available()
 
 
+LEARNER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
 def resolve_dtype(dtype: str) -> torch.dtype:
-    """"auto" = bf16 on GPU, fp32 on CPU; or "float32" / "bfloat16" explicitly."""
-    table = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-    if dtype == "auto":
-        return torch.bfloat16 if on_gpu() else torch.float32
-    if dtype not in table:
-        raise ValueError(f"unknown learner dtype {dtype!r}; known: ['auto', 'bfloat16', 'float32']")
-    return table[dtype]
+    """The learner's dtype by name: "float32", or "bfloat16" (bf16 weights, activations and
+    gradients; fp32 master weights in the optimizer). Named explicitly by the config
+    (`grpo.dtype`, `flow_grpo.dtype`), never guessed from the hardware."""
+    if dtype not in LEARNER_DTYPES:
+        raise ValueError(f"unknown learner dtype {dtype!r}; known: {sorted(LEARNER_DTYPES)}")
+    return LEARNER_DTYPES[dtype]
 
 
 def init_distributed(backend: str | None = None) -> str:
@@ -127,18 +130,27 @@ def build_ds_config(
     micro_batch_size: int,
     world_size: int,
     dtype: torch.dtype,
+    hidden_size: int | None = None,
 ) -> dict[str, Any]:
-    """The DeepSpeed config dict. Gradient accumulation starts at 1 and is set per step."""
+    """The DeepSpeed config dict. Gradient accumulation starts at 1 and is set per step.
+
+    dtype bfloat16 turns on DeepSpeed's bf16 mode: bf16 weights, activations and gradients, fp32
+    master weights in the optimizer. hidden_size: the model's width; under ZeRO-3 it sizes the
+    communication buckets (`zero3_bucket_sizes`) instead of DeepSpeed's fixed defaults.
+    """
     if zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {zero_stage}")
     if micro_batch_size < 1:
         raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+    zero: dict[str, Any] = {"stage": zero_stage}
+    if zero_stage == 3 and hidden_size:
+        zero.update(zero3_bucket_sizes(hidden_size))
     return {
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": 1,
         "train_batch_size": micro_batch_size * world_size,
         "gradient_clipping": grad_clip if grad_clip > 0 else 0.0,
-        "zero_optimization": {"stage": zero_stage},
+        "zero_optimization": zero,
         "optimizer": {
             "type": "AdamW",
             "params": {
@@ -155,6 +167,21 @@ def build_ds_config(
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+
+
+def zero3_bucket_sizes(hidden_size: int) -> dict[str, int]:
+    """ZeRO-3 buffer sizes (elements) from the model width h, as transformers' "auto" values.
+
+    reduce_bucket_size h², stage3_prefetch_bucket_size 0.9·h², stage3_param_persistence_threshold
+    10·h. Why: DeepSpeed's defaults (5e8, 5e7, 1e5) are sized for no model in particular; the
+    gradient bucket is allocated at `reduce_bucket_size` and filled up to the whole gradient of a
+    model smaller than that, which a lean learner should not hold (docs/design.md#lean-learners-under-zero-3).
+    """
+    if hidden_size < 1:
+        raise ValueError(f"hidden_size must be >= 1, got {hidden_size}")
+    h2 = hidden_size * hidden_size
+    return {"reduce_bucket_size": h2, "stage3_prefetch_bucket_size": int(0.9 * h2),
+            "stage3_param_persistence_threshold": 10 * hidden_size}
 
 
 def warmup_lambda(warmup_steps: int, decay_steps: int = 0, min_ratio: float = 0.0):

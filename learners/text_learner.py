@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from learners import algos, ds_engine, finite
+from learners import algos, ds_engine, finite, lean_init
 from learners.learner_base import LearnerBase
 from rollout.trajectory import TextSample
 
@@ -49,7 +49,7 @@ class TextLearner(LearnerBase):
         min_lr_ratio: float = 0.0,
         grad_clip: float = 1.0,
         micro_batch_size: int = 4,
-        dtype: str = "auto",
+        dtype: str = "float32",
         temperature: float = 1.0,
         top_p: float = 1.0,
         kl_coef: float = 0.0,
@@ -74,6 +74,8 @@ class TextLearner(LearnerBase):
         temperature, top_p: the sampler's, replayed when recomputing log-probs.
         gradient_checkpointing: recompute the decoder layers' activations in the backward pass
         (also in the eval mode the learner runs in; `ds_engine.checkpoint_in_eval`).
+        dtype: "float32", or "bfloat16" = bf16 weights and activations with fp32 master weights
+        in the optimizer (DeepSpeed's bf16 mode); the model is loaded in it (`grpo.dtype`).
         """
         algos.get_agg(loss_agg)
         algos.get_kl(kl_kind)
@@ -89,17 +91,23 @@ class TextLearner(LearnerBase):
         self.clip_low, self.clip_high = clip_low, clip_high
         self.loss_agg, self.max_len = loss_agg, max_len
         self.dtype = ds_engine.resolve_dtype(dtype)
-
-        model = self._load_model()
-        if gradient_checkpointing:
-            model.gradient_checkpointing_enable()
-        self.ref_model = None
-        if kl_coef > 0:
-            self.ref_model = self._load_model().to(self.device, self.dtype).eval().requires_grad_(False)
         config = ds_engine.build_ds_config(
             zero_stage=zero_stage, lr=lr, betas=betas, weight_decay=weight_decay, adam_eps=adam_eps,
             grad_clip=grad_clip, micro_batch_size=micro_batch_size, world_size=self.world_size,
-            dtype=self.dtype)
+            dtype=self.dtype, hidden_size=self._hidden_size())
+
+        # ---- lean loading (docs/design.md#lean-learners-under-zero-3): ZeRO-3 partitions at construction
+        with lean_init.hf_partitioned_loading(config):
+            model = self._load_model()
+            reference = self._load_model() if kl_coef > 0 else None
+        if gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        self.ref_model = None
+        if reference is not None:  # sharded like the policy under ZeRO-3, else a whole frozen copy
+            reference.eval().requires_grad_(False)
+            self.ref_model = (lean_init.reference_engine(reference, config) if lean_init.is_zero3(config)
+                              else reference.to(self.device))
+        # ---- end lean loading
         self.engine = ds_engine.initialize_engine(model, config, warmup_steps, lr_decay_steps, min_lr_ratio)
         self.engine.eval()  # no dropout: the recomputed log-probs must equal the sampler's
         if gradient_checkpointing:
@@ -225,11 +233,16 @@ class TextLearner(LearnerBase):
             self._is_vlm = getattr(cfg, "vision_config", None) is not None
         return self._is_vlm
 
+    def _hidden_size(self) -> int:
+        from transformers import AutoConfig
+
+        return int(AutoConfig.from_pretrained(self.model_path).get_text_config().hidden_size)
+
     def _load_model(self) -> torch.nn.Module:
         from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
         cls = AutoModelForImageTextToText if self.is_vlm else AutoModelForCausalLM
-        return cls.from_pretrained(self.model_path, dtype=torch.float32)
+        return cls.from_pretrained(self.model_path, dtype=self.dtype)  # the learner's dtype (grpo.dtype)
 
     def _load_processor(self):
         """The family's input builder (`rollout.model_inputs`): tokenizer, image inputs, image tokens."""

@@ -19,6 +19,10 @@ gathered at once. Without ZeRO-3 the gathers are no-ops and ranks other than 0 r
 
 Names: the learner module's parameter names (HF names for the reasoner, diffusers names for the
 transformer) are what the receivers load: vLLM maps HF checkpoint names itself.
+
+Dtype on the wire: the workers' own (`models.*.dtype`, the coordinator's `wire_dtype`), whatever the
+learner trains in: a bf16 learner feeding bf16 workers sends its bf16 weights bit for bit at half the
+bytes of fp32; an fp32 learner's weights are rounded once, on the sender, as the worker would round them.
 """
 
 from __future__ import annotations
@@ -136,17 +140,17 @@ class WeightSenderMixin:
                 "version": float(version), "peak_gathered_numel": float(peak),
                 "total_numel": float(sum(_full_numel(p) for p in all_params))}
 
-    def export_weights_bytes(self) -> bytes | None:
-        """Collective over learner ranks: the whole module as safetensors bytes on rank 0 (None
-        elsewhere). Gathers bucket by bucket (50 MB) but holds the full copy on rank 0's CPU."""
+    def export_weights_bytes(self, wire_dtype: str = "float32") -> bytes | None:
+        """Collective over learner ranks: the whole module as safetensors bytes in `wire_dtype` on
+        rank 0 (None elsewhere). Gathers bucket by bucket (50 MB) but holds the full copy on rank 0's CPU."""
         from safetensors.torch import save
 
         state: dict[str, torch.Tensor] = {}
-        for params, meta in self._weight_plan(50.0, "float32"):
+        for params, meta in self._weight_plan(50.0, wire_dtype):
             with _gathered(params):
                 if self.rank == 0:
                     for p, spec in zip(params, meta.tensors, strict=True):
-                        state[spec.name] = p.data.detach().to("cpu").clone()
+                        state[spec.name] = p.data.detach().to("cpu", dtype_from_name(wire_dtype)).clone()
         return save(state) if self.rank == 0 else None
 
     def weights_checksum(self) -> float | None:
@@ -190,7 +194,8 @@ class WeightSenderMixin:
             plan = []
             for names in plan_buckets(sizes, int(bucket_mb * 2**20), element):
                 params = [by_name[n] for n in names]
-                meta = bucket_meta_for([(n, _full_shape(p), p.dtype) for n, p in zip(names, params, strict=True)], dtype)
+                # every tensor travels and arrives in the wire dtype (the workers' own): no cast on receipt
+                meta = bucket_meta_for([(n, _full_shape(p), dtype) for n, p in zip(names, params, strict=True)], dtype)
                 plan.append((params, meta))
             self._weight_plan_cache[key] = plan
         return self._weight_plan_cache[key]
@@ -246,9 +251,11 @@ class WeightSync(ABC):
         RuntimeError: a worker reports a version other than the one pushed.
     """
 
-    def __init__(self, *, bucket_mb: float = 50.0, backend: str = "gloo") -> None:
+    def __init__(self, *, bucket_mb: float = 50.0, backend: str = "gloo", wire_dtype: str = "float32") -> None:
         if bucket_mb <= 0:
             raise ValueError(f"weight_sync bucket_mb must be > 0, got {bucket_mb}")
+        dtype_from_name(wire_dtype)  # refuses a name that is no dtype
+        self.wire_dtype = wire_dtype  # the workers' dtype (models.*.dtype): what travels and what they hold
         self.bucket_mb = float(bucket_mb)
         self.backend = backend
         self._learners: list[Any] = []
@@ -268,7 +275,7 @@ class WeightSync(ABC):
         if not self._learners:
             raise ValueError("resync before any sync: no learners known yet")
         version = self._version if version is None else int(version)
-        refs = [learner.export_weights_bytes.remote() for learner in self._learners]
+        refs = [learner.export_weights_bytes.remote(self.wire_dtype) for learner in self._learners]
         got = ray.get(worker.load_weights_bytes.remote(version, refs[0]))
         ray.get(refs)
         _check_versions([got], version)
@@ -283,8 +290,9 @@ class BroadcastWeightSync(WeightSync):
 
     The group is (re)built whenever the worker list changes (first sync, after a restart)."""
 
-    def __init__(self, *, bucket_mb: float = 50.0, backend: str = "gloo", mode: str = "bucketed") -> None:
-        super().__init__(bucket_mb=bucket_mb, backend=backend)
+    def __init__(self, *, bucket_mb: float = 50.0, backend: str = "gloo", mode: str = "bucketed",
+                 wire_dtype: str = "float32") -> None:
+        super().__init__(bucket_mb=bucket_mb, backend=backend, wire_dtype=wire_dtype)
         if mode not in _MODES:
             raise ValueError(f"unknown weight transfer mode {mode!r}; known: {list(_MODES)}")
         self.mode = mode
@@ -305,7 +313,7 @@ class BroadcastWeightSync(WeightSync):
                 + [w.join_weight_group.remote(addr, port, first, world, self.backend)
                    for w, first in zip(workers, firsts, strict=True)])
         self._members = _actor_keys(workers)
-        self._meta = ray.get(sender.weight_bucket_meta.remote(self.bucket_mb))
+        self._meta = ray.get(sender.weight_bucket_meta.remote(self.bucket_mb, self.wire_dtype))
         logger.info("weight group ready: %d workers (%d receiving processes), %d buckets of <= %.0f MB at %s:%d",
                     len(workers), world - 1, len(self._meta), self.bucket_mb, addr, port)
 
@@ -315,7 +323,8 @@ class BroadcastWeightSync(WeightSync):
         if self._members != _actor_keys(workers) or self._learners != _as_actor_list(learners):
             self.setup(learners, workers)
         start = time.perf_counter()
-        send = [learner.broadcast_weights.remote(version, self.bucket_mb, self.mode) for learner in self._learners]
+        send = [learner.broadcast_weights.remote(version, self.bucket_mb, self.mode, self.wire_dtype)
+                for learner in self._learners]
         recv = [w.receive_weights.remote(version, self._meta, self.mode) for w in workers]
         versions = ray.get(recv)
         stats = ray.get(send)[0]
@@ -337,7 +346,7 @@ class ObjectStoreWeightSync(WeightSync):
 
         self._learners = _as_actor_list(learners)
         start = time.perf_counter()
-        refs = [learner.export_weights_bytes.remote() for learner in self._learners]
+        refs = [learner.export_weights_bytes.remote(self.wire_dtype) for learner in self._learners]
         versions = ray.get([w.load_weights_bytes.remote(version, refs[0]) for w in workers])
         ray.get(refs[1:])
         _check_versions(versions, version)
@@ -350,11 +359,15 @@ class ObjectStoreWeightSync(WeightSync):
 WEIGHT_SYNCS: dict[str, type[WeightSync]] = {"broadcast": BroadcastWeightSync, "object_store": ObjectStoreWeightSync}
 
 
-def make_weight_sync(kind: str, *, bucket_mb: float = 50.0, backend: str = "gloo") -> WeightSync:
-    """Factory keyed by the config string (`sync.method`: 'broadcast' | 'object_store')."""
+def make_weight_sync(kind: str, *, bucket_mb: float = 50.0, backend: str = "gloo",
+                     wire_dtype: str = "float32") -> WeightSync:
+    """Factory keyed by the config string (`sync.method`: 'broadcast' | 'object_store').
+
+    wire_dtype: the dtype the workers hold (`models.*.dtype`); weights travel in it, so bf16
+    workers receive half the bytes of fp32 and exactly a bf16 learner's weights."""
     if kind not in WEIGHT_SYNCS:
         raise ValueError(f"unknown weight sync {kind!r} (config key sync.method); known: {sorted(WEIGHT_SYNCS)}")
-    return WEIGHT_SYNCS[kind](bucket_mb=bucket_mb, backend=backend)
+    return WEIGHT_SYNCS[kind](bucket_mb=bucket_mb, backend=backend, wire_dtype=wire_dtype)
 
 
 def _as_actor_list(learners: Any) -> list[Any]:

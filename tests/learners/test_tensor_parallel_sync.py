@@ -49,7 +49,10 @@ def tp_engine(tiny_models):
     saved = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
     os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(c) for c in cpus[:TP])  # vLLM's auto-bind wants a NUMA node per rank
     _ensure_importable_by_worker()
+    import vllm.envs
     from vllm import LLM
+
+    vllm.envs.disable_envs_cache()  # an engine started earlier in this process froze the variables it read
 
     llm = LLM(model=str(tiny_models.lm), dtype="float32", tensor_parallel_size=TP, max_model_len=128,
               enforce_eager=True, enable_chunked_prefill=False, max_num_batched_tokens=2048,

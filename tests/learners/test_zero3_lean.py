@@ -1,0 +1,182 @@
+"""Lean learners under ZeRO-3: no rank holds a whole copy, and the results equal ZeRO-1's.
+
+Two TextLearner ranks (gloo, CPU, Ray actors) on a 57M-parameter Qwen2 (every matrix above
+ZeRO-3's persistence threshold), with a KL reference (kl_coef > 0): under ZeRO-1 each rank holds
+the whole policy and the whole reference; under ZeRO-3 the policy is built partitioned
+(`deepspeed.zero.Init` through transformers' `HfDeepSpeedConfig`) and the reference is a second,
+optimizer-less ZeRO-3 engine. Measured per rank (`LearnerBase.memory_stats`): the parameters of
+policy and reference together stay near half of one full copy, the whole training state is far
+below ZeRO-1's, and one update gives the same loss, KL, gradient norm and weights (fp32, 1e-5).
+The pure ZeRO arithmetic and the config wiring are unit-tested here too.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from learners.memory import zero_model_state_bytes
+
+RAY_NUM_CPUS = 4
+TEMPERATURE = 0.8
+ADVANTAGES = [1.0, -0.5, 0.25, -1.0]
+# adam_eps 1e-6: see tests/learners/test_text_learner.py (Adam's first step amplifies float noise)
+COMMON = dict(lr=1e-3, adam_eps=1e-6, warmup_steps=0, grad_clip=1.0, temperature=TEMPERATURE, kl_coef=0.05,
+              kl_kind="k3", loss_agg="token-mean", dtype="float32", micro_batch_size=1)
+
+
+# ------------------------------------------------------------------------------------ pure arithmetic
+
+
+def test_zero_arithmetic_partitions_optimizer_then_grads_then_params():
+    n, world = 1000, 4  # partition 250
+    fp32 = [zero_model_state_bytes(n, world, s, 4) for s in range(4)]
+    assert fp32[0] == (4000, 4000, 0, 8000)
+    assert fp32[1] == (4000, 4000, 0, 2000)
+    assert fp32[2] == (4000, 1000, 0, 2000)
+    assert fp32[3] == (1000, 1000, 0, 2000)
+    bf16 = zero_model_state_bytes(n, world, 3, 2)
+    assert bf16 == (500, 500, 1000, 2000) and bf16.total == 4000  # 16 bytes/param over 4 ranks
+
+
+def test_zero_arithmetic_rounds_partitions_up_and_refuses_bad_values():
+    assert zero_model_state_bytes(10, 3, 3, 2).params == 4 * 2  # ceil(10 / 3) = 4 elements
+    for bad in (dict(stage=4), dict(world_size=0), dict(param_bytes=8)):
+        kw = dict(numel=10, world_size=2, stage=1, param_bytes=4) | bad
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            zero_model_state_bytes(**kw)
+
+
+def test_zero3_buckets_follow_the_model_width_and_only_under_zero3():
+    import learners.ds_engine as ds
+
+    assert ds.zero3_bucket_sizes(768) == {"reduce_bucket_size": 589824, "stage3_prefetch_bucket_size": 530841,
+                                          "stage3_param_persistence_threshold": 7680}
+    with pytest.raises(ValueError, match="hidden_size"):
+        ds.zero3_bucket_sizes(0)
+    kw = dict(lr=1.0, betas=(0.9, 0.9), weight_decay=0, adam_eps=1e-8, grad_clip=0, micro_batch_size=1,
+              world_size=2, dtype=torch.bfloat16, hidden_size=768)
+    assert ds.build_ds_config(zero_stage=3, **kw)["zero_optimization"]["reduce_bucket_size"] == 589824
+    assert ds.build_ds_config(zero_stage=1, **kw)["zero_optimization"] == {"stage": 1}
+    assert ds.build_ds_config(zero_stage=1, **kw)["bf16"] == {"enabled": True}
+
+
+def test_config_dtype_and_checkpointing_reach_the_learners():
+    from cluster.config import load_config
+    from cluster.roles import ModelPaths, diffusion_learner_kwargs, text_learner_kwargs
+
+    cfg = load_config(None, ["grpo.dtype=bfloat16", "grpo.gradient_checkpointing=true", "flow_grpo.dtype=bfloat16",
+                             "flow_grpo.gradient_checkpointing=true", "grpo.zero_stage=3"])
+    paths = ModelPaths("lm", "flux", None)
+    text, image = text_learner_kwargs(cfg, paths), diffusion_learner_kwargs(cfg, paths)
+    assert (text["dtype"], text["gradient_checkpointing"], text["zero_stage"]) == ("bfloat16", True, 3)
+    assert (image["dtype"], image["gradient_checkpointing"]) == ("bfloat16", True)
+    default = load_config(None, [])
+    assert text_learner_kwargs(default, paths)["dtype"] == diffusion_learner_kwargs(default, paths)["dtype"] == "float32"
+
+
+def test_learner_dtype_is_refused_unless_float32_or_bfloat16():
+    from cluster.config import ConfigError, load_config
+
+    with pytest.raises((ConfigError, ValueError), match="dtype"):
+        load_config(None, ["grpo.dtype=float16"])
+
+
+# ------------------------------------------------------------------------------- real engines, 2 ranks
+
+
+def _build_mid_lm(tiny_lm: Path, out: Path) -> Path:
+    """Qwen2 with the tiny tokenizer: 6 layers, hidden 768, MLP 3072 (57M parameters, 229 MB fp32)."""
+    from transformers import AutoConfig, Qwen2ForCausalLM
+
+    cfg = AutoConfig.from_pretrained(tiny_lm)
+    cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers = 768, 3072, 6
+    cfg.num_attention_heads = cfg.num_key_value_heads = 12
+    cfg.head_dim = 64
+    cfg.layer_types = ["full_attention"] * 6
+    torch.manual_seed(5)
+    Qwen2ForCausalLM(cfg).save_pretrained(out)
+    for f in tiny_lm.iterdir():
+        if f.is_file() and f.suffix != ".safetensors" and f.name != "config.json":
+            shutil.copy(f, out / f.name)
+    return out
+
+
+@pytest.fixture(scope="module")
+def mid_lm(tiny_models, tmp_path_factory) -> Path:
+    return _build_mid_lm(tiny_models.lm, tmp_path_factory.mktemp("mid-lm"))
+
+
+def _one_update(stage: int, model_path: Path, batch: list) -> dict:
+    """Memory after construction and after one update on every rank, the metrics and the weights."""
+    from learners.group import LearnerGroup
+
+    group = LearnerGroup("text", 2, num_cpus_per=1, name_prefix=f"test-lean-z{stage}", model_path=str(model_path),
+                         zero_stage=stage, gradient_checkpointing=stage == 3, **COMMON)
+    try:
+        built = group.call_all("memory_stats")
+        metrics = group.train_step(batch, ADVANTAGES)
+        trained = group.call_all("memory_stats")
+        weights = group.call_all("full_state_dict")[0]
+    finally:
+        group.shutdown()
+    return {"built": built, "trained": trained, "metrics": metrics, "weights": weights}
+
+
+@pytest.fixture(scope="module")
+def runs(ray_cluster, mid_lm, make_text_batch) -> dict[int, dict]:
+    batch = make_text_batch(mid_lm, TEMPERATURE, n=4, seed=0)
+    return {stage: _one_update(stage, mid_lm, batch) for stage in (1, 3)}
+
+
+def _report(runs: dict[int, dict]) -> str:
+    mb = 2**20
+    lines = []
+    for stage, run in runs.items():
+        for rank, m in enumerate(run["trained"]):
+            lines.append(f"ZeRO-{stage} rank {rank}: params {m['params_bytes'] / mb:.1f} MB, reference "
+                         f"{m['reference_bytes'] / mb:.1f}, grads {m['grads_bytes'] / mb:.1f}, optimizer "
+                         f"{m['optimizer_bytes'] / mb:.1f}, tensors {m['total_bytes'] / mb:.1f} "
+                         f"(full model {m['full_model_bytes'] / mb:.1f}); RSS built "
+                         f"{run['built'][rank]['rss_bytes'] / mb:.0f} MB, peak {m['peak_rss_bytes'] / mb:.0f} MB")
+    return "\n".join(lines)
+
+
+@pytest.mark.integration
+def test_zero3_rank_holds_no_full_copy(runs):
+    print(_report(runs))
+    full = runs[3]["trained"][0]["full_model_bytes"]
+    for z1, z3 in zip(runs[1]["trained"], runs[3]["trained"], strict=True):
+        # ZeRO-1: a whole policy and a whole reference on every rank
+        assert z1["params_bytes"] >= full and z1["reference_bytes"] >= full
+        # ZeRO-3: half of the policy and half of the reference (+ the small persistent norms)
+        assert z3["params_bytes"] < 0.55 * full and z3["reference_bytes"] < 0.55 * full
+        assert z3["grads_bytes"] + z3["optimizer_bytes"] < 0.75 * (z1["grads_bytes"] + z1["optimizer_bytes"])
+        assert z3["total_bytes"] < 0.6 * z1["total_bytes"]
+    for built in runs[3]["built"]:  # before any update, too: the whole model was never built on a rank
+        assert built["params_bytes"] + built["reference_bytes"] < 0.6 * full
+
+
+@pytest.mark.integration
+def test_zero3_trained_state_matches_the_zero_arithmetic(runs):
+    full_numel = runs[3]["trained"][0]["full_model_bytes"] // 4
+    expected = zero_model_state_bytes(int(full_numel), 2, 3, 4)
+    for m in runs[3]["trained"]:
+        # Adam moments of this rank's partition at least; DeepSpeed adds flat fp32 buffers beside them
+        assert m["optimizer_bytes"] >= expected.optimizer
+        assert m["params_bytes"] == pytest.approx(expected.params, rel=0.05)
+
+
+@pytest.mark.integration
+def test_zero3_update_equals_zero1(runs):
+    z1, z3 = runs[1], runs[3]
+    for key in ("pg_loss", "kl_loss", "num_tokens"):
+        assert z3["metrics"][key] == pytest.approx(z1["metrics"][key], abs=1e-6), key
+    assert z3["metrics"]["kl"] < 1e-8  # the sharded reference's forward equals the policy's before the update
+    assert z3["metrics"]["grad_norm"] == pytest.approx(z1["metrics"]["grad_norm"], rel=1e-5)
+    assert set(z3["weights"]) == set(z1["weights"])
+    for name, w in z1["weights"].items():
+        torch.testing.assert_close(z3["weights"][name], w, atol=1e-5, rtol=0, msg=name)
