@@ -210,7 +210,7 @@ class HFTextWorker(TorchWeightReceiver):
 
         gc.collect()
 
-    # ------------------------------------------------------------------------------ helpers
+    # ------------------------------------------------------------------------------ internals
 
     def _generate_rows(self, rows: list[_Row]) -> None:
         """One left-padded `model.generate` over `rows`; fills each row's answer and log-probs."""
