@@ -503,6 +503,16 @@ class R3Config(_Section):
         return self
 
     @model_validator(mode="after")
+    def _hf_reasoner_on_one_device(self) -> R3Config:
+        tp = self.cluster.text_workers.tensor_parallel_size
+        if self.models.reasoner.backend == "hf" and tp != 1:
+            raise ValueError(
+                f"models.reasoner.backend=hf runs each text worker on one device, but "
+                f"cluster.text_workers.tensor_parallel_size={tp}; set it to 1 or use models.reasoner.backend=vllm"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _judge_fits_remote_timeout(self) -> R3Config:
         worst = self.judge.timeout_s * (self.judge.retries + 1)
         if self.judge.kind == "remote" and worst > self.train.remote_timeout_s:
