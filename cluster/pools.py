@@ -199,13 +199,15 @@ class WorkerPool:
         """A new actor for slot `index`, given the current weights by `on_replace`; retried if it dies."""
         import ray
 
+        from cluster.failures import bounded
+
         for attempt in range(self.retries + 1):
             actor = self._spawn(index)  # same bundle: Ray starts it once the killed actor has freed it
             try:
                 if self.on_replace is not None:
-                    self.on_replace(index, actor)
+                    bounded(lambda a=actor: self.on_replace(index, a), self.timeout_s, f"{self.role} worker {index} sync")
                 return actor
-            except ray.exceptions.RayActorError as e:
+            except (ray.exceptions.RayActorError, TimeoutError) as e:
                 log.warning("%s: new worker %d died while %s (attempt %d of %d): %s", self.role, index, what,
                             attempt + 1, self.retries + 1, type(e).__name__)
                 last = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"

@@ -1,6 +1,7 @@
-"""A rollout worker that dies outside a rollout (before a weight sync, during a version query or an
-evaluation) is replaced, given the current weights, and the run goes on; replacements that keep dying
-stop the run with `WorkerFailure` (exit 6) after a checkpoint of the last completed step.
+"""A rollout worker that dies outside a rollout (before a weight sync, before a version query, during an
+evaluation, while an elastic resize brings it up) is replaced, given the current weights, and the run
+goes on; replacements that keep dying stop the run with `WorkerFailure` (exit 6) after a checkpoint of
+the last completed step.
 
 Real workers, learners and weight sync on tiny models; the exact ShapesWorld judge behind Ray Serve.
 """
@@ -117,6 +118,34 @@ def test_worker_killed_during_evaluation_is_replaced_and_the_evaluation_complete
     assert report.num_prompts == 2 and (t.run_dir / "eval-killed" / "eval.json").is_file()
     assert pool.replacements == before + 1
     assert _versions(pool) == [t.roles.version] * 2
+
+
+def test_a_worker_added_by_a_resize_that_dies_while_being_synced_is_started_again(trainer):
+    import ray
+
+    t = trainer
+    pool = t.roles.diffusion_pool
+    factory, spawned = pool.factory, []
+
+    def first_dead_on_arrival(index, strategy):
+        actor = factory(index, strategy)
+        spawned.append(actor)
+        if len(spawned) == 1:
+            ray.kill(actor, no_restart=True)
+        return actor
+
+    (t.run_dir / "control.yaml").write_text("diffusion_workers: 2\n")
+    pool.factory = first_dead_on_arrival
+    try:
+        new = t.apply_control_file()
+    finally:
+        pool.factory = factory
+    assert new == {"diffusion_workers": [1]} and len(spawned) == 2
+    assert pool.actors[1] is spawned[1]
+    assert _versions(pool) == [t.roles.version] * 2
+    (t.run_dir / "control.yaml").write_text("diffusion_workers: 1\n")
+    t.apply_control_file()
+    assert len(pool) == 1
 
 
 def test_replacements_that_keep_dying_stop_the_run_with_a_checkpoint(trainer):
