@@ -13,6 +13,7 @@ import difflib
 import ipaddress
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,14 +42,14 @@ class ReasonerModel(_Section):
     max_model_len: int = Field(1024, gt=0, description="vLLM context length")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="engine dtype")
     trust_remote_code: bool = Field(False, description="never needed for supported architectures")
+    gpu_memory_utilization: float = Field(
+        0.8, gt=0, le=1, description="share of each GPU's memory one text worker's vLLM engine takes (weights + KV "
+        "cache); lower it when other roles share the GPU (vLLM refuses to start if that much is not free)"
+    )
     backend: Literal["vllm", "hf"] = Field(
         "vllm", description="rollout engine of the text workers: vllm (actors.text_worker) or hf = transformers "
         "(actors.hf_text_worker: one device per worker, no tensor parallelism; serves families vLLM cannot serve "
         "here, e.g. Qwen2.5-VL with images on the CPU, tiny:qwen25vl)"
-    )
-    gpu_memory_utilization: float = Field(
-        0.8, gt=0, le=1, description="share of each GPU's memory one text worker's vLLM engine takes (weights + KV "
-        "cache); lower it when other roles share the GPU (vLLM refuses to start if that much is not free)"
     )
     config: str | None = Field(
         None, description="folder with this model's config files (no weights), read by --dry-run's memory plan when "
@@ -225,6 +226,52 @@ class _LrSchedule(_Section):
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="floor of the cosine schedule, as a share of lr")
 
 
+REASONER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]  # attention of Qwen / Llama-style decoders
+FLUX_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+_MODULE_NAME = re.compile(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$")
+
+
+class LoraConfig(_Section):
+    """LoRA adapters on a learner's model (`learners.lora`, docs/design.md#lora): rank 0 trains every weight."""
+
+    rank: int = Field(0, ge=0, description="LoRA rank r; 0 = off (every weight is trained)")
+    alpha: float = Field(16.0, gt=0, description="LoRA alpha: the adapters' product B·A is scaled by alpha / rank")
+    dropout: float = Field(
+        0.0, ge=0, lt=1, description="dropout on the adapters' input in the policy's training forward (scoring "
+        "forwards never drop, so the first update's ratio is still 1; with > 0 later ratios see the noise)"
+    )
+    target_modules: list[str] = Field(
+        default_factory=lambda: list(REASONER_LORA_TARGETS), min_length=1,
+        description="linear layers to adapt: a module name or its dotted suffix (peft's rule), e.g. q_proj, "
+        "attn.to_out.0; an entry that matches no module of the model is refused before engines start",
+    )
+
+    @field_validator("target_modules")
+    @classmethod
+    def _module_names(cls, v: list[str]) -> list[str]:
+        bad = [t for t in v if not _MODULE_NAME.match(t)]
+        if bad:
+            raise ValueError(f"target_modules entries {bad} are not module names (dotted names such as "
+                             "'q_proj' or 'attn.to_out.0'; no regular expressions or spaces)")
+        if len(set(v)) != len(v):
+            raise ValueError(f"target_modules {v} names a module twice")
+        return v
+
+
+class ReasonerLora(LoraConfig):
+    """`LoraConfig` whose target_modules default to a decoder's attention projections."""
+
+
+class GeneratorLora(LoraConfig):
+    """`LoraConfig` whose target_modules default to the Flux transformer's attention projections."""
+
+    target_modules: list[str] = Field(
+        default_factory=lambda: list(FLUX_LORA_TARGETS), min_length=1,
+        description="linear layers to adapt: a module name or its dotted suffix (peft's rule), e.g. to_q, "
+        "attn.to_out.0; an entry that matches no module of the model is refused before engines start",
+    )
+
+
 class GRPOConfig(_LrSchedule):
     clip_low: float = Field(0.2, gt=0, lt=1, description="PPO clip epsilon below 1")
     clip_high: float = Field(0.2, gt=0, description="PPO clip epsilon above 1 (clip-higher)")
@@ -247,6 +294,9 @@ class GRPOConfig(_LrSchedule):
     micro_batch_size: int = Field(4, ge=1, description="answers per forward/backward on each learner rank")
     gradient_checkpointing: bool = Field(
         False, description="recompute activations in the backward pass: less memory, more compute"
+    )
+    lora: ReasonerLora = Field(
+        default_factory=ReasonerLora, description="LoRA adapters on the reasoner (rank 0: full fine-tuning)"
     )
     temperature: float = Field(0.9, gt=0, description="sampling temperature (also applied by the learner)")
     top_p: float = Field(0.9, gt=0, le=1, description="nucleus sampling top-p (also applied by the learner; 1: off)")
@@ -296,6 +346,9 @@ class FlowGRPOConfig(_LrSchedule):
     )
     gradient_checkpointing: bool = Field(
         False, description="recompute the transformer's activations in the backward pass: less memory, more compute"
+    )
+    lora: GeneratorLora = Field(
+        default_factory=GeneratorLora, description="LoRA adapters on the generator's transformer (rank 0: full fine-tuning)"
     )
 
     @model_validator(mode="after")
@@ -493,22 +546,22 @@ class R3Config(_Section):
         return self
 
     @model_validator(mode="after")
-    def _judge_gpus_match_tensor_parallel(self) -> R3Config:
-        tp, gpus = self.judge.tensor_parallel_size, self.cluster.judge_replicas.num_gpus
-        if tp > 1 and gpus != tp:
-            raise ValueError(
-                f"judge.tensor_parallel_size={tp} spreads each judge replica over {tp} GPUs, but "
-                f"cluster.judge_replicas.num_gpus={gpus:g}; set cluster.judge_replicas.num_gpus={tp}"
-            )
-        return self
-
-    @model_validator(mode="after")
     def _hf_reasoner_on_one_device(self) -> R3Config:
         tp = self.cluster.text_workers.tensor_parallel_size
         if self.models.reasoner.backend == "hf" and tp != 1:
             raise ValueError(
                 f"models.reasoner.backend=hf runs each text worker on one device, but "
                 f"cluster.text_workers.tensor_parallel_size={tp}; set it to 1 or use models.reasoner.backend=vllm"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _judge_gpus_match_tensor_parallel(self) -> R3Config:
+        tp, gpus = self.judge.tensor_parallel_size, self.cluster.judge_replicas.num_gpus
+        if tp > 1 and gpus != tp:
+            raise ValueError(
+                f"judge.tensor_parallel_size={tp} spreads each judge replica over {tp} GPUs, but "
+                f"cluster.judge_replicas.num_gpus={gpus:g}; set cluster.judge_replicas.num_gpus={tp}"
             )
         return self
 
@@ -552,6 +605,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), check
         raise ConfigError(_format_errors(e, raw)) from None
     if check_paths:
         check_model_paths(cfg)
+        from cluster.lora_check import check_lora_targets  # reads the models' config files (no weights)
+
+        try:
+            check_lora_targets(cfg)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     return cfg
 
 

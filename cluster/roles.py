@@ -214,7 +214,7 @@ def text_learner_kwargs(cfg: R3Config, paths: ModelPaths) -> dict[str, Any]:
         min_lr_ratio=g.min_lr_ratio, grad_clip=g.grad_clip, micro_batch_size=g.micro_batch_size,
         temperature=g.temperature, top_p=g.top_p, kl_coef=g.kl_coef, kl_kind=g.kl_kind,
         clip_low=g.clip_low, clip_high=g.clip_high, loss_agg=g.loss_agg,
-        gradient_checkpointing=g.gradient_checkpointing, seed=cfg.train.seed,
+        gradient_checkpointing=g.gradient_checkpointing, lora=g.lora.model_dump(), seed=cfg.train.seed,
     )
 
 
@@ -227,7 +227,7 @@ def diffusion_learner_kwargs(cfg: R3Config, paths: ModelPaths) -> dict[str, Any]
         grad_clip=f.grad_clip, micro_batch_size=f.micro_batch_size,
         clip_range=f.clip_range, adv_clip=f.adv_clip, kl_coef=f.kl_coef, kl_mode=f.kl_mode,
         image_loss_weight=f.image_loss_weight, cfg_scale=f.train_cfg_scale,
-        gradient_checkpointing=f.gradient_checkpointing, seed=cfg.train.seed,
+        gradient_checkpointing=f.gradient_checkpointing, lora=f.lora.model_dump(), seed=cfg.train.seed,
     )
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from learners.finite import check_finite_tensors
+from learners.lora import is_adapter_folder, read_lora_config
 from rollout.state_io import load_tree, save_tree
 
 __all__ = ["save_learner_state", "load_learner_state", "parameters_sha256"]
@@ -53,6 +54,7 @@ def load_learner_state(learner: Any, directory: str) -> int:
     root = Path(directory)
     state = load_tree(root / f"rank-{learner.rank}")
     engine = learner.engine
+    _check_lora_settings(learner, root / "weights")
     _load_module_weights(engine.module, root / "weights")  # collective under ZeRO-3; refuses non-finite weights
     # this rank's own partitions, checked after the last collective so a refusal cannot leave others waiting
     check_finite_tensors({f"master partition {i}": t for i, t in enumerate(state["master"])},
@@ -110,6 +112,8 @@ def _load_module_weights(module: torch.nn.Module, weights_dir: Path) -> None:
         check_finite_tensors(part, f"refusing to load checkpoint weights {f}")
         state.update(part)
     params = dict(module.named_parameters())
+    if is_adapter_folder(weights_dir):  # LoRA: the adapters alone; the frozen base is the model path's
+        params = {n: p for n, p in params.items() if ".lora_" in n}
     missing = [n for n in params if n not in state]
     if missing:
         raise ValueError(f"checkpoint {weights_dir} lacks {len(missing)} parameters, e.g. {missing[:3]}")
@@ -122,6 +126,18 @@ def _load_module_weights(module: torch.nn.Module, weights_dir: Path) -> None:
                     p.data.copy_(state[name].to(p.dtype))
             else:
                 p.data.copy_(state[name].to(p.dtype))
+
+
+def _check_lora_settings(learner: Any, weights_dir: Path) -> None:
+    """A LoRA checkpoint resumes only into a learner with the same adapters, and a full one only without."""
+    saved = read_lora_config(weights_dir) if is_adapter_folder(weights_dir) else None
+    own = learner.lora.to_json() if getattr(learner, "lora", None) is not None else None
+    if saved is None and own is None:
+        return
+    if saved is None or own is None or any(saved[k] != own[k] for k in own):
+        raise ValueError(f"checkpoint {weights_dir} holds {'LoRA adapters ' + str(saved) if saved else 'full weights'}, "
+                         f"but the learner trains {'LoRA adapters ' + str(own) if own else 'full weights'}: resume "
+                         "with the same grpo.lora / flow_grpo.lora settings")
 
 
 def _drop_callables(tree: Any) -> Any:

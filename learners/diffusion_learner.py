@@ -32,6 +32,7 @@ import torch
 
 from learners import algos, ds_engine, finite, lean_init
 from learners.learner_base import LearnerBase
+from learners.lora import LoraAdapters, lora_rank_of
 from rollout.flow_sde import sde_step
 from rollout.flux_forward import FLUX_VAE_SCALE, flux_velocity
 from rollout.trajectory import ImageSample
@@ -75,6 +76,7 @@ class DiffusionLearner(LearnerBase):
         image_loss_weight: float = 1.0,
         cfg_scale: float = 1.0,
         gradient_checkpointing: bool = False,
+        lora: dict[str, Any] | None = None,
         vae_scale_factor: int | None = None,
         seed: int = 0,
         rank: int | None = None,
@@ -91,6 +93,7 @@ class DiffusionLearner(LearnerBase):
         gradient_checkpointing: recompute the transformer blocks' activations in the backward pass
         (diffusers checkpoints whenever gradients are enabled, in eval mode too).
         dtype: "float32" or "bfloat16" (fp32 master weights in the optimizer; `flow_grpo.dtype`).
+        lora: {rank, alpha, dropout, target_modules} (`flow_grpo.lora`); rank > 0: as `TextLearner`.
         rank/world_size/master_*: as `TextLearner`.
         """
         if kl_mode not in KL_MODES:
@@ -115,11 +118,12 @@ class DiffusionLearner(LearnerBase):
         if gradient_checkpointing:
             model.enable_gradient_checkpointing()
         self.ref_model = None
-        if kl_coef > 0:  # sharded like the policy under ZeRO-3, else a whole frozen copy
+        if kl_coef > 0 and not lora_rank_of(lora):  # sharded like the policy under ZeRO-3, else a whole copy
             reference = self._load_transformer(config).eval().requires_grad_(False)
             self.ref_model = (lean_init.reference_engine(reference, config) if lean_init.is_zero3(config)
                               else reference.to(self.device))
         # ---- end lean loading
+        self.lora = LoraAdapters.apply(model, **lora, seed=seed) if lora_rank_of(lora) else None  # docs/design.md#lora
         self.engine = ds_engine.initialize_engine(model, config, warmup_steps, lr_decay_steps, min_lr_ratio)
         self.engine.eval()
         self.guidance_embeds = bool(self.engine.module.config.guidance_embeds)
@@ -223,6 +227,8 @@ class DiffusionLearner(LearnerBase):
         """The transformer folder is self-contained (config.json + safetensors)."""
 
     def _module(self, reference: bool):
+        if self.lora is not None:  # the reference is the base: the same module with its adapters off
+            return self.lora.forward_of(self.engine, self.engine.module, reference)
         if not reference:
             return self.engine
         if self.ref_model is None:

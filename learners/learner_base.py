@@ -36,6 +36,7 @@ class LearnerBase(WeightSenderMixin):
     engine: Any
     rank: int
     world_size: int
+    lora: Any = None  # learners.lora.LoraAdapters when only LoRA adapters are trained
 
     def _setup_dist(self, rank: int | None, world_size: int | None, master_addr: str | None,
                     master_port: int | None, backend: str | None, seed: int) -> None:
@@ -82,14 +83,35 @@ class LearnerBase(WeightSenderMixin):
                 "rss_bytes": float(memory.rss_bytes()), "peak_rss_bytes": float(memory.peak_rss_bytes())}
 
     def save(self, out_dir: str) -> str | None:
-        """Safetensors in HF / diffusers format plus the source folder's side files (rank 0 writes).
+        """Safetensors in HF / diffusers format plus the source folder's side files (rank 0 writes);
+        with LoRA the adapters alone (`learners.lora`: the base is the model path).
 
         Collective under ZeRO-3. Returns the folder on rank 0, None elsewhere.
         """
+        if self.lora is not None:
+            out = self.lora.save_adapters(self.engine.module, out_dir, self.rank, self.model_path)
+            return str(out) if out is not None else None
         out = ds_engine.save_hf_module(self.engine.module, out_dir, self.rank)
         if out is not None:
             self._copy_side_files(Path(out))
         return str(out) if out is not None else None
+
+    # ---- LoRA: the workers receive merged weights in the un-wrapped model's names (learners.lora)
+    def weight_sync_tensors(self, changed_only: bool = False) -> list[tuple[str, torch.Tensor]]:
+        if self.lora is None:
+            return super().weight_sync_tensors(changed_only)
+        return self.lora.sync_tensors(self.engine.module, changed_only, self.rank)
+
+    def _prepare_weight_transfer(self) -> None:
+        if self.lora is not None:
+            self.lora.refresh_merged(self.rank)
+
+    def merged_state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights the workers hold after a sync, full fp32 CPU tensors (collective under ZeRO-3):
+        `full_state_dict` without LoRA, else the base with the adapters merged."""
+        if self.lora is None:
+            return self.full_state_dict()
+        return self.lora.merged_state_dict(self.engine.module)
 
     def _copy_side_files(self, out: Path) -> None:
         """Tokenizer / processor files next to the weights, so the folder loads on its own."""

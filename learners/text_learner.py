@@ -25,6 +25,7 @@ import torch
 
 from learners import algos, ds_engine, finite, lean_init
 from learners.learner_base import LearnerBase
+from learners.lora import LoraAdapters, lora_rank_of
 from rollout.trajectory import TextSample
 
 __all__ = ["TextLearner"]
@@ -59,6 +60,7 @@ class TextLearner(LearnerBase):
         loss_agg: str = "token-mean",
         max_len: int | None = None,
         gradient_checkpointing: bool = False,
+        lora: dict[str, Any] | None = None,
         seed: int = 0,
         rank: int | None = None,
         world_size: int | None = None,
@@ -76,6 +78,8 @@ class TextLearner(LearnerBase):
         (also in the eval mode the learner runs in; `ds_engine.checkpoint_in_eval`).
         dtype: "float32", or "bfloat16" = bf16 weights and activations with fp32 master weights
         in the optimizer (DeepSpeed's bf16 mode); the model is loaded in it (`grpo.dtype`).
+        lora: {rank, alpha, dropout, target_modules} (`grpo.lora`); rank > 0 trains LoRA adapters
+        only, and the reference of the KL is the base (adapters off, no second copy; `learners.lora`).
         """
         algos.get_agg(loss_agg)
         algos.get_kl(kl_kind)
@@ -99,7 +103,7 @@ class TextLearner(LearnerBase):
         # ---- lean loading (docs/design.md#lean-learners-under-zero-3): ZeRO-3 partitions at construction
         with lean_init.hf_partitioned_loading(config):
             model = self._load_model()
-            reference = self._load_model() if kl_coef > 0 else None
+            reference = self._load_model() if kl_coef > 0 and not lora_rank_of(lora) else None  # LoRA: the base
         if gradient_checkpointing:
             model.gradient_checkpointing_enable()
         self.ref_model = None
@@ -108,6 +112,9 @@ class TextLearner(LearnerBase):
             self.ref_model = (lean_init.reference_engine(reference, config) if lean_init.is_zero3(config)
                               else reference.to(self.device))
         # ---- end lean loading
+        self.lora = LoraAdapters.apply(model, **lora, seed=seed) if lora_rank_of(lora) else None  # docs/design.md#lora
+        if self.lora is not None and gradient_checkpointing:
+            model.enable_input_require_grads()  # frozen embeddings: checkpointed layers still need a grad input
         self.engine = ds_engine.initialize_engine(model, config, warmup_steps, lr_decay_steps, min_lr_ratio)
         self.engine.eval()  # no dropout: the recomputed log-probs must equal the sampler's
         if gradient_checkpointing:
@@ -130,7 +137,7 @@ class TextLearner(LearnerBase):
         single rank may call it.
         """
         zero3 = self.engine.zero_optimization_stage() == 3
-        if reference and self.ref_model is None:
+        if reference and self.ref_model is None and self.lora is None:
             raise ValueError("reference log-probs need kl_coef > 0 (no reference model was loaded)")
         temp = self.temperature if temperature is None else temperature
         top_p = self.top_p if top_p is None else top_p
@@ -318,6 +325,8 @@ class TextLearner(LearnerBase):
         return self._bias.to(device)
 
     def _model(self, reference: bool):
+        if self.lora is not None:  # the reference is the base: the same module with its adapters off
+            return self.lora.forward_of(self.engine, self.engine.module, reference)
         if not reference:
             return self.engine
         return self.ref_model

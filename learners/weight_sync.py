@@ -87,13 +87,26 @@ class WeightSenderMixin:
         """The module whose parameters the workers hold (override if the engine wraps more)."""
         return self.engine.module
 
-    def weight_bucket_meta(self, bucket_mb: float = 50.0, buffer_dtype: str = "float32") -> list[dict[str, Any]]:
-        """Wire metadata of every bucket, identical on every rank (full shapes, not shards)."""
-        return [meta.to_wire() for _, meta in self._weight_plan(bucket_mb, buffer_dtype)]
+    def weight_sync_tensors(self, changed_only: bool = False) -> list[tuple[str, torch.Tensor]]:
+        """(name, tensor) pairs the workers load, in a fixed order. changed_only: only those an update
+        can change (all of them here; a LoRA learner sends its adapted layers, learners.lora)."""
+        return list(self.weight_sync_module().named_parameters())
+
+    def _prepare_weight_transfer(self) -> None:
+        """Called (collectively) before every transfer: a LoRA learner refreshes its merged weights."""
+
+    def weight_bucket_meta(self, bucket_mb: float = 50.0, buffer_dtype: str = "float32",
+                           changed_only: bool = False) -> list[dict[str, Any]]:
+        """Wire metadata of every bucket, identical on every rank (full shapes, not shards); with
+        changed_only each dict says so (`changed_only: True`), so a receiver expects a part of its weights."""
+        plan = self._weight_plan(bucket_mb, buffer_dtype, changed_only)
+        part = changed_only and len(self.weight_sync_tensors(True)) < len(self.weight_sync_tensors(False))
+        return [{**meta.to_wire(), **({"changed_only": True} if part else {})} for _, meta in plan]
 
     # ---- transfer ---------------------------------------------------------------------------
     def broadcast_weights(
-        self, version: int, bucket_mb: float = 50.0, mode: str = "bucketed", buffer_dtype: str = "float32"
+        self, version: int, bucket_mb: float = 50.0, mode: str = "bucketed", buffer_dtype: str = "float32",
+        changed_only: bool = False,
     ) -> dict[str, float]:
         """Collective over learner ranks: gather bucket by bucket; rank 0 broadcasts each bucket.
 
@@ -108,7 +121,8 @@ class WeightSenderMixin:
             raise ValueError("broadcast_weights before init_weight_group on learner rank 0")
         start = time.perf_counter()
         dtype = dtype_from_name(buffer_dtype)
-        plan = self._weight_plan(bucket_mb, buffer_dtype)
+        self._prepare_weight_transfer()
+        plan = self._weight_plan(bucket_mb, buffer_dtype, changed_only)
         largest = max((meta.numel for _, meta in plan), default=0)
         buffers = self._send_buffers(largest, dtype) if self.rank == 0 and mode == "bucketed" else [None, None]
         pending: list[Any] = [None, None]
@@ -146,6 +160,7 @@ class WeightSenderMixin:
         from safetensors.torch import save
 
         state: dict[str, torch.Tensor] = {}
+        self._prepare_weight_transfer()
         for params, meta in self._weight_plan(50.0, wire_dtype):
             with _gathered(params):
                 if self.rank == 0:
@@ -156,9 +171,10 @@ class WeightSenderMixin:
     def weights_checksum(self) -> float | None:
         """Collective over learner ranks: sum of float64 sums of the full parameters (rank 0)."""
         total = torch.zeros((), dtype=torch.float64)
+        self._prepare_weight_transfer()
         for params, _ in self._weight_plan(50.0, "float32"):
             with _gathered(params):
-                for p in params:
+                for p in params if self.rank == 0 else ():  # other ranks only join the gathers
                     total += p.data.detach().to(torch.float64).sum().cpu()
         return float(total) if self.rank == 0 else None
 
@@ -181,13 +197,14 @@ class WeightSenderMixin:
     def _weight_device(self) -> torch.device:
         return next(self.weight_sync_module().parameters()).device
 
-    def _weight_plan(self, bucket_mb: float, buffer_dtype: str) -> list[tuple[list[torch.nn.Parameter], Any]]:
-        key = (float(bucket_mb), buffer_dtype)
+    def _weight_plan(self, bucket_mb: float, buffer_dtype: str,
+                     changed_only: bool = False) -> list[tuple[list[torch.nn.Parameter], Any]]:
+        key = (float(bucket_mb), buffer_dtype, bool(changed_only))
         if self._weight_plan_cache is None:
             self._weight_plan_cache = {}
         if key not in self._weight_plan_cache:
             dtype = dtype_from_name(buffer_dtype)
-            named = list(self.weight_sync_module().named_parameters())
+            named = self.weight_sync_tensors(changed_only)
             by_name = {n: p for n, p in named}
             sizes = [(n, _full_numel(p)) for n, p in named]
             element = torch.empty((), dtype=dtype).element_size()
@@ -298,6 +315,7 @@ class BroadcastWeightSync(WeightSync):
         self.mode = mode
         self._members: tuple[Any, ...] | None = None
         self._meta: list[dict[str, Any]] | None = None
+        self._changed_meta: list[dict[str, Any]] | None = None  # after the group's first (full) sync
 
     def setup(self, learners: Any, workers: Sequence[Any]) -> None:
         """Form the group: learner rank 0 plus every process of every worker (a vLLM worker at
@@ -314,6 +332,7 @@ class BroadcastWeightSync(WeightSync):
                    for w, first in zip(workers, firsts, strict=True)])
         self._members = _actor_keys(workers)
         self._meta = ray.get(sender.weight_bucket_meta.remote(self.bucket_mb, self.wire_dtype))
+        self._changed_meta = None  # the new group's first sync sends everything
         logger.info("weight group ready: %d workers (%d receiving processes), %d buckets of <= %.0f MB at %s:%d",
                     len(workers), world - 1, len(self._meta), self.bucket_mb, addr, port)
 
@@ -323,18 +342,24 @@ class BroadcastWeightSync(WeightSync):
         if self._members != _actor_keys(workers) or self._learners != _as_actor_list(learners):
             self.setup(learners, workers)
         start = time.perf_counter()
-        send = [learner.broadcast_weights.remote(version, self.bucket_mb, self.mode, self.wire_dtype)
+        changed_only = self._changed_meta is not None  # every worker holds the rest since the first sync
+        meta = self._changed_meta if changed_only else self._meta
+        send = [learner.broadcast_weights.remote(version, self.bucket_mb, self.mode, self.wire_dtype,
+                                                 changed_only=changed_only)
                 for learner in self._learners]
-        recv = [w.receive_weights.remote(version, self._meta, self.mode) for w in workers]
+        recv = [w.receive_weights.remote(version, meta, self.mode) for w in workers]
         versions = ray.get(recv)
         stats = ray.get(send)[0]
         _check_versions(versions, version)
         self._version = int(version)
+        if not changed_only:
+            self._changed_meta = ray.get(self._learners[0].weight_bucket_meta.remote(
+                self.bucket_mb, self.wire_dtype, changed_only=True))
         return SyncReport(version=int(version), seconds=time.perf_counter() - start, bytes=int(stats["bytes"]),
                           buckets=int(stats["buckets"]), workers=len(workers), sender=stats)
 
     def shutdown(self) -> None:
-        self._members, self._meta = None, None
+        self._members, self._meta, self._changed_meta = None, None, None
         super().shutdown()
 
 
