@@ -198,6 +198,8 @@ class LoraAdapters:
         for name, p in model.named_parameters():
             p.requires_grad_(".lora_" in name)
         self._layers = _lora_layers(model)
+        for _, layer in self._layers:  # new modules start in training mode: dropout only in gradient forwards
+            layer.lora_dropout.eval()
         return self
 
     def forward_of(self, engine: Any, module: torch.nn.Module, reference: bool) -> Any:

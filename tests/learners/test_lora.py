@@ -155,6 +155,27 @@ def test_merged_state_is_the_adapted_model_under_base_names(adapted_lm):
     assert not any("mlp" in n for n in changed)
 
 
+def test_adapter_dropout_acts_only_in_gradient_forwards(tiny_models):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_models.lm), dtype=torch.float32).eval()
+    lora = LoraAdapters.apply(model, **{**LM_LORA, "dropout": 0.5})
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_B." in name:
+                p.normal_(0, 0.5)
+    policy = lora.forward_of(model, model, reference=False)
+    ids = torch.tensor([[3, 4, 5, 6, 7, 8]])
+    with torch.no_grad():
+        scored = [policy(input_ids=ids).logits for _ in range(2)]
+    assert torch.equal(scored[0], scored[1])  # scoring forwards never drop: the first ratio is 1
+    torch.manual_seed(0)
+    trained = policy(input_ids=ids).logits
+    assert trained.requires_grad and float((trained.detach() - scored[0]).abs().max()) > 1e-3
+    with torch.no_grad():
+        assert torch.equal(policy(input_ids=ids).logits, scored[0])  # and it is off again afterwards
+
+
 def test_learner_side_refuses_a_target_the_model_lacks(tiny_models):
     from diffusers import FluxTransformer2DModel
 
