@@ -109,7 +109,7 @@ class GracefulStop:
     def _on_signal(self, signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name
         if self.signum is not None:  # the second signal: no checkpoint, no cleanup
-            sys.stderr.write(f"\n{name} received again: exiting now without a checkpoint\n")
+            self._say(f"{name} received again: exiting now without a checkpoint")
             sys.stderr.flush()
             os._exit(signal_exit_code(signum))
         self.signum, self.received_at = signum, time.monotonic()
@@ -117,8 +117,14 @@ class GracefulStop:
                 f"train.stop_grace_s={self.grace_s:g} s, an update finishes), then a checkpoint; "
                 f"send it again to exit at once")
         log.warning("%s", line)
-        if self._notify is not None:
-            try:
+        self._say(line)
+
+    def _say(self, line: str) -> None:
+        """To the person at the terminal (the console), else stderr; best effort inside a signal handler."""
+        try:
+            if self._notify is not None:
                 self._notify(line)
-            except Exception:  # the console is best effort inside a signal handler
-                pass
+            else:
+                sys.stderr.write(line + "\n")
+        except Exception:  # nothing more to do from inside a handler
+            pass

@@ -307,3 +307,61 @@ def test_metrics_rows_of_redone_steps_and_a_torn_line_are_dropped_on_resume(tmp_
     m.close()
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r["x"]) for r in rows] == [(0, 0.0), (1, 1.0), (2, 2.5)]
+
+
+# ------------------------------------------------------------------ stop signals (real signals, no engines)
+
+
+def test_a_stop_signal_abandons_waited_work_after_the_grace_and_not_before():
+    import signal
+    import threading
+
+    from cluster.stopping import GracefulStop, StopRequested
+
+    release = threading.Event()
+
+    def work_that_gets_a_signal():
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives while this work is under way
+        release.wait(60)
+        return "done"
+
+    stop = GracefulStop(0.0, notify=lambda line: None)
+    assert stop.install()
+    try:
+        with pytest.raises(StopRequested) as info:
+            stop.wait(work_that_gets_a_signal, "the rollout of step 3")
+        assert info.value.signum == signal.SIGTERM and info.value.abandoned == "the rollout of step 3"
+        assert str(info.value) == "SIGTERM received; abandoned the rollout of step 3"
+        release.set()
+    finally:
+        stop.restore()
+    assert signal.getsignal(signal.SIGTERM) is not stop._on_signal
+
+    patient = GracefulStop(600.0, notify=lambda line: None)
+    assert patient.install()
+    try:  # within the grace the work finishes; the stop is then taken between steps
+        assert patient.wait(lambda: (os.kill(os.getpid(), signal.SIGINT), "finished")[1], "an update") == "finished"
+        with pytest.raises(StopRequested) as info:
+            patient.check()
+        assert info.value.signum == signal.SIGINT and info.value.abandoned is None
+    finally:
+        patient.restore()
+
+
+@pytest.mark.parametrize("signame, code", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_a_second_signal_exits_at_once_with_128_plus_its_number(signame, code):
+    script = (
+        "import os, signal, time\n"
+        "from cluster.stopping import GracefulStop\n"
+        "stop = GracefulStop(600.0)\n"
+        "stop.install()\n"
+        f"os.kill(os.getpid(), signal.{signame})\n"
+        "assert stop.requested\n"
+        f"os.kill(os.getpid(), signal.{signame})\n"
+        "time.sleep(30)\n"
+        "print('not reached')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == code, proc.stderr
+    assert f"{signame} received again: exiting now without a checkpoint" in proc.stderr
+    assert "not reached" not in proc.stdout
