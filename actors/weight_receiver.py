@@ -73,8 +73,9 @@ class TextWeightReceiver:
         self._version = int(version)
         return self._version
 
-    def load_weights_bytes(self, version: int, data: bytes) -> int:
-        """Object-store path: a safetensors blob of the whole model (HF names)."""
+    def load_weights_bytes(self, version: int, data: bytes, changed_only: bool = False) -> int:
+        """Object-store path: a safetensors blob of the whole model (HF names), or with changed_only
+        a part of it (vLLM keeps the layers it is not given)."""
         self.llm.collective_rpc("r3rl_load_safetensors", args=(bytes(data),))
         self.reset_caches()
         self._version = int(version)
@@ -126,12 +127,15 @@ class TorchWeightReceiver:
         self._version = int(version)
         return self._version
 
-    def load_weights_bytes(self, version: int, data: bytes) -> int:
-        """Object-store path: a safetensors blob of the whole module (diffusers names)."""
+    def load_weights_bytes(self, version: int, data: bytes, changed_only: bool = False) -> int:
+        """Object-store path: a safetensors blob of the whole module (diffusers names), or with
+        changed_only a part of it."""
         from safetensors.torch import load
 
         state = load(bytes(data))
-        self._check_complete(self._copy_named(state.items()))
+        seen = self._copy_named(state.items())
+        if not changed_only:
+            self._check_complete(seen)
         self._version = int(version)
         return self._version
 

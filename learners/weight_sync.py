@@ -154,14 +154,15 @@ class WeightSenderMixin:
                 "version": float(version), "peak_gathered_numel": float(peak),
                 "total_numel": float(sum(_full_numel(p) for p in all_params))}
 
-    def export_weights_bytes(self, wire_dtype: str = "float32") -> bytes | None:
-        """Collective over learner ranks: the whole module as safetensors bytes in `wire_dtype` on
-        rank 0 (None elsewhere). Gathers bucket by bucket (50 MB) but holds the full copy on rank 0's CPU."""
+    def export_weights_bytes(self, wire_dtype: str = "float32", changed_only: bool = False) -> bytes | None:
+        """Collective over learner ranks: the whole module (changed_only: what an update can change,
+        `weight_sync_tensors`) as safetensors bytes in `wire_dtype` on rank 0 (None elsewhere).
+        Gathers bucket by bucket (50 MB) but holds the full copy on rank 0's CPU."""
         from safetensors.torch import save
 
         state: dict[str, torch.Tensor] = {}
         self._prepare_weight_transfer()
-        for params, meta in self._weight_plan(50.0, wire_dtype):
+        for params, meta in self._weight_plan(50.0, wire_dtype, changed_only):
             with _gathered(params):
                 if self.rank == 0:
                     for p, spec in zip(params, meta.tensors, strict=True):
@@ -364,21 +365,32 @@ class BroadcastWeightSync(WeightSync):
 
 
 class ObjectStoreWeightSync(WeightSync):
-    """Fallback: rank 0 puts one safetensors blob in the Ray object store; every worker loads it."""
+    """Fallback: rank 0 puts one safetensors blob in the Ray object store; every worker loads it.
+
+    As the broadcast, it sends everything the first time for a set of learners and workers, then only
+    what an update can change (a LoRA learner's adapted layers, learners.lora)."""
+
+    _synced: tuple[Any, ...] | None = None  # the learners and workers of the last full sync
 
     def sync(self, learners: Any, workers: Sequence[Any], version: int) -> SyncReport:
         import ray
 
         self._learners = _as_actor_list(learners)
+        members = (_actor_keys(self._learners), _actor_keys(workers))
+        changed_only = self._synced == members
         start = time.perf_counter()
-        refs = [learner.export_weights_bytes.remote(self.wire_dtype) for learner in self._learners]
-        versions = ray.get([w.load_weights_bytes.remote(version, refs[0]) for w in workers])
+        refs = [learner.export_weights_bytes.remote(self.wire_dtype, changed_only) for learner in self._learners]
+        versions = ray.get([w.load_weights_bytes.remote(version, refs[0], changed_only) for w in workers])
         ray.get(refs[1:])
         _check_versions(versions, version)
-        self._version = int(version)
+        self._version, self._synced = int(version), members
         nbytes = len(ray.get(refs[0]))
         return SyncReport(version=int(version), seconds=time.perf_counter() - start, bytes=nbytes, buckets=1,
                           workers=len(workers))
+
+    def shutdown(self) -> None:
+        self._synced = None
+        super().shutdown()
 
 
 WEIGHT_SYNCS: dict[str, type[WeightSync]] = {"broadcast": BroadcastWeightSync, "object_store": ObjectStoreWeightSync}

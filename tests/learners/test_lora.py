@@ -330,11 +330,17 @@ def test_broadcast_of_lora_learner_lands_merged_and_later_sends_only_adapted_lay
         train_once(learners, workers, seed=2)
         lora_again = sync.sync(learners, workers, version=3)
         assert_workers_hold(workers, learners, version=3)
+        object_store = make_weight_sync("object_store")
+        object_store.sync(learners, workers, version=4)  # everything, then the adapted layers only
+        train_once(learners, workers, seed=3)
+        store_lora = object_store.sync(learners, workers, version=5)
+        assert_workers_hold(workers, learners, version=5)
     finally:
         sync.shutdown()
     print(f"text sync bytes: full {full.bytes}, LoRA-merged {lora.bytes} ({lora.bytes / full.bytes:.1%})")
     total = sum(t.numel() for t in learners.call_all("merged_state_dict")[0].values())
     assert full.bytes == 4 * total and lora.bytes == lora_again.bytes
+    assert store_lora.bytes < lora.bytes * 1.1  # the same tensors, plus the safetensors header
     assert lora.bytes * 3 < full.bytes
     # the workers answer as transformers does on the learner's merged weights
     model = AutoModelForCausalLM.from_pretrained(save_merged(learners, tiny_models.lm, tmp_path / "merged"),
@@ -373,15 +379,19 @@ def test_lora_diffusion_sync_lands_merged_in_every_worker(ray_cluster, tiny_mode
         lora = sync.sync(learners, workers, version=2)
         assert_workers_hold(workers, learners, version=2)
         after = [images_of(w) for w in workers]
-        store = make_weight_sync("object_store").sync(learners, workers, version=3)  # full, through Ray's store
+        object_store = make_weight_sync("object_store")
+        store = object_store.sync(learners, workers, version=3)  # a new coordinator: everything
         assert_workers_hold(workers, learners, version=3)
+        train_diffusion_once(learners, workers, seed=3)
+        store_lora = object_store.sync(learners, workers, version=4)  # then the adapted layers only
+        assert_workers_hold(workers, learners, version=4)
     finally:
         sync.shutdown()
         ray.get([w.shutdown.remote() for w in workers])
         learners.shutdown()
     print(f"image sync bytes: full {full.bytes}, LoRA-merged {lora.bytes} ({lora.bytes / full.bytes:.1%}); "
-          f"object store {store.bytes}")
-    assert lora.bytes * 5 < full.bytes
+          f"object store: full {store.bytes}, LoRA-merged {store_lora.bytes}")
+    assert lora.bytes * 5 < full.bytes and store_lora.bytes * 5 < store.bytes
     for a, b in zip(after[0], after[1], strict=True):
         np.testing.assert_array_equal(a, b)
     assert any(not np.array_equal(a, b) for a, b in zip(before, after[0], strict=True))
