@@ -8,7 +8,8 @@ learner's merged weights (checksums; vLLM's greedy answers equal transformers' o
 weights), and the sync after the first one sends only the adapted layers (bytes measured and
 printed: full vs LoRA); a toy reward rises with LoRA through vLLM, DeepSpeed and the sync; a resume
 from a LoRA checkpoint continues bitwise; two ZeRO-3 ranks with gradient checkpointing give one
-ZeRO-1 rank's update (1e-5), and the generator's adapters learn the same with checkpointing as without.
+ZeRO-1 rank's update (1e-5), and the generator's adapters learn the same with checkpointing as without;
+a bf16 learner's update moves only the adapted layers.
 """
 
 from __future__ import annotations
@@ -542,3 +543,19 @@ def test_lora_generator_with_gradient_checkpointing_matches_without(ray_cluster,
     assert changed_names(before, states[1])  # the checkpointed adapters did learn
     for name, want in states[0].items():
         torch.testing.assert_close(states[1][name], want, atol=1e-6, rtol=0)
+
+
+@pytest.mark.integration
+def test_lora_in_bf16_updates_only_the_adapted_layers(ray_cluster, tiny_models, make_text_batch):
+    batch = make_text_batch(tiny_models.lm, 0.8, n=4, seed=0)
+    group = lm_lora_group(tiny_models, "test-lora-bf16", dtype="bfloat16", kl_coef=0.0)
+    try:
+        before = group.call_all("merged_state_dict")[0]
+        metrics = group.train_step(batch, TEXT_ADVANTAGES)
+        after = group.call_all("merged_state_dict")[0]
+    finally:
+        group.shutdown()
+    assert metrics["skipped_nonfinite"] == 0 and abs(metrics["ratio_mean"] - 1) < 0.05  # bf16 forward
+    changed = changed_names(before, after)
+    assert changed and all(n.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight"))
+                           for n in changed)
