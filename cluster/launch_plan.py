@@ -229,8 +229,7 @@ def _diffusion_learner(cfg: R3Config, shape: Any, gpu: float | None) -> RoleMemo
 
 def _learner(role: str, key: str, what: str, shape: Any, section: Any, dp: int,
              default_targets: tuple[str, ...], acts: Any, note: str, gpu: float | None) -> RoleMemory:
-    dtype = getattr(section, "dtype", "auto")
-    dtype = "bfloat16" if dtype == "auto" else dtype  # "auto" is bf16 on GPU (learners.ds_engine.resolve_dtype)
+    dtype = section.dtype  # grpo.dtype / flow_grpo.dtype: the learner's own (float32 or bfloat16)
     wb = mp.DTYPE_BYTES[dtype]
     linears = [(x.name, x.in_features, x.out_features) for x in shape.linears]
     rank = int(_lora_setting(section, "rank") or 0)

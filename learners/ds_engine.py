@@ -170,18 +170,22 @@ def build_ds_config(
 
 
 def zero3_bucket_sizes(hidden_size: int) -> dict[str, int]:
-    """ZeRO-3 buffer sizes (elements) from the model width h, as transformers' "auto" values.
+    """ZeRO-3 buffer sizes (elements) from the model width h.
 
-    reduce_bucket_size h², stage3_prefetch_bucket_size 0.9·h², stage3_param_persistence_threshold
-    10·h. Why: DeepSpeed's defaults (5e8, 5e7, 1e5) are sized for no model in particular; the
-    gradient bucket is allocated at `reduce_bucket_size` and filled up to the whole gradient of a
-    model smaller than that, which a lean learner should not hold (docs/design.md#lean-learners-under-zero-3).
+    transformers' "auto" values: reduce_bucket_size h², stage3_prefetch_bucket_size 0.9·h²,
+    stage3_param_persistence_threshold 10·h; and stage3_max_live_parameters =
+    stage3_max_reuse_distance = 10·h² (about one decoder layer). Why: DeepSpeed's defaults are sized
+    for no model in particular: its gradient bucket (5e8 elements) fills up to the whole gradient of
+    a smaller model, and with 1e9 live parameters and reuse distance a forward leaves the whole
+    model gathered on every rank until the backward, which a lean learner must not hold
+    (docs/design.md#lean-learners-under-zero-3).
     """
     if hidden_size < 1:
         raise ValueError(f"hidden_size must be >= 1, got {hidden_size}")
     h2 = hidden_size * hidden_size
     return {"reduce_bucket_size": h2, "stage3_prefetch_bucket_size": int(0.9 * h2),
-            "stage3_param_persistence_threshold": 10 * hidden_size}
+            "stage3_param_persistence_threshold": 10 * hidden_size,
+            "stage3_max_live_parameters": 10 * h2, "stage3_max_reuse_distance": 10 * h2}
 
 
 def warmup_lambda(warmup_steps: int, decay_steps: int = 0, min_ratio: float = 0.0):

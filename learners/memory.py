@@ -1,61 +1,21 @@
-"""What a learner rank holds in memory: measured tensor bytes, the ZeRO arithmetic, and RSS.
+"""What a learner rank holds in memory, measured: tensor bytes by owner, and the process's RSS.
 
 Why: ZeRO stages trade communication for memory, and a lean start (learners.lean_init) only
 pays off if no rank ever holds a whole copy. `rank_tensor_bytes` counts what a rank really holds
 (every distinct tensor storage reachable from the engine's module, its optimizer and a reference
-module, each storage once, so views into DeepSpeed's flat buffers are not counted twice);
-`zero_model_state_bytes` is what the ZeRO paper's arithmetic expects; `rss_bytes` is the process.
+module, each storage once, so views into DeepSpeed's flat buffers are not counted twice), to set
+beside the planned bytes of `cluster.memory_plan.learner_memory`; `rss_bytes` is the process.
 """
 
 from __future__ import annotations
 
-import math
 import resource
 from collections.abc import Iterable
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 
-__all__ = ["ModelStateBytes", "zero_model_state_bytes", "rank_tensor_bytes", "rss_bytes", "peak_rss_bytes"]
-
-FP32_BYTES = 4
-ADAM_STATE_BYTES = 8  # exp_avg + exp_avg_sq in fp32
-
-
-class ModelStateBytes(NamedTuple):
-    """Bytes of one rank's training state by kind (ZeRO paper, section 3.1)."""
-
-    params: int  # the module's weights in the compute dtype
-    grads: int  # gradients in the compute dtype
-    master: int  # fp32 master weights (none when the compute dtype is fp32)
-    optimizer: int  # Adam moments
-
-    @property
-    def total(self) -> int:
-        return self.params + self.grads + self.master + self.optimizer
-
-
-def zero_model_state_bytes(numel: int, world_size: int, stage: int, param_bytes: int) -> ModelStateBytes:
-    """Expected model-state bytes per rank for `numel` trained parameters under ZeRO `stage`.
-
-    Stage 1 partitions the optimizer state (master + moments), 2 also the gradients, 3 also the
-    weights; a partition is ceil(numel / world_size) elements. param_bytes: 4 (fp32) or 2 (bf16,
-    which adds fp32 master weights).
-    """
-    if stage not in (0, 1, 2, 3):
-        raise ValueError(f"ZeRO stage must be 0, 1, 2 or 3, got {stage}")
-    if world_size < 1 or numel < 0:
-        raise ValueError(f"need world_size >= 1 and numel >= 0, got {world_size} and {numel}")
-    if param_bytes not in (2, 4):
-        raise ValueError(f"param_bytes must be 2 (bf16) or 4 (fp32), got {param_bytes}")
-    part = math.ceil(numel / world_size)
-    opt_numel = part if stage >= 1 else numel
-    return ModelStateBytes(
-        params=(part if stage >= 3 else numel) * param_bytes,
-        grads=(part if stage >= 2 else numel) * param_bytes,
-        master=opt_numel * FP32_BYTES if param_bytes != FP32_BYTES else 0,
-        optimizer=opt_numel * ADAM_STATE_BYTES,
-    )
+__all__ = ["rank_tensor_bytes", "rss_bytes", "peak_rss_bytes"]
 
 
 def rank_tensor_bytes(engine: Any, reference: torch.nn.Module | None = None) -> dict[str, int]:

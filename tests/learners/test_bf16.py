@@ -201,3 +201,41 @@ def test_zero3_bf16_diffusion_learner_ratio_one_and_workers_hold_its_weights(ray
     assert any(not torch.equal(before[n], held[n]) for n in before)  # the update moved the weights
     print(f"image sync bytes: {sent}")
     assert sent["bfloat16"] * 2 == sent["float32"] > 0
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("zero_stage", [0, 1])
+def test_bf16_resume_keeps_the_fp32_master_weights(zero_stage, ray_cluster, tiny_models, make_text_batch, tmp_path):
+    """The next update after a resume is bitwise the one without: the checkpoint holds the fp32
+    master weights (in the ZeRO-0 bf16 optimizer's own state dict, as flat partitions at ZeRO-1),
+    not only the bf16 weights they round to."""
+    import ray
+
+    from learners.checkpointing import load_learner_state, parameters_sha256, save_learner_state
+    from learners.group import LearnerGroup
+
+    batch_a, batch_b = (make_text_batch(tiny_models.lm, 1.0, n=4, seed=s) for s in (1, 2))
+    advantages = [1.0, -0.5, 0.25, -1.0]
+
+    def group(name: str) -> LearnerGroup:
+        return LearnerGroup("text", 1, num_cpus_per=1, name_prefix=name, model_path=str(tiny_models.lm),
+                            zero_stage=zero_stage, dtype="bfloat16", lr=1e-3, temperature=1.0, micro_batch_size=2)
+
+    def on_rank0(g: LearnerGroup, fn, *args):
+        return ray.get(g.actors[0].__ray_call__.remote(fn, *args))
+
+    first = group(f"test-bf16-resume-a{zero_stage}")
+    try:
+        first.train_step(batch_a, advantages)
+        on_rank0(first, save_learner_state, str(tmp_path / "ck"))
+        first.train_step(batch_b, advantages)
+        expected = on_rank0(first, parameters_sha256)
+    finally:
+        first.shutdown()
+    second = group(f"test-bf16-resume-b{zero_stage}")
+    try:
+        assert on_rank0(second, load_learner_state, str(tmp_path / "ck")) == 1
+        second.train_step(batch_b, advantages)
+        assert on_rank0(second, parameters_sha256) == expected
+    finally:
+        second.shutdown()
