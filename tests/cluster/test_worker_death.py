@@ -1,5 +1,5 @@
-"""A rollout worker that dies outside a rollout (before a weight sync, before a version query, during an
-evaluation, while an elastic resize brings it up) is replaced, given the current weights, and the run
+"""A rollout worker that dies outside a rollout (before or inside a weight sync, before a version query,
+during an evaluation, while an elastic resize brings it up) is replaced, given the current weights, and the run
 goes on; replacements that keep dying stop the run with `WorkerFailure` (exit 6) after a checkpoint of
 the last completed step.
 
@@ -81,6 +81,32 @@ def test_worker_killed_just_before_the_weight_sync_is_replaced_and_synced(traine
     assert t.roles.text_pool.actors[1] is not victim
     assert row["version/text_workers_min"] == row["version/policy"] == t.roles.version == 2
     assert _versions(t.roles.text_pool) == [2, 2]
+
+
+def test_worker_that_dies_inside_the_weight_sync_is_replaced_and_the_sync_redone(trainer):
+    """The worker passes the liveness check, then dies once the sync has begun: the broadcast fails, the
+    dead worker is replaced and the sync is redone over a new group."""
+    t = trainer
+    sync = t.roles.text_sync.sync
+    victim = t.roles.text_pool.actors[0]
+    calls = []
+
+    def sync_with_a_death(learners, workers, version):
+        calls.append(version)
+        if len(calls) == 1:
+            _kill_and_wait(victim)
+        return sync(learners, workers, version)
+
+    t.roles.text_sync.sync = sync_with_a_death
+    try:
+        before = t.roles.text_pool.replacements
+        row = t.step()
+    finally:
+        t.roles.text_sync.sync = sync
+    assert len(calls) == 2 and calls[0] == calls[1] == row["version/policy"]  # redone once, same version
+    assert t.roles.text_pool.replacements == before + 1 and t.roles.text_pool.actors[0] is not victim
+    assert row["version/text_workers_min"] == row["version/policy"]
+    assert _versions(t.roles.text_pool) == [t.roles.version] * 2
 
 
 def test_worker_killed_before_a_version_query_is_replaced_with_the_current_weights(trainer):
