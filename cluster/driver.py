@@ -23,11 +23,8 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from datetime import datetime
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from cluster.config import R3Config
 from cluster.console import Console, format_round_accuracy
@@ -41,31 +38,23 @@ from cluster.failures import (
     learner_failure,
 )
 from cluster.pools import WorkerReplacementError
+from cluster.run_folder import run_dir_path, write_config
 from cluster.settings import eval_settings, load_prompt_sets, step_settings
 from cluster.stopping import GracefulStop, StopRequested
 from cluster.trainer_checkpoints import TrainerCheckpoints
 
-__all__ = ["run_training", "make_run_dir", "Trainer"]
+__all__ = ["make_run_dir", "Trainer"]
 
 log = logging.getLogger(__name__)
 
 
 def make_run_dir(cfg: R3Config) -> Path:
     """Create `train.run_dir/<train.run_name or a timestamp>` and write its `config.yaml` (no lock:
-    `run_training` takes one before writing anything)."""
-    run_dir = _run_dir_path(cfg)
+    `cluster.run_loop.run_training` takes one before writing anything)."""
+    run_dir = run_dir_path(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
-    _write_config(cfg, run_dir)
+    write_config(cfg, run_dir)
     return run_dir
-
-
-def _run_dir_path(cfg: R3Config) -> Path:
-    name = cfg.train.run_name or datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path(cfg.train.run_dir).resolve() / name
-
-
-def _write_config(cfg: R3Config, run_dir: Path) -> None:
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
 
 
 class Trainer(TrainerCheckpoints, TrainerElastic):
@@ -359,14 +348,6 @@ class Trainer(TrainerCheckpoints, TrainerElastic):
         self.metrics.close()
         (self.run_dir / "phases.json").write_text(json.dumps(self.phase_log, indent=1))
         self.roles.shutdown()
-
-
-def run_training(cfg: R3Config, verbose: bool = True) -> Path:
-    """The whole job: connect, build roles, train `train.steps` steps, evaluate, shut down
-    (`cluster.run_loop.run_training`, which documents what it raises)."""
-    from cluster.run_loop import run_training as run
-
-    return run(cfg, verbose)
 
 
 def _trim(batch: list[Any], ranks: int) -> list[Any]:

@@ -17,17 +17,32 @@ import logging
 import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import yaml
 
 from cluster.failures import RunRefused
 
+if TYPE_CHECKING:
+    from cluster.config import R3Config
+
 __all__ = ["LOCK_NAME", "RESUME_CHANGES", "ConfigChange", "lock_run_dir", "config_changes", "classify_change",
-           "check_resume_config"]
+           "check_resume_config", "run_dir_path", "write_config"]
 
 log = logging.getLogger(__name__)
+
+
+def run_dir_path(cfg: R3Config) -> Path:
+    """`train.run_dir/<train.run_name or a timestamp>`, absolute (not created here)."""
+    name = cfg.train.run_name or datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path(cfg.train.run_dir).resolve() / name
+
+
+def write_config(cfg: R3Config, run_dir: Path) -> None:
+    """The resolved config of the run, as `<run>/config.yaml` (what `--resume` compares against)."""
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
 
 LOCK_NAME = ".lock"
 RESUME_CHANGES = "resume-changes.json"

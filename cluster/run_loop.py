@@ -38,10 +38,9 @@ def run_training(cfg: R3Config, verbose: bool = True) -> Path:
             rollout worker could not be replaced (`cluster.failures`; each names the checkpoint).
     """
     from cluster.checkpoint import resolve_resume
-    from cluster.driver import _run_dir_path, _write_config
-    from cluster.run_folder import check_resume_config, lock_run_dir
+    from cluster.run_folder import check_resume_config, lock_run_dir, run_dir_path, write_config
 
-    run_dir = _run_dir_path(cfg)
+    run_dir = run_dir_path(cfg)
     created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     with lock_run_dir(run_dir) as lock:
@@ -54,7 +53,7 @@ def run_training(cfg: R3Config, verbose: bool = True) -> Path:
                     lock.unlink()
                     run_dir.rmdir()
                 raise
-        _write_config(cfg, run_dir)
+        write_config(cfg, run_dir)
         if verbose:
             _run(cfg, run_dir, Console.verbose(), resume)
             return run_dir

@@ -69,8 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from cluster.driver import run_training
     from cluster.failures import LearnerFailure, RunRefused, StoppedBySignal
+    from cluster.run_loop import run_training
 
     try:
         run_dir = run_training(cfg, verbose=args.verbose)

@@ -3,7 +3,7 @@
 From the warm start the config names (by default the one that ships in
 `examples/shapesworld/warmstart`, as `tiny:shapes-flux` / `tiny:shapes-vlm`; another one with
 `models.generator.path=DIR/flux models.reasoner.path=DIR/vlm`): evaluation on the held-out split →
-R3 RL in tree mode → evaluation, all through `cluster.driver.run_training` with
+R3 RL in tree mode → evaluation, all through `cluster.run_loop.run_training` with
 `train.eval_before=true`; then `results.json`, `results.md` and `results.png` in the run directory
 (`examples.shapesworld.results`). Exit status as `cluster.train` (2: bad config, a locked run folder or a
 refused resume; 3: a learner died; 4: non-finite training; 5: the judge failed too often).
@@ -86,8 +86,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from cluster.checkpoint import resolve_resume
     from cluster.config import ConfigError, load_config
-    from cluster.driver import run_training
     from cluster.failures import LearnerFailure, RunRefused
+    from cluster.run_loop import run_training
     from cluster.session import resolve_model_path
     from examples.shapesworld.results import console_summary
 

@@ -33,12 +33,12 @@ def test_message_when_auto_would_pick_another_run_or_nothing_is_saved(tmp_path):
 
 
 def test_train_main_exits_3_with_the_message_not_a_traceback(monkeypatch, capsys, tmp_path):
-    import cluster.driver
+    import cluster.run_loop
 
     def die(cfg, verbose=True):
         raise LearnerFailure(["text-learner-0"], 1, "learners training", None, "ActorDiedError: killed")
 
-    monkeypatch.setattr(cluster.driver, "run_training", die)
+    monkeypatch.setattr(cluster.run_loop, "run_training", die)
     rc = train.main(["--config", "configs/cpu_tiny.yaml", f"train.run_dir={tmp_path}"])
     err = capsys.readouterr().err
     assert rc == 3
@@ -73,7 +73,7 @@ def test_nonfinite_streak_counts_steps_in_a_row_and_resets():
 
 
 def test_nonfinite_failure_exits_4_naming_step_and_last_good_checkpoint(tmp_path, monkeypatch, capsys):
-    import cluster.driver
+    import cluster.run_loop
     from cluster.failures import NONFINITE_EXIT_CODE, NonFiniteFailure
 
     ckpt = tmp_path / "run" / "checkpoints" / "step-000004"
@@ -87,7 +87,7 @@ def test_nonfinite_failure_exits_4_naming_step_and_last_good_checkpoint(tmp_path
     def diverge(cfg, verbose=True):
         raise e
 
-    monkeypatch.setattr(cluster.driver, "run_training", diverge)
+    monkeypatch.setattr(cluster.run_loop, "run_training", diverge)
     assert train.main(["--config", "configs/cpu_tiny.yaml", f"train.run_dir={tmp_path}"]) == 4
     err = capsys.readouterr().err
     assert err.startswith("error: non-finite training:") and "Traceback" not in err
@@ -142,7 +142,7 @@ def test_judge_failure_cause_stops_above_the_fraction(errors, items, limit, stop
 
 
 def test_judge_failure_exits_5_naming_step_fraction_and_kind(tmp_path, monkeypatch, capsys):
-    import cluster.driver
+    import cluster.run_loop
     from cluster.failures import JUDGE_FAILURE_EXIT_CODE, JudgeFailure, judge_failure_cause
 
     ckpt = tmp_path / "run" / "checkpoints" / "step-000002"
@@ -153,7 +153,7 @@ def test_judge_failure_exits_5_naming_step_fraction_and_kind(tmp_path, monkeypat
     def judge_down(cfg, verbose=True):
         raise e
 
-    monkeypatch.setattr(cluster.driver, "run_training", judge_down)
+    monkeypatch.setattr(cluster.run_loop, "run_training", judge_down)
     assert train.main(["--config", "configs/cpu_tiny.yaml", f"train.run_dir={tmp_path}"]) == 5
     err = capsys.readouterr().err
     assert err.startswith("error: judge failure: the 'vlm' judge (judge.kind) failed on 6 of 8 items in step 4 "

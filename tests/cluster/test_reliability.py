@@ -135,14 +135,14 @@ CASE_IDS = [
 
 @pytest.mark.parametrize("case", CASE_IDS)
 def test_bad_input_is_refused_with_exit_2_naming_the_value(case, cases, capsys, monkeypatch, tmp_path):
-    import cluster.driver
+    import cluster.run_loop
 
     _, args, expected = cases[case]
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.delenv("R3RL_TEST_UNSET_KEY", raising=False)
     monkeypatch.setenv("R3RL_TEST_EMPTY_KEY", "")
     started = []
-    monkeypatch.setattr(cluster.driver, "run_training", lambda *a, **k: started.append(1))  # must never be reached
+    monkeypatch.setattr(cluster.run_loop, "run_training", lambda *a, **k: started.append(1))  # must never be reached
     argv = [*BASE, *args] if args[0] != "--config" else [*args[:2], *BASE[2:], *args[2:]]
     rc = train.main([*argv, f"train.run_dir={tmp_path}"])
     err = capsys.readouterr().err

@@ -15,7 +15,7 @@ import yaml
 from cluster import train
 from cluster.checkpoint import CheckpointDir, checkpoints_dir, resolve_resume
 from cluster.config import load_config
-from cluster.driver import make_run_dir, run_training
+from cluster.driver import make_run_dir
 from cluster.failures import RunRefused
 from cluster.run_folder import (
     RESUME_CHANGES,
@@ -25,6 +25,7 @@ from cluster.run_folder import (
     config_changes,
     lock_run_dir,
 )
+from cluster.run_loop import run_training
 
 CFG = "configs/cpu_tiny.yaml"
 
