@@ -85,7 +85,7 @@ def memory_plan(cfg: R3Config) -> list[RoleMemory]:
         w = c.text_workers
         out.append(_engine("text_workers", "reasoner on vLLM", reasoner, cfg.models.reasoner.dtype,
                            w.tensor_parallel_size, cfg.models.reasoner.gpu_memory_utilization, cfg.models.reasoner.max_model_len,
-                           _share(gpu, w.num_gpus), "models.reasoner", "cluster.text_workers.tensor_parallel_size"))
+                           gpu, w.num_gpus, "models.reasoner", "cluster.text_workers.tensor_parallel_size"))
     if c.diffusion_workers.num_gpus > 0:
         out.append(_diffusion_worker(cfg, generator, _share(gpu, c.diffusion_workers.num_gpus)))
     if c.judge_replicas.num_gpus > 0 and cfg.judge.kind == "vlm":
@@ -93,7 +93,7 @@ def memory_plan(cfg: R3Config) -> list[RoleMemory]:
         shape = lm_shape(model_config_dir("judge", j.path, j.config))
         per_gpu = c.judge_replicas.num_gpus / j.tensor_parallel_size
         out.append(_engine("judge_replicas", "VLM judge on vLLM", shape, j.dtype, j.tensor_parallel_size,
-                           j.gpu_memory_utilization or JUDGE_GPU_UTILIZATION, j.max_model_len, _share(gpu, per_gpu), "judge",
+                           j.gpu_memory_utilization or JUDGE_GPU_UTILIZATION, j.max_model_len, gpu, per_gpu, "judge",
                            "judge.tensor_parallel_size"))
     if c.text_learners.num_gpus > 0:
         out.append(_text_learner(cfg, reasoner, _share(gpu, c.text_learners.num_gpus)))
@@ -156,7 +156,11 @@ def _verdict(p: RoleMemory) -> str:
 
 
 def _engine(role: str, what: str, shape: Any, dtype: str, tp: int, util: float, max_len: int,
-            gpu: float | None, section: str, tp_key: str) -> RoleMemory:
+            gpu: float | None, gpu_share: float, section: str, tp_key: str) -> RoleMemory:
+    """A vLLM engine on `gpu_share` of each of its GPUs (`gpu`: one whole GPU's bytes, None: undeclared).
+
+    vLLM sizes its KV cache from `util` of the WHOLE device, whatever share Ray reserved, so an engine
+    on a fraction of a GPU fits only when `util` stays within that fraction."""
     est = mp.engine_memory(shape.params, mp.DTYPE_BYTES[dtype], tp, shape.layers, shape.kv_heads, shape.head_dim,
                            util, gpu)
     p = RoleMemory(role, f"{what}, {shape.params / 1e9:.2f} B params, {dtype}, tensor parallel {tp}",
@@ -169,9 +173,16 @@ def _engine(role: str, what: str, shape: Any, dtype: str, tp: int, util: float, 
     p.notes.append(f"KV cache budget {util:g} x {gpu / mp.GB:.0f} GB - weights = {est.kv_budget / mp.GB:.2f} GB: "
                    f"{est.kv_tokens:,} tokens ({est.kv_tokens / max_len:.1f} sequences of {section}.max_model_len "
                    f"{max_len})")
+    share = min(1.0, gpu_share)
+    if util > share + 1e-9:
+        return _decide(p, gpu * share, False,
+                       f"vLLM takes {section}.gpu_memory_utilization={util:g} of the whole GPU ({util * gpu / mp.GB:.2f} GB) "
+                       f"but the role reserves {share:g} of it ({share * gpu / mp.GB:.2f} GB), so it would take the "
+                       "memory of the roles sharing that GPU",
+                       [f"set {section}.gpu_memory_utilization <= {share:g}", "give the role whole GPUs (num_gpus >= 1)"])
     fixes = [f"raise {tp_key} (weights and KV heads split over more GPUs)", f"lower {section}.max_model_len",
              f"use {section}.dtype=bfloat16" if dtype == "float32" else "use a smaller model"]
-    return _decide(p, gpu, est.kv_tokens >= max_len,
+    return _decide(p, gpu * share, est.kv_tokens >= max_len,
                    f"weights {est.weights / mp.GB:.2f} GB leave room for {est.kv_tokens:,} KV tokens, fewer than one "
                    f"sequence of {max_len}", fixes)
 

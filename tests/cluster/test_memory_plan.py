@@ -121,6 +121,21 @@ def test_full_fine_tuning_at_zero1_does_not_fit_and_names_the_ways_out():
         check_launch(cfg)
 
 
+def test_a_vllm_engine_on_part_of_a_gpu_must_keep_its_utilization_within_its_share():
+    """vLLM sizes its cache from gpu_memory_utilization of the whole device, whatever Ray reserved."""
+    from cluster.launch_plan import check_launch, memory_plan
+
+    smoke = str(ROOT / "configs/gpu_smoke.yaml")
+    hw = "cluster.hardware={nodes: 1, gpus_per_node: 1, gpu_memory_gb: 80}"
+    ok = {p.role: p for p in memory_plan(load_config(smoke, [hw]))}["text_workers"]
+    assert ok.fits and ok.parts["kv_cache"] == pytest.approx(0.2 * 80e9 - ok.parts["weights"])
+    cfg = load_config(smoke, [hw, "models.reasoner.gpu_memory_utilization=0.8"])
+    bad = {p.role: p for p in memory_plan(cfg)}["text_workers"]
+    assert bad.fits is False and "models.reasoner.gpu_memory_utilization <= 0.2" in " ".join(bad.fixes)
+    with pytest.raises(ConfigError, match="gpu_memory_utilization=0.8 of the whole GPU"):
+        check_launch(cfg)
+
+
 def test_missing_model_folder_without_a_config_folder_is_refused():
     from cluster.launch_plan import memory_plan
 
