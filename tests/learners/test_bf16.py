@@ -12,14 +12,12 @@ exactly the learner's bf16 weights, with half the bytes of the same sync in fp32
 from __future__ import annotations
 
 import math
-import threading
-from types import SimpleNamespace
 
 import pytest
 import torch
 
-from actors.weight_receiver import TorchWeightReceiver
-from learners.weight_sync import WeightSenderMixin, make_weight_sync
+from learners.weight_sync import make_weight_sync
+from tests.learners.sync_doubles import Receiver, Sender, run_together
 
 RAY_NUM_CPUS = 4
 
@@ -29,40 +27,12 @@ def _net(seed: int, dtype: torch.dtype) -> torch.nn.Module:
     return torch.nn.Sequential(*[torch.nn.Linear(16, 16) for _ in range(4)], torch.nn.LayerNorm(16)).to(dtype)
 
 
-class Sender(WeightSenderMixin):
-    def __init__(self, module: torch.nn.Module) -> None:
-        self.engine, self.rank = SimpleNamespace(module=module), 0
-
-
-class Receiver(TorchWeightReceiver):
-    def __init__(self, module: torch.nn.Module) -> None:
-        self.transformer, self._version = module, 0
-
-
-def _together(*fns) -> list:
-    results, errors = [None] * len(fns), []
-
-    def run(i, fn):
-        try:
-            results[i] = fn()
-        except Exception as e:  # surfaced below
-            errors.append(e)
-
-    threads = [threading.Thread(target=run, args=(i, fn)) for i, fn in enumerate(fns)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert not errors, errors
-    return results
-
-
 def _broadcast(sender: Sender, receivers: list[Receiver], port: int, wire: str, version: int) -> dict:
-    _together(lambda: sender.init_weight_group("127.0.0.1", port, len(receivers) + 1),
+    run_together(lambda: sender.init_weight_group("127.0.0.1", port, len(receivers) + 1),
               *[lambda r=r, i=i: r.join_weight_group("127.0.0.1", port, i + 1, len(receivers) + 1)
                 for i, r in enumerate(receivers)])
     meta = sender.weight_bucket_meta(1.0, wire)
-    stats, *_ = _together(lambda: sender.broadcast_weights(version, 1.0, "bucketed", wire),
+    stats, *_ = run_together(lambda: sender.broadcast_weights(version, 1.0, "bucketed", wire),
                           *[lambda r=r: r.receive_weights(version, meta) for r in receivers])
     sender.leave_weight_group()
     for r in receivers:

@@ -6,15 +6,12 @@ in tests/learners/test_weight_sync.py). Seconds to run.
 
 from __future__ import annotations
 
-import threading
-from types import SimpleNamespace
-
 import pytest
 import torch
 
-from actors.weight_receiver import TorchWeightReceiver
-from learners.weight_sync import WeightSenderMixin, make_weight_sync
 from learners.weight_sync import _check_versions as check_versions
+from learners.weight_sync import make_weight_sync
+from tests.learners.sync_doubles import Receiver, Sender, run_together
 
 
 def _net(seed: int) -> torch.nn.Module:
@@ -22,47 +19,19 @@ def _net(seed: int) -> torch.nn.Module:
     return torch.nn.Sequential(*[torch.nn.Linear(16, 16) for _ in range(6)], torch.nn.LayerNorm(16))
 
 
-class Sender(WeightSenderMixin):
-    def __init__(self, module: torch.nn.Module) -> None:
-        self.engine, self.rank = SimpleNamespace(module=module), 0
-
-
-class Receiver(TorchWeightReceiver):
-    def __init__(self, module: torch.nn.Module) -> None:
-        self.transformer, self._version = module, 0
-
-
-def _run_all(*fns) -> list:
-    results, errors = [None] * len(fns), []
-
-    def wrap(i, fn):
-        try:
-            results[i] = fn()
-        except Exception as e:  # surfaced below
-            errors.append(e)
-
-    threads = [threading.Thread(target=wrap, args=(i, fn)) for i, fn in enumerate(fns)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert not errors, errors
-    return results
-
-
 @pytest.mark.parametrize("mode", ["bucketed", "per_param"])
 def test_broadcast_reaches_every_receiver(mode, free_port):
     sender = Sender(_net(0))
     receivers = [Receiver(_net(1)), Receiver(_net(2))]
     port = free_port()
-    _run_all(lambda: sender.init_weight_group("127.0.0.1", port, 3),
+    run_together(lambda: sender.init_weight_group("127.0.0.1", port, 3),
              *[lambda r=r, i=i: r.join_weight_group("127.0.0.1", port, i + 1, 3) for i, r in enumerate(receivers)])
     bucket_mb = 2 * 16 * 17 * 4 / 2**20  # two Linear layers per bucket
     meta = sender.weight_bucket_meta(bucket_mb)
     assert len(meta) == 4  # 6 linears in pairs + the LayerNorm
     want = sender.weights_checksum()
     assert all(r.weights_checksum() != want for r in receivers)
-    stats, *versions = _run_all(lambda: sender.broadcast_weights(7, bucket_mb, mode),
+    stats, *versions = run_together(lambda: sender.broadcast_weights(7, bucket_mb, mode),
                                 *[lambda r=r: r.receive_weights(7, meta, mode) for r in receivers])
     assert versions == [7, 7] and stats["buckets"] == 4
     assert stats["bytes"] == 4 * sum(p.numel() for p in sender.engine.module.parameters())
