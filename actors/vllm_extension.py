@@ -47,11 +47,11 @@ class WeightSyncExtension:
         return int(self.rank), int(self.parallel_config.world_size)
 
     def r3rl_join_weight_group(self, master_addr: str, port: int, first_rank: int, world_size: int,
-                               backend: str) -> None:
+                               backend: str, timeout_s: float = 300.0) -> None:
         """Join as group rank `first_rank` + this process's engine rank (rollout.sync_ranks): every
         tensor-parallel rank receives the full tensors and `reload_weights` keeps its shard."""
         rank = process_rank(first_rank, *self.r3rl_engine_rank())
-        self._r3rl_group = standalone_group(master_addr, port, rank, world_size, backend)
+        self._r3rl_group = standalone_group(master_addr, port, rank, world_size, backend, timeout_s)
 
     def r3rl_leave_weight_group(self) -> None:
         self._r3rl_group, self._r3rl_pool = None, None

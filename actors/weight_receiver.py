@@ -55,12 +55,12 @@ class TextWeightReceiver:
         return len(ranks)
 
     def join_weight_group(
-        self, master_addr: str, port: int, rank: int, world_size: int, backend: str = "gloo"
+        self, master_addr: str, port: int, rank: int, world_size: int, backend: str = "gloo", timeout_s: float = 300.0
     ) -> None:
         """Join the standalone broadcast group: engine process r takes group rank `rank` + r
         (`rank` >= 1 is this worker's first rank, rollout.sync_ranks; rank 0 is the learner)."""
         self.llm.collective_rpc("r3rl_join_weight_group", args=(master_addr, int(port), int(rank),
-                                                                  int(world_size), backend))
+                                                                  int(world_size), backend, float(timeout_s)))
 
     def leave_weight_group(self) -> None:
         self.llm.collective_rpc("r3rl_leave_weight_group")
@@ -102,10 +102,10 @@ class TorchWeightReceiver:
         return 1
 
     def join_weight_group(
-        self, master_addr: str, port: int, rank: int, world_size: int, backend: str = "gloo"
+        self, master_addr: str, port: int, rank: int, world_size: int, backend: str = "gloo", timeout_s: float = 300.0
     ) -> None:
         """Join the standalone broadcast group as `rank` (>= 1; rank 0 is the learner)."""
-        self._weight_group = standalone_group(master_addr, port, rank, world_size, backend)
+        self._weight_group = standalone_group(master_addr, port, rank, world_size, backend, timeout_s)
 
     def leave_weight_group(self) -> None:
         self._weight_group, self._weight_pool = None, None

@@ -483,6 +483,11 @@ class SyncConfig(_Section):
         "GPUs (num_gpus >= 1), else gloo (NCCL refuses two ranks on one GPU, which fractional GPUs may share; "
         "gloo moves CUDA tensors through host memory)"
     )
+    group_timeout_s: float = Field(
+        300.0, gt=0, description="how long a member of the broadcast group waits for the others (rendezvous or one "
+        "broadcast); after a worker dies mid-sync the learner is free again after this, and the sync is redone with "
+        "the replacement"
+    )
 
 
 class LoggingConfig(_Section):

@@ -169,9 +169,9 @@ def build_roles(cfg: R3Config, paths: ModelPaths) -> Roles:
     image_backend = sync_backend(cfg.sync.backend, c.diffusion_learners.num_gpus, c.diffusion_workers.num_gpus)
     # weights travel in the dtype the workers hold (models.*.dtype), not the learner's
     text_sync = make_weight_sync(cfg.sync.method, bucket_mb=cfg.sync.bucket_mb, backend=text_backend,
-                                 wire_dtype=cfg.models.reasoner.dtype)
+                                 wire_dtype=cfg.models.reasoner.dtype, group_timeout_s=cfg.sync.group_timeout_s)
     diffusion_sync = make_weight_sync(cfg.sync.method, bucket_mb=cfg.sync.bucket_mb, backend=image_backend,
-                                      wire_dtype=cfg.models.generator.dtype)
+                                      wire_dtype=cfg.models.generator.dtype, group_timeout_s=cfg.sync.group_timeout_s)
     roles_box: dict[str, Roles] = {}
 
     def resync(sync: Any) -> Any:

@@ -72,12 +72,13 @@ class WeightSenderMixin:
             port = s.getsockname()[1]
         return ray.util.get_node_ip_address(), port
 
-    def init_weight_group(self, master_addr: str, port: int, world_size: int, backend: str = "gloo") -> None:
+    def init_weight_group(self, master_addr: str, port: int, world_size: int, backend: str = "gloo",
+                          timeout_s: float = 300.0) -> None:
         """Create the broadcast group as its rank 0 (learner rank 0 only); a rendezvous with the
         workers' `join_weight_group`."""
         if self.rank != 0:
             raise ValueError(f"init_weight_group on learner rank {self.rank}; only rank 0 sends weights")
-        self._weight_group = standalone_group(master_addr, port, 0, world_size, backend)
+        self._weight_group = standalone_group(master_addr, port, 0, world_size, backend, timeout_s)
 
     def leave_weight_group(self) -> None:
         self._weight_group, self._weight_send_pool = None, None
@@ -309,8 +310,11 @@ class BroadcastWeightSync(WeightSync):
     The group is (re)built whenever the worker list changes (first sync, after a restart)."""
 
     def __init__(self, *, bucket_mb: float = 50.0, backend: str = "gloo", mode: str = "bucketed",
-                 wire_dtype: str = "float32") -> None:
+                 wire_dtype: str = "float32", group_timeout_s: float = 300.0) -> None:
         super().__init__(bucket_mb=bucket_mb, backend=backend, wire_dtype=wire_dtype)
+        if group_timeout_s <= 0:
+            raise ValueError(f"weight-sync group_timeout_s must be > 0, got {group_timeout_s}")
+        self.group_timeout_s = float(group_timeout_s)
         if mode not in _MODES:
             raise ValueError(f"unknown weight transfer mode {mode!r}; known: {list(_MODES)}")
         self.mode = mode
@@ -328,8 +332,8 @@ class BroadcastWeightSync(WeightSync):
         addr, port = ray.get(sender.weight_group_address.remote())
         sizes = ray.get([w.weight_group_size.remote() for w in workers])  # tensor-parallel vLLM: tp ranks
         world, firsts = sync_world_size(sizes), worker_first_ranks(sizes)
-        ray.get([sender.init_weight_group.remote(addr, port, world, self.backend)]
-                + [w.join_weight_group.remote(addr, port, first, world, self.backend)
+        ray.get([sender.init_weight_group.remote(addr, port, world, self.backend, self.group_timeout_s)]
+                + [w.join_weight_group.remote(addr, port, first, world, self.backend, self.group_timeout_s)
                    for w, first in zip(workers, firsts, strict=True)])
         self._members = _actor_keys(workers)
         self._meta = ray.get(sender.weight_bucket_meta.remote(self.bucket_mb, self.wire_dtype))
@@ -397,13 +401,17 @@ WEIGHT_SYNCS: dict[str, type[WeightSync]] = {"broadcast": BroadcastWeightSync, "
 
 
 def make_weight_sync(kind: str, *, bucket_mb: float = 50.0, backend: str = "gloo",
-                     wire_dtype: str = "float32") -> WeightSync:
+                     wire_dtype: str = "float32", group_timeout_s: float = 300.0) -> WeightSync:
     """Factory keyed by the config string (`sync.method`: 'broadcast' | 'object_store').
 
     wire_dtype: the dtype the workers hold (`models.*.dtype`); weights travel in it, so bf16
-    workers receive half the bytes of fp32 and exactly a bf16 learner's weights."""
+    workers receive half the bytes of fp32 and exactly a bf16 learner's weights.
+    group_timeout_s: how long a broadcast group's members wait for each other (broadcast only)."""
     if kind not in WEIGHT_SYNCS:
         raise ValueError(f"unknown weight sync {kind!r} (config key sync.method); known: {sorted(WEIGHT_SYNCS)}")
+    if kind == "broadcast":
+        return BroadcastWeightSync(bucket_mb=bucket_mb, backend=backend, wire_dtype=wire_dtype,
+                                   group_timeout_s=group_timeout_s)
     return WEIGHT_SYNCS[kind](bucket_mb=bucket_mb, backend=backend, wire_dtype=wire_dtype)
 
 

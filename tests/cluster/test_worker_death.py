@@ -22,6 +22,8 @@ def _cfg(run_root, name):
         "data.train=shapes-train", "data.test=shapes-test", "data.eval_limit=2", "train.eval_rounds=1",
         "cluster.text_workers=2", "r3.group_size=4", "r3.prompts_per_step=2", "train.steps=8", "train.retries=1",
         "logging.progress=false", "logging.tensorboard=false",
+        # a broadcast that lost a member frees the learner after this (then the sync is redone)
+        "sync.group_timeout_s=30",
     ])
 
 
