@@ -105,6 +105,19 @@ def test_production_config_fits_its_hardware():
     check_launch(cfg, list(plans.values()))
 
 
+def test_the_papers_lora_setting_fits_one_node_of_8_gpus():
+    from cluster.launch_plan import check_launch, memory_plan
+
+    cfg = load_config(str(ROOT / "configs/gpu_qwen25vl_kontext_lora.yaml"))
+    hw = cfg.cluster.hardware
+    assert (hw.nodes, hw.gpus_per_node, hw.gpu_memory_gb) == (1, 8, 80)
+    plans = {p.role: p for p in memory_plan(cfg)}
+    assert all(p.fits for p in plans.values()), {r: p.total for r, p in plans.items()}
+    for role in ("text_learners", "diffusion_learners"):  # adapters only: no reference copy, small optimizer
+        assert plans[role].parts["reference"] == 0 and plans[role].parts["optimizer"] < 0.1 * plans[role].parts["weights"]
+    check_launch(cfg, list(plans.values()))
+
+
 def test_full_fine_tuning_at_zero1_does_not_fit_and_names_the_ways_out():
     from cluster.launch_plan import check_launch, memory_plan
 
