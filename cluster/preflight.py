@@ -71,14 +71,28 @@ def check_local_cpus(cfg: R3Config) -> None:
                           "cluster.num_cpus")
 
 
+# What each role loads: the reasoner and the judge a transformers model (config.json at the top), the
+# generator a diffusers pipeline (model_index.json at the top, its transformer in a subfolder).
+_KIND_FILE = {"models.reasoner.path": "config.json", "judge.path": "config.json",
+              "models.generator.path": "model_index.json"}
+
+
 def check_model_folder(folder: Path, field: str) -> None:
     """A model folder needs a config (config.json, or model_index.json for a diffusers pipeline) and
-    weight files; each safetensors file must be as long as its header says (a cut-short download)."""
+    weight files; each safetensors file must be as long as its header says (a cut-short download).
+    For a known role (`field` in `_KIND_FILE`) the folder must also be the kind that role loads."""
     if not folder.is_dir():
         raise ConfigError(f"{field}: model folder {str(folder)!r} does not exist (give a local folder or tiny:<name>)")
     if not any((folder / name).is_file() for name in ("config.json", "model_index.json")):
         raise ConfigError(f"{field}: model folder {str(folder)!r} has no config.json (nor model_index.json): it is "
                           "empty or not a model; download it again or point to the folder that holds it")
+    kind_file = _KIND_FILE.get(field)
+    if kind_file and not (folder / kind_file).is_file():
+        wanted, found = (("a transformers model (config.json)", "a diffusers pipeline (model_index.json)")
+                         if kind_file == "config.json" else
+                         ("a diffusers pipeline (model_index.json)", "a single model (config.json)"))
+        raise ConfigError(f"{field}: model folder {str(folder)!r} is {found}, but this role loads {wanted}; "
+                          "check that the reasoner, generator and judge paths are not swapped")
     weights = [p for p in _files_within(folder, depth=2) if p.name.endswith(_WEIGHT_SUFFIXES)]
     if not weights:
         raise ConfigError(f"{field}: model folder {str(folder)!r} holds no weight files "

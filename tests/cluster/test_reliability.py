@@ -36,11 +36,12 @@ def _safetensors(path: Path, data_bytes: int, declared_end: int) -> None:
     path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * data_bytes)
 
 
-def _model_folder(root: Path, name: str, config: bool = True, weights: str | None = None) -> str:
+def _model_folder(root: Path, name: str, config: bool = True, weights: str | None = None,
+                  config_name: str = "config.json") -> str:
     folder = root / name
     folder.mkdir()
     if config:
-        (folder / "config.json").write_text("{}")
+        (folder / config_name).write_text("{}")
     if weights == "whole":
         _safetensors(folder / "model.safetensors", 64, 64)
     elif weights == "truncated":
@@ -90,6 +91,12 @@ def _cases(tmp: Path) -> list[tuple[str, list[str], list[str]]]:
          [str(tmp / "noweights"), "no weight files"]),
         ("truncated weight file", [f"models.reasoner.path={_model_folder(tmp, 'cut', weights='truncated')}"],
          [str(tmp / "cut" / "model.safetensors"), "cut short"]),
+        ("generator path holds a single model",
+         [f"models.generator.path={_model_folder(tmp, 'lm', weights='whole')}"],
+         ["models.generator.path", str(tmp / "lm"), "diffusers pipeline (model_index.json)"]),
+        ("reasoner path holds a pipeline",
+         [f"models.reasoner.path={_model_folder(tmp, 'pipe', weights='whole', config_name='model_index.json')}"],
+         ["models.reasoner.path", str(tmp / "pipe"), "transformers model (config.json)"]),
         ("prompt file: invalid JSON", [f"data.train={bad_json}"], [f"{bad_json}:2", "invalid JSON"]),
         ("prompt file: missing field", [f"data.train={no_tag}"], [f"{no_tag}:1", "'tag'"]),
         ("prompt file: not an object", [f"data.train={not_object}"], [f"{not_object}:2", "JSON object"]),
@@ -124,7 +131,8 @@ CASE_IDS = [
     "unknown judge kind", "override without =", "error fraction above 1", "negative stop grace", "zero data limit",
     "boolean worker count", "cosine shorter than warm-up", "public dashboard host", "missing config file",
     "invalid YAML", "YAML not a mapping", "missing model folder", "unknown named model", "empty model folder",
-    "model folder without weights", "truncated weight file", "prompt file: invalid JSON", "prompt file: missing field",
+    "model folder without weights", "truncated weight file", "generator path holds a single model",
+    "reasoner path holds a pipeline", "prompt file: invalid JSON", "prompt file: missing field",
     "prompt file: not an object", "prompt file: empty", "prompt file: unknown format", "prompt file: bad count",
     "unknown prompt source", "data: spec leaving its folder", "prompt longer than the context",
     "too many workers for the local cluster", "remote judge without url",
