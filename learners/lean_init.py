@@ -4,9 +4,13 @@ Design: docs/design.md#lean-learners-under-zero-3.
 
 Why: built the plain way, every rank first holds the whole model (and a second whole copy for the
 KL reference, for the whole run) before DeepSpeed partitions the policy. Under ZeRO-3 instead:
-- `hf_partitioned_loading(ds_config)`: transformers' `from_pretrained` sees an `HfDeepSpeedConfig`,
-  builds the model inside `deepspeed.zero.Init` (each parameter is partitioned as its module is
-  created) and copies the checkpoint into the partitions;
+- `load_pretrained_partitioned(load, build, ds_config)`: every rank builds the model from its config
+  inside `deepspeed.zero.Init` (each parameter is partitioned as its module is created); rank 0
+  alone loads the checkpoint whole (`from_pretrained`, so transformers' key renames apply) and
+  copies it in one parameter at a time. transformers' own ZeRO-3 `from_pretrained` reads the whole
+  checkpoint on every rank instead;
+- `hf_partitioned_loading(ds_config)`: transformers sees an `HfDeepSpeedConfig`, so a model built
+  inside the block is built inside `deepspeed.zero.Init`;
 - `partitioned_construction(ds_config)` + `load_safetensors_partitioned(module, folder)`: the same
   for a diffusers module built with `from_config`, one checkpoint tensor at a time (gathered,
   written by rank 0, partitioned again);
@@ -19,7 +23,8 @@ Every helper here is collective under ZeRO-3 (all ranks call it together).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import gc
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +33,7 @@ import torch
 __all__ = [
     "is_zero3",
     "hf_partitioned_loading",
+    "load_pretrained_partitioned",
     "partitioned_construction",
     "load_safetensors_partitioned",
     "reference_ds_config",
@@ -59,6 +65,41 @@ def hf_partitioned_loading(ds_config: dict[str, Any]) -> Iterator[None]:
     finally:
         unset_hf_deepspeed_config()
         del holder
+
+
+def load_pretrained_partitioned(load: Callable[[], torch.nn.Module], build: Callable[[], torch.nn.Module],
+                                ds_config: dict[str, Any], copies: int = 1) -> list[torch.nn.Module]:
+    """`copies` models holding the pretrained weights, partitioned from construction under ZeRO-3.
+
+    load: the plain whole load (`from_pretrained` on the CPU: transformers' key renames apply);
+    build: the same class built from its config (`from_config`, in the learner's dtype). Under
+    ZeRO-3 every rank builds each copy inside `deepspeed.zero.Init` (`hf_partitioned_loading`);
+    rank 0 alone runs `load` once and writes each parameter in, in module order (gathered, written
+    by rank 0, partitioned again), broadcasts the buffers and the generation config, then frees its
+    copy. So while loading rank 0 holds one whole copy plus its partitions, the other ranks their
+    partitions plus one gathered parameter. The names are checked before any write: a parameter or
+    buffer of the built model that the loaded one lacks, or a shape that differs, raises ValueError
+    on every rank. Tied input/output embeddings are tied again and checked. Collective. Below
+    ZeRO-3: `load()` per copy.
+    """
+    if not is_zero3(ds_config):
+        return [load() for _ in range(copies)]
+    import torch.distributed as dist
+
+    rank0 = dist.get_rank() == 0
+    source = load() if rank0 else None
+    try:
+        models = []
+        for _ in range(copies):
+            # the random init of the built model (overwritten next) leaves the seeded RNG as it was
+            with hf_partitioned_loading(ds_config), torch.random.fork_rng():
+                model = build()
+            _fill_from_rank0(model, source)
+            models.append(model)
+    finally:
+        del source
+        gc.collect()
+    return models
 
 
 @contextlib.contextmanager
@@ -127,7 +168,7 @@ def reference_ds_config(ds_config: dict[str, Any]) -> dict[str, Any]:
 
 def reference_engine(module: torch.nn.Module, ds_config: dict[str, Any]) -> Any:
     """A frozen reference module under ZeRO-3: a DeepSpeed engine without optimizer over a module
-    built partitioned (`hf_partitioned_loading` / `partitioned_construction`); its forward gathers
+    built partitioned (`load_pretrained_partitioned` / `partitioned_construction`); its forward gathers
     each layer's parameters and releases them after. Collective: every rank runs the same forwards."""
     import deepspeed
 
@@ -137,6 +178,78 @@ def reference_engine(module: torch.nn.Module, ds_config: dict[str, Any]) -> Any:
     engine, *_ = deepspeed.initialize(model=module, config=reference_ds_config(ds_config))
     engine.eval()
     return engine
+
+
+def _fill_from_rank0(model: torch.nn.Module, source: torch.nn.Module | None) -> None:
+    """Copy rank 0's `source` into every parameter and buffer of the partitioned `model` (collective)."""
+    import deepspeed
+    import torch.distributed as dist
+
+    params = list(model.named_parameters())  # tied weights once, the same order on every rank
+    buffers = list(model.named_buffers())
+    verdict: list[Any] = [None, None]
+    if source is not None:
+        verdict = [_mismatches(model, source), getattr(source, "generation_config", None)]
+    dist.broadcast_object_list(verdict, src=0)  # every rank raises together, none waits in a gather
+    if verdict[0]:
+        raise ValueError(f"the loaded {type(model).__name__} does not fit the one built from its config: "
+                         f"{verdict[0]}")
+    tensors = {} if source is None else {**dict(source.named_parameters(remove_duplicate=False)),
+                                         **dict(source.named_buffers(remove_duplicate=False))}
+    with torch.no_grad():
+        for name, p in params:
+            if hasattr(p, "ds_id"):
+                with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                    if source is not None:
+                        p.data.copy_(tensors[name])
+            else:
+                _broadcast_from_rank0(p.data, tensors.get(name))
+        for name, b in buffers:
+            _broadcast_from_rank0(b, tensors.get(name))
+    if verdict[1] is not None:
+        model.generation_config = verdict[1]
+    _retie_embeddings(model)
+
+
+def _mismatches(model: torch.nn.Module, source: torch.nn.Module) -> str:
+    """The built model's names the loaded one lacks, and differing shapes ('' when none)."""
+    have = {n: tuple(t.shape) for n, t in [*source.named_parameters(remove_duplicate=False),
+                                           *source.named_buffers(remove_duplicate=False)]}
+    want = {n: tuple(getattr(t, "ds_shape", t.shape)) for n, t in [*model.named_parameters(),
+                                                                   *model.named_buffers()]}
+    missing = sorted(set(want) - set(have))
+    shapes = [f"{n}: {have[n]} loaded, {s} built" for n, s in want.items() if n in have and have[n] != s]
+    out = []
+    if missing:
+        out.append(f"{len(missing)} names missing from the loaded model: {missing}")
+    if shapes:
+        out.append(f"{len(shapes)} shapes differ: {shapes}")
+    return "; ".join(out)
+
+
+def _broadcast_from_rank0(target: torch.Tensor, value: torch.Tensor | None) -> None:
+    """Rank 0 writes `value` into `target` and sends it to the other ranks (NCCL: through the GPU)."""
+    import torch.distributed as dist
+
+    if value is not None:
+        target.data.copy_(value)
+    wire = target.data.to("cuda") if dist.get_backend() == "nccl" else target.data
+    dist.broadcast(wire, src=0)
+    if wire is not target.data:
+        target.data.copy_(wire)
+
+
+def _retie_embeddings(model: torch.nn.Module) -> None:
+    """A model with `tie_word_embeddings` keeps one output/input embedding matrix (checked)."""
+    config = model.config
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if not (getattr(config, "tie_word_embeddings", False) or getattr(text_config, "tie_word_embeddings", False)):
+        return
+    model.tie_weights()
+    out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+    if out is not None and out.weight is not inp.weight:
+        raise ValueError(f"{type(model).__name__} has tie_word_embeddings but its output embeddings are "
+                         "not its input embeddings after tie_weights()")
 
 
 def _gathered_for_write(p: torch.nn.Parameter) -> Any:

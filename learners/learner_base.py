@@ -73,14 +73,17 @@ class LearnerBase(WeightSenderMixin):
     def memory_stats(self) -> dict[str, float]:
         """This rank's memory: bytes of the tensors it holds by owner (params, grads, optimizer,
         reference; `learners.memory.rank_tensor_bytes`), the full model's bytes in the learner's
-        dtype, and the process's RSS now and at its peak. Not collective."""
+        dtype, the process's RSS now and at its peak, and what loading the weights cost where the
+        learner measured it (`load_rss_before_bytes`, `load_rss_after_bytes`,
+        `load_peak_growth_bytes`: `learners.memory.measured_span`). Not collective."""
         from learners import memory
 
         held = memory.rank_tensor_bytes(self.engine, getattr(self, "ref_model", None))
         full = sum(int(getattr(p, "ds_numel", p.numel())) for p in self.engine.module.parameters())
         return {**{f"{k}_bytes": float(v) for k, v in held.items()},
                 "full_model_bytes": float(full * torch.empty((), dtype=self.dtype).element_size()),
-                "rss_bytes": float(memory.rss_bytes()), "peak_rss_bytes": float(memory.peak_rss_bytes())}
+                "rss_bytes": float(memory.rss_bytes()), "peak_rss_bytes": float(memory.peak_rss_bytes()),
+                **{f"load_{k}": v for k, v in getattr(self, "load_memory", {}).items()}}
 
     def save(self, out_dir: str) -> str | None:
         """Safetensors in HF / diffusers format plus the source folder's side files (rank 0 writes);

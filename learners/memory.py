@@ -9,13 +9,14 @@ beside the planned bytes of `cluster.memory_plan.learner_memory`; `rss_bytes` is
 
 from __future__ import annotations
 
+import contextlib
 import resource
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
 
-__all__ = ["rank_tensor_bytes", "rss_bytes", "peak_rss_bytes"]
+__all__ = ["rank_tensor_bytes", "rss_bytes", "peak_rss_bytes", "measured_span"]
 
 
 def rank_tensor_bytes(engine: Any, reference: torch.nn.Module | None = None) -> dict[str, int]:
@@ -50,8 +51,35 @@ def rss_bytes() -> int:
 
 
 def peak_rss_bytes() -> int:
-    """Highest resident set size of this process so far (getrusage; KiB on Linux)."""
+    """Highest resident set size of this process so far, or since `measured_span` last reset the
+    high-water mark (getrusage; KiB on Linux)."""
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+@contextlib.contextmanager
+def measured_span() -> Iterator[dict[str, float]]:
+    """RSS around the block: fills the yielded dict on exit with `rss_before_bytes`,
+    `rss_after_bytes` and `peak_growth_bytes` (the highest RSS during the block less the RSS before).
+
+    The process's high-water mark is reset first (Linux: "5" into /proc/self/clear_refs), so the
+    peak is the block's own; where the kernel refuses, `peak_reset` is 0 and the growth is an upper
+    bound (the peak since the process started).
+    """
+    out: dict[str, float] = {}
+    reset = _reset_peak_rss()
+    before = rss_bytes()
+    yield out
+    out.update(rss_before_bytes=float(before), rss_after_bytes=float(rss_bytes()),
+               peak_growth_bytes=float(max(peak_rss_bytes() - before, 0)), peak_reset=float(reset))
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
 
 
 def _param_tensors(params: list[torch.nn.Parameter]) -> Iterable[torch.Tensor]:

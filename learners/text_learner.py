@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from learners import algos, ds_engine, finite, lean_init
+from learners import algos, ds_engine, finite, lean_init, memory
 from learners.learner_base import LearnerBase
 from learners.lora import LoraAdapters, lora_rank_of
 from rollout.trajectory import TextSample
@@ -101,9 +101,11 @@ class TextLearner(LearnerBase):
             dtype=self.dtype, hidden_size=self._hidden_size())
 
         # ---- lean loading (docs/design.md#lean-learners-under-zero-3): ZeRO-3 partitions at construction
-        with lean_init.hf_partitioned_loading(config):
-            model = self._load_model()
-            reference = self._load_model() if kl_coef > 0 and not lora_rank_of(lora) else None  # LoRA: the base
+        want_reference = kl_coef > 0 and not lora_rank_of(lora)  # LoRA: the reference is the base
+        with memory.measured_span() as self.load_memory:  # what loading costs this rank (memory_stats)
+            model, *refs = lean_init.load_pretrained_partitioned(self._load_model, self._build_model, config,
+                                                                 copies=2 if want_reference else 1)
+        reference = refs[0] if refs else None
         if gradient_checkpointing:
             model.gradient_checkpointing_enable()
         self.ref_model = None
@@ -250,6 +252,14 @@ class TextLearner(LearnerBase):
 
         cls = AutoModelForImageTextToText if self.is_vlm else AutoModelForCausalLM
         return cls.from_pretrained(self.model_path, dtype=self.dtype)  # the learner's dtype (grpo.dtype)
+
+    def _build_model(self) -> torch.nn.Module:
+        """`_load_model`'s class built from the checkpoint's config alone, weights not loaded
+        (partitioned under ZeRO-3: `lean_init.load_pretrained_partitioned`)."""
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+        cls = AutoModelForImageTextToText if self.is_vlm else AutoModelForCausalLM
+        return cls.from_config(AutoConfig.from_pretrained(self.model_path), dtype=self.dtype)
 
     def _load_processor(self):
         """The family's input builder (`rollout.model_inputs`): tokenizer, image inputs, image tokens."""

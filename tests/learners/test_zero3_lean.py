@@ -3,16 +3,24 @@
 Two TextLearner ranks (gloo, CPU, Ray actors) on a 57M-parameter Qwen2 (every matrix above
 ZeRO-3's persistence threshold), with a KL reference (kl_coef > 0): under ZeRO-1 each rank holds
 the whole policy and the whole reference; under ZeRO-3 the policy is built partitioned
-(`deepspeed.zero.Init` through transformers' `HfDeepSpeedConfig`) and the reference is a second,
+(`deepspeed.zero.Init`, filled from rank 0: `lean_init.load_pretrained_partitioned`) and the reference is a second,
 optimizer-less ZeRO-3 engine. Measured per rank (`LearnerBase.memory_stats`): policy and reference
-each hold half of a full copy (ZeRO-1: a whole one each), from construction on; and one update gives the same loss, KL, gradient norm and weights (fp32, 1e-5).
+each hold half of a full copy (ZeRO-1: a whole one each), from construction on (the report also
+prints each rank's RSS around the load); and one update gives the same loss, KL, gradient norm and
+weights (fp32, 1e-5). Filling partitions from rank 0 (two gloo subprocesses) gives the checkpoint's
+values, keeps tied embeddings tied, takes a VLM's names from its own loader and refuses a checkpoint
+that lacks a name of the built model.
 What a rank holds is also set beside the memory plan's arithmetic (`cluster.memory_plan`); the
 ZeRO-3 bucket sizes and the config wiring are unit-tested here too.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -122,6 +130,10 @@ def _report(runs: dict[int, dict]) -> str:
                          f"{m['optimizer_bytes'] / mb:.1f}, tensors {m['total_bytes'] / mb:.1f} "
                          f"(full model {m['full_model_bytes'] / mb:.1f}); RSS built "
                          f"{run['built'][rank]['rss_bytes'] / mb:.0f} MB, peak {m['peak_rss_bytes'] / mb:.0f} MB")
+        for rank, b in enumerate(run["built"]):
+            lines.append(f"ZeRO-{stage} rank {rank} loading: RSS {b['load_rss_before_bytes'] / mb:.0f} -> "
+                         f"{b['load_rss_after_bytes'] / mb:.0f} MB, peak growth {b['load_peak_growth_bytes'] / mb:.0f} "
+                         f"MB, keeps {(b['params_bytes'] + b['reference_bytes']) / mb:.0f} MB")
     return "\n".join(lines)
 
 
@@ -172,3 +184,91 @@ def test_zero3_update_equals_zero1(runs):
     assert set(z3["weights"]) == set(z1["weights"])
     for name, w in z1["weights"].items():
         torch.testing.assert_close(z3["weights"][name], w, atol=1e-5, rtol=0, msg=name)
+
+
+# ------------------------------------------------------------------ filling partitions from rank 0, 2 ranks
+
+FILL_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import torch
+    import transformers
+    from learners import ds_engine, lean_init
+
+    rank, port, folder, misfit, cls_name = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+    cls = getattr(transformers, cls_name)
+    ds_engine.set_dist_env(rank, 2, "127.0.0.1", port)
+    ds_engine.init_distributed("gloo")
+    config = ds_engine.build_ds_config(zero_stage=3, lr=1e-3, betas=(0.9, 0.9), weight_decay=0.0,
+                                       adam_eps=1e-8, grad_clip=0.0, micro_batch_size=1, world_size=2,
+                                       dtype=torch.float32, hidden_size=128)
+    load = lambda: cls.from_pretrained(misfit if misfit != "-" else folder)
+    build = lambda: cls.from_config(transformers.AutoConfig.from_pretrained(folder))
+    try:
+        models = lean_init.load_pretrained_partitioned(load, build, config, copies=2)
+    except ValueError as e:
+        print("RESULT " + json.dumps({"error": str(e)}))
+        sys.exit(0)
+    plain = cls.from_pretrained(folder)
+    want = {**dict(plain.named_parameters()), **dict(plain.named_buffers())}
+    out = {"tied": [], "max_diff": 0.0, "names": True, "partitioned": True}
+    for m in models:
+        out["tied"].append(m.get_output_embeddings().weight is m.get_input_embeddings().weight)
+        got = {**ds_engine.full_state_dict(m), **dict(m.named_buffers())}
+        out["names"] &= sorted(got) == sorted(want)
+        out["max_diff"] = max([out["max_diff"]] + [float((got[k].float() - want[k].float()).abs().max()) for k in got])
+        out["partitioned"] &= all(p.ds_tensor.numel() < p.ds_numel for p in m.parameters() if p.ds_numel > 64)
+    print("RESULT " + json.dumps(out))
+    """
+)
+
+
+def _tied_lm(tiny_lm: Path, out: Path, layers: int = 2) -> Path:
+    from transformers import AutoConfig, Qwen2ForCausalLM
+
+    cfg = AutoConfig.from_pretrained(tiny_lm)
+    cfg.tie_word_embeddings, cfg.num_hidden_layers = True, layers
+    cfg.layer_types = ["full_attention"] * layers
+    torch.manual_seed(3)
+    Qwen2ForCausalLM(cfg).save_pretrained(out)
+    return out
+
+
+def _fill_on_two_ranks(folder: Path, misfit: Path | None, cls: str = "AutoModelForCausalLM") -> list[dict]:
+    """Each of two gloo ranks (subprocesses) loads `folder` into two partitioned copies; their results."""
+    from learners.ds_engine import free_port
+
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, "-c", FILL_SCRIPT, str(rank), str(port), str(folder),
+                               str(misfit or "-"), cls], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for rank in (0, 1)]
+    results = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+        results.append(json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:]))
+    return results
+
+
+@pytest.mark.integration
+def test_partitions_filled_from_rank0_equal_the_checkpoint_and_stay_tied(tiny_models, tmp_path):
+    folder = _tied_lm(tiny_models.lm, tmp_path / "tied")
+    for r in _fill_on_two_ranks(folder, misfit=None):
+        assert r["tied"] == [True, True] and r["names"] and r["partitioned"], r
+        assert r["max_diff"] == 0.0
+
+
+@pytest.mark.integration
+def test_a_vlm_is_filled_under_the_names_its_own_loader_gives(tiny_models):
+    """The VLM's checkpoint names pass through transformers' renames on rank 0 (`from_pretrained`)."""
+    for r in _fill_on_two_ranks(tiny_models.vlm, misfit=None, cls="AutoModelForImageTextToText"):
+        assert r["tied"] == [False, False] and r["names"] and r["partitioned"], r
+        assert r["max_diff"] == 0.0
+
+
+@pytest.mark.integration
+def test_partitions_refuse_a_checkpoint_that_lacks_their_names(tiny_models, tmp_path):
+    folder = _tied_lm(tiny_models.lm, tmp_path / "tied")
+    shallow = _tied_lm(tiny_models.lm, tmp_path / "shallow", layers=1)
+    for r in _fill_on_two_ranks(folder, misfit=shallow):  # every rank raises; none waits in a gather
+        assert "missing from the loaded model" in r["error"] and "model.layers.1.mlp.up_proj.weight" in r["error"]
