@@ -138,10 +138,13 @@ def _ray(env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.Co
 
 def _train_args(root: Path, name: str) -> list[str]:
     """A tiny exact run: the ShapesWorld judge (pure numpy, batch-independent) behind Ray Serve, a fixed seed,
-    no periodic checkpoint; `train.stop_grace_s=0` abandons a step's rollout as soon as the signal comes."""
+    no periodic checkpoint; `train.stop_grace_s=0` abandons a step's rollout as soon as the signal comes. 64
+    denoising steps (the learner still trains on 4) make a rollout last longer than `ray job stop` takes to
+    deliver its SIGTERM, so the stop usually abandons step 1's rollout instead of landing between steps."""
     return ["python", "-m", "cluster.train", "--config", "configs/cpu_tiny.yaml", f"train.run_dir={root}",
             f"train.run_name={name}", f"train.steps={STEPS}", "train.seed=0", "checkpoint.every=0",
-            "train.stop_grace_s=0", "plugins=[examples.shapesworld]", "judge.kind=shapes", "data.train=shapes-train",
+            "train.stop_grace_s=0", "flow_grpo.num_steps=64", "flow_grpo.edit_num_steps=64",
+            "plugins=[examples.shapesworld]", "judge.kind=shapes", "data.train=shapes-train",
             "data.test=shapes-test", "data.eval_limit=2", "train.eval_rounds=1", "logging.progress=false",
             "logging.tensorboard=false"]
 
