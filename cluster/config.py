@@ -451,6 +451,11 @@ class TrainConfig(_Section):
     async_one_step_off: bool = Field(False, description="rollouts of step t+1 overlap learning of step t")
     eval_every: int = Field(0, ge=0, description="evaluate every N steps (0: only at the end)")
     eval_before: bool = Field(False, description="also evaluate before the first step (eval-before/)")
+    null_advantages: bool = Field(
+        False, description="the null arm of a learning claim: shuffle each learner batch's advantages among its items "
+        "(seeded by train.seed, step and side), so the updates keep their sizes but carry no signal; compare a run "
+        "with its null run on the same seeds"
+    )
     eval_rounds: int = Field(4, ge=1, le=16, description="evaluation rounds: 1 generation + (eval_rounds-1) refinements")
     remote_timeout_s: float = Field(
         600.0, gt=0, description="timeout of every remote wait; a judge call's worst case, judge.timeout_s x "

@@ -12,7 +12,8 @@ trajectories (rewards and advantages filled in) plus flat learner batches and me
 
 Advantages: A = R − group mean (optionally / std), text and image separately; stopped attempts get
 image advantage 0 and never enter the image batch. With `drop_zero_variance`, groups whose rewards
-are all equal are left out of the batch of that side.
+are all equal are left out of the batch of that side. With `null_advantages` (the null arm of a
+learning claim, `learners.null_advantages`), each batch's advantages are shuffled among its items.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 
 from learners.algos import group_advantages, zero_variance_groups
+from learners.null_advantages import null_seed, shuffle_advantages
 from reward.shaping import chain_rewards, generate_rewards, refine_rewards
 from rollout.buffer import BufferEntry, RolloutBuffer
 from rollout.chain import run_chain
@@ -67,6 +69,7 @@ class R3StepSettings:
     adv_eps: float = 1e-6
     drop_zero_variance: bool = False
     buffer_refined: bool = False
+    null_advantages: bool = False  # shuffle each batch's advantages among its items: same updates, no signal
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -198,6 +201,7 @@ def run_tree_step(
         if settings.buffer_refined:
             buffer.extend([_entry(t, t.rounds[1], step_index) for t in ref if not t.rounds[1].stopped])
         trajs += ref
+    _shuffle_if_null(texts, images, settings, step_index, metrics)
     metrics.update(_batch_metrics(texts, images, metrics, stages))
     metrics.update({"buffer/size": float(len(buffer)), "buffer/perfect": float(buffer.num_perfect)})
     return StepResult(step_index, stages, trajs, texts, images, metrics)
@@ -260,6 +264,7 @@ def run_chain_step(
         {"text_zero_var_groups": zero["text"], "image_zero_var_groups": zero["image"], "groups": len(keys)},
     )
     metrics["chain/rounds_mean"] = _mean([len(t.rounds) for t in trajs])
+    _shuffle_if_null(texts, images, settings, step_index, metrics)
     metrics.update(_batch_metrics(texts, images, metrics, ["chain"]))
     return StepResult(step_index, ["chain"], trajs, texts, images, metrics)
 
@@ -323,6 +328,22 @@ def _cell_advantages(cells: list[list[float]], settings: R3StepSettings) -> list
         )
         out = [[a / scale for a in c] for c in out]
     return out
+
+
+def _shuffle_if_null(
+    texts: list[TextItem], images: list[ImageItem], settings: R3StepSettings, step_index: int, metrics: dict
+) -> None:
+    """The null arm: each learner batch's advantages shuffled among its items (seeded by run seed,
+    step and side). The trajectories keep the real advantages, so the run's records still show the
+    signal it was denied. Logged as `null_advantages` (1 in a null run, 0 otherwise)."""
+    metrics["null_advantages"] = float(settings.null_advantages)
+    if not settings.null_advantages:
+        return
+    for side, items in (("text", texts), ("image", images)):
+        real = torch.tensor([i.advantage for i in items], dtype=torch.float64)
+        shuffled = shuffle_advantages(real, null_seed(settings.seed, step_index, side)).tolist()
+        for item, a in zip(items, shuffled, strict=True):
+            item.advantage = float(a)
 
 
 def _image_before(t: Trajectory, k: int) -> np.ndarray:
