@@ -1,4 +1,5 @@
-"""FlowGRPO's SDE step for rectified-flow samplers, and the sigma grid it runs on.
+"""FlowGRPO's SDE step and the coefficients-preserving step (CPS) for rectified-flow samplers,
+and the sigma grid they run on.
 
 Design: docs/design.md#sde-step; `sde_step` is part of docs/design.md#stable-math-api.
 
@@ -7,6 +8,8 @@ x' = x + v·dt with dt = σ' − σ < 0; the SDE step below has the same margina
 transition, so every stochastic step has a log-probability. One function both samples and scores
 (`prev_sample` given), so the sampler's and the learner's log-probs come from the same code
 (Flow-GRPO, arXiv 2505.05470, eq. 9; yifan123/flow_grpo `sd3_sde_with_logprob.py`).
+`cps_step` is the alternative transition of arXiv 2509.05952, which keeps the marginals exact for
+any noise level; `get_sde_step` picks one of them by name (`SDE_KINDS`, `flow_grpo.sde`).
 
 Everything is computed in fp32: bf16 latents would make the log-density of a ~1e-2-wide Gaussian
 over thousands of elements meaningless. Tensors are batch-first. Pure torch.
@@ -15,6 +18,7 @@ over thousands of elements meaningless. Tensors are batch-first. Pure torch.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -23,6 +27,9 @@ from torch import Tensor
 __all__ = [
     "SdeStep",
     "sde_step",
+    "cps_step",
+    "get_sde_step",
+    "SDE_KINDS",
     "calculate_shift",
     "sigma_schedule",
     "stochastic_step_indices",
@@ -30,6 +37,7 @@ __all__ = [
 ]
 
 STOCHASTIC_MODES = ("all", "one", "none")
+SDE_KINDS = ("flow_grpo", "cps")
 
 
 class SdeStep(NamedTuple):
@@ -110,6 +118,91 @@ def sde_step(
 
     log_prob = _gaussian_log_prob(prev_sample.detach(), mean, std)
     return SdeStep(prev_sample, log_prob, mean, std)
+
+
+def cps_step(
+    velocity: Tensor,
+    sigma: float | Tensor,
+    sigma_next: float | Tensor,
+    sample: Tensor,
+    noise_level: float | Tensor,
+    prev_sample: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    *,
+    noise: Tensor | None = None,
+) -> SdeStep:
+    """One coefficients-preserving step from `sigma` to `sigma_next` (docs/design.md#sde-step).
+
+    Wang & Yu, "Coefficients-Preserving Sampling for Reinforcement Learning with Flow Matching",
+    arXiv 2509.05952 (IamCreateAI/FlowCPS `sd3_sde_with_logprob.py`): a DDIM-like step that
+    re-noises the predicted clean latent with a mix of the predicted noise and fresh noise whose
+    squared coefficients sum to σ'², so x' has the coefficients (1 − σ', σ') of the marginal at σ'
+    for every noise level η (FlowGRPO's step over-injects noise for large `a` near σ = 1):
+
+        x̂0 = x − σ·v,  ε̂ = x + (1 − σ)·v,  std = σ'·sin(η·π/2),
+        μ = (1 − σ')·x̂0 + σ'·cos(η·π/2)·ε̂,  x' = μ + std·z,  z ~ N(0, I).
+
+    η = 0 is the ODE step x + v·dt (computed in that form, bit for bit as `sde_step` with level 0);
+    η = 1 re-draws the noise entirely; σ' = 0 (the last step) has std 0 and no density. The
+    log-prob is the full Gaussian log-density averaged over non-batch elements, as `sde_step`'s
+    (FlowCPS drops the constants and the 1/(2·std²) factor; the full density keeps the ratio an
+    exact likelihood ratio and `flow_kl`'s std meaningful).
+
+    Args:
+        velocity: (B, ...) predicted velocity v = ε − x0 at `sample`.
+        sigma: current noise level, a float or a tensor of shape [B] (or 0-dim), in (0, 1].
+        sigma_next: next grid value, same forms as `sigma`, < sigma (0 on the last step).
+        sample: (B, ...) current latent x_σ.
+        noise_level: η in [0, 1], a float or a tensor of shape [B].
+        prev_sample: (B, ...) latent to score instead of sampling one (the learner's case).
+        generator: draws z when neither `prev_sample` nor `noise` is given.
+        noise: (B, ...) standard-normal z to use instead of drawing one (per-sample generators).
+
+    Returns:
+        `SdeStep(prev_sample, log_prob, mean, std)`, see its docstring for shapes.
+    """
+    if velocity.shape != sample.shape:
+        raise ValueError(f"velocity shape {tuple(velocity.shape)} != sample shape {tuple(sample.shape)}")
+    velocity = velocity.float()
+    sample = sample.float()
+    batch, ndim = sample.shape[0], sample.ndim
+    sigma_t = _per_row(sigma, batch, ndim, sample.device)
+    sigma_next_t = _per_row(sigma_next, batch, ndim, sample.device)
+    level = _per_row(noise_level, batch, ndim, sample.device)
+    if bool((sigma_next_t >= sigma_t).any()):
+        raise ValueError(f"sigma_next must be < sigma; got sigma={sigma}, sigma_next={sigma_next}")
+    if bool(((level < 0) | (level > 1)).any()):
+        raise ValueError(f"the CPS noise level must lie in [0, 1], got {noise_level}; lower flow_grpo.noise_level")
+
+    angle = level * (math.pi / 2)
+    pred_x0 = sample - sigma_t * velocity
+    pred_noise = sample + (1 - sigma_t) * velocity
+    mean = (1 - sigma_next_t) * pred_x0 + sigma_next_t * torch.cos(angle) * pred_noise
+    mean = torch.where(level == 0, sample + velocity * (sigma_next_t - sigma_t), mean)
+    std = sigma_next_t * torch.sin(angle)
+
+    if prev_sample is None:
+        if noise is None and bool((std > 0).any()):
+            noise = torch.randn(sample.shape, generator=generator, dtype=torch.float32, device=sample.device)
+        prev_sample = mean if noise is None else mean + std * noise.float()
+    else:
+        if prev_sample.shape != sample.shape:
+            raise ValueError(
+                f"prev_sample shape {tuple(prev_sample.shape)} != sample shape {tuple(sample.shape)}"
+            )
+        prev_sample = prev_sample.float()
+
+    log_prob = _gaussian_log_prob(prev_sample.detach(), mean, std)
+    return SdeStep(prev_sample, log_prob, mean, std)
+
+
+def get_sde_step(kind: str) -> Callable[..., SdeStep]:
+    """The transition named `kind` ("flow_grpo": `sde_step`, "cps": `cps_step`); both take the
+    same arguments, so the sampler and the learner call whichever the config names."""
+    steps = {"flow_grpo": sde_step, "cps": cps_step}
+    if kind not in steps:
+        raise ValueError(f"unknown SDE kind {kind!r}; known: {list(SDE_KINDS)}")
+    return steps[kind]
 
 
 def calculate_shift(
