@@ -3,13 +3,16 @@
 RUN_OR_CHECKPOINT is a checkpoint folder (`<run>/checkpoints/step-N`, complete) or a run folder
 (its newest complete checkpoint). OUT gets:
 - `reasoner/`: a transformers model folder (config, safetensors, tokenizer / processor files) that
-  `AutoModelForCausalLM` / `AutoModelForImageTextToText.from_pretrained` loads;
+  `AutoModelForCausalLM` / `AutoModelForImageTextToText.from_pretrained` loads (and `AutoProcessor` /
+  `AutoTokenizer`);
 - `generator/`: a full diffusers `FluxKontextPipeline` folder (the base pipeline's text encoders,
-  VAE, scheduler and tokenizers, with the trained transformer) for `FluxKontextPipeline.from_pretrained`;
+  VAE, scheduler and tokenizers, with the trained transformer) for `FluxKontextPipeline` /
+  `DiffusionPipeline.from_pretrained`;
 - `export.json`: where it came from (checkpoint, step, LoRA settings).
 A learner that trained LoRA adapters (`grpo.lora`, `flow_grpo.lora`) saved only them: they are merged
 into the base named by the run's `config.yaml` (W + alpha/r·B·A, `learners.lora.merge_into_state`).
-Exit codes: 0 written, 2 refused (no checkpoint, unreadable config, OUT not empty).
+A base is a local folder, or a Hugging Face model id found in the local cache (nothing is downloaded).
+Exit codes: 0 written, 2 refused (no checkpoint, unreadable config, base not found, OUT not empty).
 """
 
 from __future__ import annotations
@@ -33,6 +36,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
     from cluster.checkpoint import COMPLETE, checkpoints_dir, find_latest
 
     path = Path(path)
+    if not path.is_dir():
+        raise ExportRefused(f"{path} does not exist or is not a folder; name a run folder or one of its "
+                            "checkpoints (<run>/checkpoints/step-N)")
     if (path / COMPLETE).is_file():
         return path
     latest = find_latest(checkpoints_dir(path))
@@ -78,6 +84,7 @@ def export_reasoner(weights: Path, base: str, out: Path) -> dict[str, Any]:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
     _require_weights(weights)
+    base = str(_base_folder(base, "reasoner"))
     vlm = getattr(AutoConfig.from_pretrained(base), "vision_config", None) is not None
     cls = AutoModelForImageTextToText if vlm else AutoModelForCausalLM
     lora = _lora_settings(weights)
@@ -95,7 +102,7 @@ def export_generator(weights: Path, base: str, out: Path) -> dict[str, Any]:
     from diffusers import FluxTransformer2DModel
 
     _require_weights(weights)
-    base_dir = Path(base)
+    base_dir = _base_folder(base, "generator")
     if not (base_dir / "model_index.json").is_file():
         raise ExportRefused(f"generator base {base} is not a diffusers pipeline folder (no model_index.json): "
                             "the export needs its text encoders, VAE and scheduler")
@@ -113,6 +120,22 @@ def export_generator(weights: Path, base: str, out: Path) -> dict[str, Any]:
 def _require_weights(weights: Path) -> None:
     if not weights.is_dir():
         raise ExportRefused(f"{weights} is missing: the checkpoint holds no weights of this learner")
+
+
+def _base_folder(base: str, role: str) -> Path:
+    """The local folder of a base model: `base` itself, or a model id's snapshot in the Hugging Face cache."""
+    path = Path(base)
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(base, local_files_only=True))
+    except (HFValidationError, LocalEntryNotFoundError) as e:
+        raise ExportRefused(f"{role} base {base!r} (models.{role}.path of the run's config.yaml) is neither a "
+                            f"local folder nor a model in the Hugging Face cache ({type(e).__name__}); download "
+                            "it first (huggingface-cli download) or export on the machine that trained") from None
 
 
 def _lora_settings(weights: Path) -> dict[str, Any] | None:
