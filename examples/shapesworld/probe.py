@@ -133,6 +133,7 @@ def _judged(images: list[Any], metas: list[dict[str, Any]]) -> dict[str, Any]:
         "score": float(np.mean([v.score for v in verdicts])),
         "accuracy_by_tag": {t: float(np.mean(v)) for t, v in sorted(by_tag.items())},
         "n": len(metas),
+        "correct": [bool(v.correct) for v in verdicts],  # per sample, for paired comparisons
     }
 
 

@@ -45,6 +45,9 @@ def reflection_accuracy(trajectories: Sequence[Trajectory]) -> dict[str, float |
         "stop_when_correct": stop_when_correct,
         "edit_when_wrong": edit_when_wrong,
         "decisions": n,
+        "correct_decisions": hits,
+        "on_correct_images": n_correct,
+        "on_wrong_images": n_wrong,
     }
 
 

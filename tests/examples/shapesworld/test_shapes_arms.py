@@ -1,0 +1,67 @@
+"""ShapesWorld claims as arm − null (examples.shapesworld.arms_report), on hand-made measures."""
+
+import math
+
+import pytest
+
+from examples.shapesworld.arms import _parse
+from examples.shapesworld.arms_report import arm_claims, arm_levels, claims_markdown
+
+
+def _m(arm, seed, train, test, final, refl=(6, 10, 0.5, 4, 0.75, 6)):
+    hits, n, pc, nc, pw, nw = refl
+    return {
+        "arm": arm, "seed": seed, "probe": {"train": train, "test": test},
+        "eval": {"prompts": ["a", "b", "c", "d"], "round0": test, "final": final,
+                 "reflection": {"correct_decisions": hits, "decisions": n, "stop_when_correct": pc,
+                                "on_correct_images": nc, "edit_when_wrong": pw, "on_wrong_images": nw}},
+    }  # fmt: skip
+
+
+MEASURES = [
+    _m("rl", 0, [1, 1, 0, 1], [1, 0, 0, 0], [1, 1, 1, 1]),
+    _m("null", 0, [0, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 1]),
+    _m("rl", 1, [0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0], refl=(8, 10, 1.0, 2, 0.5, 8)),
+    _m("null", 1, [0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]),
+]
+
+
+def test_claims_by_hand():
+    c = arm_claims(MEASURES, "rl")
+    train = c["generator_round0_train"]  # per seed d = [1,0,0,1] and [0,0,0,0]
+    assert train.mean == pytest.approx(0.25) and train.se == pytest.approx(0.25)
+    assert train.se_within == pytest.approx(math.sqrt(1 / 12) / 2)
+    assert c["generator_round0_heldout"].mean == 0.0 and c["r3_final_round_heldout"].se == 0.0
+    # reflection: seed 0 6/10 vs 6/10, seed 1 8/10 vs 6/10 -> mean 0.1
+    assert c["reflection_accuracy"].per_seed == pytest.approx((0.0, 0.2))
+    # balanced: seed 1 rl (1.0 + 0.5)/2 = 0.75 vs null (0.5 + 0.75)/2 = 0.625 -> +0.125;
+    # its variance (0/2 + 0.25/8)/4 + (0.25/4 + 0.1875/6)/4 = 0.0078125 + 0.0234375
+    bal = c["reflection_balanced_accuracy"]
+    assert bal.per_seed == pytest.approx((0.0, 0.125))
+    v0 = 2 * (0.25 / 4 + 0.1875 / 6) / 4
+    assert bal.se_within == pytest.approx(math.sqrt(v0 + 0.0078125 + 0.0234375) / 2)
+
+
+def test_levels_and_markdown():
+    lv = {a: arm_levels(MEASURES, a) for a in ("rl", "null")}
+    assert lv["rl"]["generator_round0_train"] == pytest.approx(0.375)
+    assert lv["null"]["reflection_accuracy"] == pytest.approx(0.6)
+    md = claims_markdown({"rl": arm_claims(MEASURES, "rl")}, lv, "null", [0, 1], {"generator_round0_train": 0.1})
+    assert "| generator round 0, fixed training prompts (optimisation) | **+25.0** | 25.0 | 14.4 | 25.0 | +50.0, +0.0 | 4, 4 |" in md
+    assert "| 37.5 | 12.5 | 10.0 |" in md
+
+
+def test_unpaired_or_missing_seeds_are_refused():
+    bad = [dict(m) for m in MEASURES]
+    bad[1] = {**bad[1], "eval": {**bad[1]["eval"], "prompts": ["x", "b", "c", "d"]}}
+    with pytest.raises(ValueError, match="seed 0: 'rl' and 'null' were evaluated on different prompts"):
+        arm_claims(bad, "rl")
+    with pytest.raises(ValueError, match="share no finished seed"):
+        arm_claims(MEASURES[:1], "rl")
+
+
+def test_command_line():
+    args = _parse(["--config", "c.yaml", "--arms", "rl=", "null=train.null_advantages=true", "--arms", "x=a.b=1",
+                   "--steps", "5", "--out", "o", "r3.group_size=4"])  # fmt: skip
+    assert args.arms == ["rl=", "null=train.null_advantages=true", "x=a.b=1"] and args.overrides == ["r3.group_size=4"]
+    assert (args.seeds, args.train_prompts, args.per_tag) == (2, 36, 30)
