@@ -525,6 +525,23 @@ class CheckpointConfig(_Section):
     )
 
 
+class ServeConfig(_Section):
+    """The inference app (`python -m cluster.serve`, `serve run cluster.serve:app`): limits and batching."""
+
+    max_prompt_chars: int = Field(500, ge=1, description="longest prompt POST /v1/r3 accepts (longer: 422 naming prompt)")
+    request_timeout_s: float = Field(
+        300.0, gt=0, description="a request still running after this long gets 504 (its chain stops at the next "
+        "round); a request may ask for less with timeout_s"
+    )
+    max_concurrent_requests: int = Field(
+        16, ge=1, description="requests one replica runs at once (more wait in Serve's queue)"
+    )
+    max_batch_size: int = Field(
+        8, ge=1, description="most concurrent requests' reasoner (or generator) calls merged into one pool call"
+    )
+    batch_wait_s: float = Field(0.05, ge=0, description="how long a partial batch of role calls waits for more")
+
+
 class R3Config(_Section):
     plugins: list[str] = Field(
         default_factory=list,
@@ -544,6 +561,7 @@ class R3Config(_Section):
     sync: SyncConfig = Field(default_factory=SyncConfig, description="weight sync from learners to rollout workers")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="metrics, progress bar, galleries")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="checkpoints and resume")
+    serve: ServeConfig = Field(default_factory=ServeConfig, description="the inference app: request limits and batching")
 
     @model_validator(mode="after")
     def _cosine_needs_room(self) -> R3Config:

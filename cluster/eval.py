@@ -22,7 +22,7 @@ from typing import Any
 
 from cluster.config import ConfigError, load_config
 
-__all__ = ["main", "evaluate_checkpoint", "tensor_sums", "files_tensor_sums", "compare_sums"]
+__all__ = ["main", "evaluate_checkpoint", "load_checkpoint_weights", "tensor_sums", "files_tensor_sums", "compare_sums"]
 
 log = logging.getLogger("r3rl.eval")
 
@@ -75,6 +75,18 @@ def compare_sums(engine: dict[str, list[float]], files: dict[str, list[float]],
             "match": bool(both) and not differing}
 
 
+def load_checkpoint_weights(text: Any, image: Any, checkpoint: Path, timeout: float) -> int:
+    """Every text and diffusion worker loads the checkpoint's learner weights; returns their version."""
+    import ray
+
+    version = int(json.loads((checkpoint / "meta.json").read_text())["version"])
+    ray.get([a.load_weights.remote(version, str(checkpoint / "text_learner" / "weights")) for a in text.actors]
+            + [a.load_weights.remote(version, str(checkpoint / "diffusion_learner" / "weights"))
+               for a in image.actors], timeout=timeout)
+    log.info("workers loaded weights version %d from %s", version, checkpoint)
+    return version
+
+
 def evaluate_checkpoint(cfg: Any, checkpoint: Path | None, out: Path) -> Any:
     """Workers + judge, the checkpoint's weights in the workers, multi-round evaluation; writes `out`."""
     import ray
@@ -101,12 +113,7 @@ def evaluate_checkpoint(cfg: Any, checkpoint: Path | None, out: Path) -> Any:
         judge = build_judge_client(cfg, paths)
         weights: dict[str, Any] = {"checkpoint": str(checkpoint) if checkpoint else None}
         if checkpoint is not None:
-            version = int(json.loads((checkpoint / "meta.json").read_text())["version"])
-            ray.get([a.load_weights.remote(version, str(checkpoint / "text_learner" / "weights")) for a in text.actors]
-                    + [a.load_weights.remote(version, str(checkpoint / "diffusion_learner" / "weights"))
-                       for a in image.actors], timeout=timeout)
-            log.info("workers loaded weights version %d from %s", version, checkpoint)
-            weights["version"] = version
+            weights["version"] = load_checkpoint_weights(text, image, checkpoint, timeout)
         weights.update(_worker_weights(text, image, checkpoint, timeout))
         _, test = load_prompt_sets(cfg)
         report = evaluate(test, PoolReasoner(text), PoolGenerator(image), judge, eval_settings(cfg))

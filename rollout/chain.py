@@ -10,7 +10,7 @@ is the multi-round evaluation (`rollout.evaluation`). Rewards and credit: `rewar
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from rollout.buffer import BufferEntry
 from rollout.datasets import PromptRecord
@@ -32,11 +32,14 @@ def run_chain(
     *,
     stages: tuple[str, str] = ("generate", "refine"),
     group_offset: int = 0,
+    on_round: Callable[[list[Trajectory]], None] | None = None,
 ) -> list[Trajectory]:
     """G trajectories per record (laid out group after group) of at most `max_rounds` rounds.
 
     Each round is one batched call per role over all active trajectories. `stages` names the
     stage of round 0 and of later rounds in the records (evaluation uses ("eval", "eval")).
+    `on_round(trajectories)`, if given, is called after each round has been appended (so a
+    caller can show rounds as they finish); an exception it raises ends the chain there.
     """
     if max_rounds < 1:
         raise ValueError(f"max_rounds must be >= 1 (1 generation + refinements), got {max_rounds}")
@@ -47,6 +50,8 @@ def run_chain(
         for g, (r, rounds) in enumerate(zip(records, first, strict=True))
         for rnd in rounds
     ]
+    if on_round is not None:
+        on_round(trajs)
     for _ in range(1, max_rounds):
         active = [t for t in trajs if not is_finished(t)]
         if not active:
@@ -55,6 +60,8 @@ def run_chain(
         rounds = reflect_and_edit(states, 1, reasoner, generator, judge, settings, rng, stage=stages[1])
         for t, (rnd,) in zip(active, rounds, strict=True):
             t.rounds.append(rnd)
+        if on_round is not None:
+            on_round(trajs)
     return trajs
 
 
