@@ -4,8 +4,8 @@ The pipeline supplies the text encoders, the VAE, latent preparation and its sch
 the denoising loop is our own so that every stochastic step records what the learner needs to
 recompute its log-probability: the latents before and after the step, the sigmas, the text
 conditioning and the source-image latents (docs/design.md#what-the-sampler-stores). The velocity comes from
-`rollout.flux_forward.flux_velocity` and the step from `rollout.flow_sde.sde_step`, the same
-functions the diffusion learner calls. With noise level 0 the loop reproduces
+`rollout.flux_forward.flux_velocity` and the step from `rollout.flow_sde.sde_step` (or `cps_step`,
+`SamplerSettings.sde`), the same functions the diffusion learner calls. With noise level 0 the loop reproduces
 `FluxKontextPipeline.__call__` exactly in fp32 (tested); latents stay fp32 between steps whatever
 the weights' dtype (the pipeline keeps them in the weights' dtype, so bf16 runs differ slightly).
 
@@ -27,8 +27,10 @@ import torch
 
 from actors.weight_receiver import TorchWeightReceiver
 from rollout.flow_sde import (
+    SDE_KINDS,
     STOCHASTIC_MODES,
     calculate_shift,
+    get_sde_step,
     sde_step,
     sigma_schedule,
     stochastic_step_indices,
@@ -215,6 +217,7 @@ class DiffusionWorker(TorchWeightReceiver):
         x = latents.float()
         trace = [x] if return_trace else None
         uncond = self._uncond_embeds(batch) if settings.cfg_scale != 1.0 else None
+        stochastic_step = get_sde_step(settings.sde)
         for i in range(start_step, n):
             velocity = flux_velocity(
                 self.transformer, x, sigmas[i], prompt_embeds, pooled_embeds, guidance,
@@ -234,7 +237,7 @@ class DiffusionWorker(TorchWeightReceiver):
                 noise = torch.zeros_like(x)
                 for b in (b for b in range(batch) if active[b]):
                     noise[b] = torch.randn(x.shape[1:], generator=generators[b]).to(x.device)
-                step = sde_step(velocity, sigmas[i], sigmas[i + 1], x, level, noise=noise)
+                step = stochastic_step(velocity, sigmas[i], sigmas[i + 1], x, level, noise=noise)
             else:
                 step = sde_step(velocity, sigmas[i], sigmas[i + 1], x, 0.0)
             for b in (b for b in range(batch) if active[b]):
@@ -413,6 +416,15 @@ def _validate(requests: list[ImageRequest], settings: SamplerSettings) -> None:
         raise ValueError(f"settings.noise_level must be finite and >= 0, got {settings.noise_level}")
     if settings.stochastic not in STOCHASTIC_MODES:
         raise ValueError(f"settings.stochastic={settings.stochastic!r}; known: {list(STOCHASTIC_MODES)}")
+    if settings.sde not in SDE_KINDS:
+        raise ValueError(f"settings.sde={settings.sde!r}; known: {list(SDE_KINDS)}")
+    if settings.sde == "cps" and settings.noise_level > 1:
+        raise ValueError(f"settings.noise_level={settings.noise_level} must be <= 1 for the CPS step (η in [0, 1])")
+    if settings.sde == "cps" and settings.stochastic == "one" and settings.window_hi >= settings.num_steps:
+        raise ValueError(
+            f"stochastic window [{settings.window_lo}, {settings.window_hi}) includes the last step, which the CPS "
+            f"step makes deterministic (σ' = 0, no log-prob); use window_hi <= {settings.num_steps - 1}"
+        )
     if (
         settings.stochastic == "one"
         and not 0 <= settings.window_lo < settings.window_hi <= settings.num_steps

@@ -350,6 +350,25 @@ class FlowGRPOConfig(_LrSchedule):
     lora: GeneratorLora = Field(
         default_factory=GeneratorLora, description="LoRA adapters on the generator's transformer (rank 0: full fine-tuning)"
     )
+    sde: Literal["flow_grpo", "cps"] = Field(
+        "flow_grpo", description="the stochastic step of the workers and of the learner's rescoring: flow_grpo (Flow-GRPO's "
+        "SDE, noise levels a >= 0) or cps (coefficients-preserving sampling, arXiv 2509.05952: the step keeps the "
+        "marginal's coefficients (1 - sigma', sigma') for any level; noise_level and edit_noise_level are then eta in "
+        "[0, 1], 1 = fresh noise, and the stochastic window must leave out the last step, which cps makes deterministic)"
+    )
+    share_group_noise: bool = Field(
+        True, description="generate stage and chain round 0: the G images of a group start from one initial noise, so "
+        "they differ only by the SDE noise and their prompts; false: each image draws its own (as Flow-GRPO's GenEval "
+        "recipe), which gives groups more reward spread"
+    )
+    adv_std: Literal["none", "group", "global"] | None = Field(
+        None, description="image advantages' std normalisation: none, the group's (per-prompt) std, or the std of all "
+        "the stage's image rewards (batch); null: as r3.adv_std"
+    )
+    zero_variance_groups: Literal["keep", "drop"] | None = Field(
+        None, description="image groups whose rewards are all equal (advantage 0): keep them in the image batch (they "
+        "add KL and dilute the mean loss) or drop them; null: as r3.drop_zero_variance"
+    )
 
     @model_validator(mode="after")
     def _windows(self) -> FlowGRPOConfig:
@@ -359,6 +378,25 @@ class FlowGRPOConfig(_LrSchedule):
         ):
             if not 0 <= lo < hi <= steps:
                 raise ValueError(f"{name}={[lo, hi]} must satisfy 0 <= lo < hi <= steps ({steps})")
+        return self
+
+    @model_validator(mode="after")
+    def _cps_limits(self) -> FlowGRPOConfig:
+        if self.sde != "cps":
+            return self
+        for name, level in (("noise_level", self.noise_level), ("edit_noise_level", self.edit_noise_level)):
+            if level > 1:
+                raise ValueError(f"{name}={level} is above 1: with sde=cps it is eta in [0, 1]; set it <= 1")
+        if self.stochastic == "one":
+            for name, (lo, hi), steps in (
+                ("window", self.window, self.num_steps),
+                ("edit_window", self.edit_window, self.edit_num_steps),
+            ):
+                if hi >= steps:
+                    raise ValueError(
+                        f"{name}={[lo, hi]} includes the last step, which sde=cps makes deterministic (no "
+                        f"log-prob); set its end <= {steps - 1}"
+                    )
         return self
 
 

@@ -12,7 +12,8 @@ trajectories (rewards and advantages filled in) plus flat learner batches and me
 
 Advantages: A = R − group mean (optionally / std), text and image separately; stopped attempts get
 image advantage 0 and never enter the image batch. With `drop_zero_variance`, groups whose rewards
-are all equal are left out of the batch of that side. With `null_advantages` (the null arm of a
+are all equal are left out of the batch of that side. The image side may use its own std and
+zero-variance policy (`image_adv_std`, `image_drop_zero_variance`; None: as the text side). With `null_advantages` (the null arm of a
 learning claim, `learners.null_advantages`), each batch's advantages are shuffled among its items.
 """
 
@@ -28,7 +29,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from learners.algos import group_advantages, zero_variance_groups
+from learners.algos import group_advantages, zero_variance_groups, zero_variance_keep_mask
 from learners.null_advantages import null_seed, shuffle_advantages
 from reward.shaping import chain_rewards, generate_rewards, refine_rewards
 from rollout.buffer import BufferEntry, RolloutBuffer
@@ -68,6 +69,8 @@ class R3StepSettings:
     adv_std: Literal["none", "group", "global"] = "none"
     adv_eps: float = 1e-6
     drop_zero_variance: bool = False
+    image_adv_std: Literal["none", "group", "global"] | None = None  # None: as adv_std (flow_grpo.adv_std)
+    image_drop_zero_variance: bool | None = None  # None: as drop_zero_variance (flow_grpo.zero_variance_groups)
     buffer_refined: bool = False
     null_advantages: bool = False  # shuffle each batch's advantages among its items: same updates, no signal
     seed: int = 0
@@ -79,10 +82,23 @@ class R3StepSettings:
             raise ValueError(f"tree_schedule={self.tree_schedule!r}; allowed: 'alternate', 'both'")
         if self.adv_std not in ("none", "group", "global"):
             raise ValueError(f"adv_std={self.adv_std!r}; allowed: 'none', 'group', 'global'")
+        if self.image_adv_std not in (None, "none", "group", "global"):
+            raise ValueError(f"image_adv_std={self.image_adv_std!r}; allowed: None, 'none', 'group', 'global'")
         if self.refine_groups < 1 or self.max_rounds < 1:
             raise ValueError(
                 f"refine_groups and max_rounds must be >= 1, got {self.refine_groups}, {self.max_rounds}"
             )
+
+    @property
+    def image_std(self) -> str:
+        """The image side's advantage std normalisation."""
+        return self.adv_std if self.image_adv_std is None else self.image_adv_std
+
+    @property
+    def image_zero_variance(self) -> str:
+        """The image side's zero-variance policy, "keep" or "drop" (`algos.zero_variance_keep_mask`)."""
+        drop = self.drop_zero_variance if self.image_drop_zero_variance is None else self.image_drop_zero_variance
+        return "drop" if drop else "keep"
 
 
 @dataclass
@@ -240,7 +256,7 @@ def run_chain_step(
             )
     keys = sorted(cells, key=lambda x: (x[1], x[0]))
     text_adv = _cell_advantages([[c[2] for c in cells[k]] for k in keys], settings)
-    image_adv = _cell_advantages([[c[3] for c in cells[k]] for k in keys], settings)
+    image_adv = _cell_advantages([[c[3] for c in cells[k]] for k in keys], settings, settings.image_std)
     texts: list[TextItem] = []
     images: list[ImageItem] = []
     zero = {"text": 0, "image": 0}
@@ -255,7 +271,7 @@ def run_chain_step(
             shown = () if key[1] == 0 else (_image_before(t, key[1]),)
             if r.text is not None and not (settings.drop_zero_variance and flat_t):
                 texts.append(TextItem(r.text, a_t, tr, shown, "chain", t.group_id))
-            if trainable and r.image is not None and not (settings.drop_zero_variance and flat_i):
+            if trainable and r.image is not None and not (settings.image_zero_variance == "drop" and flat_i):
                 images.append(ImageItem(r.image, a_i, ir, "chain", t.group_id))
     rounds = [r for t in trajs for r in t.rounds]
     metrics = _stage_metrics(
@@ -296,8 +312,9 @@ def _assign(
         torch.tensor(text_r, dtype=torch.float64), G, settings.adv_std, settings.adv_eps
     ).tolist()
     i_adv = group_advantages(
-        torch.tensor(image_r, dtype=torch.float64), G, settings.adv_std, settings.adv_eps
+        torch.tensor(image_r, dtype=torch.float64), G, settings.image_std, settings.adv_eps
     ).tolist()
+    keep_i = zero_variance_keep_mask(torch.tensor(image_r, dtype=torch.float64), G, settings.image_zero_variance)
     n_groups = len(trajs) // G
     flat_t = zero_variance_groups(torch.tensor(text_r, dtype=torch.float64), G).group_mask.tolist()
     flat_i = zero_variance_groups(torch.tensor(image_r, dtype=torch.float64), G).group_mask.tolist()
@@ -309,19 +326,22 @@ def _assign(
         r.image_advantage = float(i_adv[k]) if trainable[k] else 0.0
         if r.text is not None and not (settings.drop_zero_variance and flat_t[g]):
             texts.append(TextItem(r.text, r.text_advantage, r.text_reward, shown, stage, t.group_id))
-        if trainable[k] and r.image is not None and not (settings.drop_zero_variance and flat_i[g]):
+        if trainable[k] and r.image is not None and bool(keep_i[k]):
             images.append(ImageItem(r.image, r.image_advantage, r.image_reward, stage, t.group_id))
     return {"text_zero_var_groups": sum(flat_t), "image_zero_var_groups": sum(flat_i), "groups": n_groups}
 
 
-def _cell_advantages(cells: list[list[float]], settings: R3StepSettings) -> list[list[float]]:
-    """Group advantages over cells of varying size; "global" divides by the std of all values."""
-    std = "none" if settings.adv_std == "global" else settings.adv_std
+def _cell_advantages(cells: list[list[float]], settings: R3StepSettings,
+                     std_mode: str | None = None) -> list[list[float]]:
+    """Group advantages over cells of varying size; "global" divides by the std of all values.
+    `std_mode`: the normalisation (None: `settings.adv_std`)."""
+    std_mode = settings.adv_std if std_mode is None else std_mode
+    std = "none" if std_mode == "global" else std_mode
     out = [
         group_advantages(torch.tensor(c, dtype=torch.float64), len(c), std, settings.adv_eps).tolist()
         for c in cells
     ]
-    if settings.adv_std == "global":
+    if std_mode == "global":
         scale = (
             torch.tensor([v for c in cells for v in c], dtype=torch.float64).std(unbiased=False).item()
             + settings.adv_eps

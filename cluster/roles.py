@@ -226,7 +226,7 @@ def diffusion_learner_kwargs(cfg: R3Config, paths: ModelPaths) -> dict[str, Any]
         dtype=f.dtype,
         grad_clip=f.grad_clip, micro_batch_size=f.micro_batch_size,
         clip_range=f.clip_range, adv_clip=f.adv_clip, kl_coef=f.kl_coef, kl_mode=f.kl_mode,
-        image_loss_weight=f.image_loss_weight, cfg_scale=f.train_cfg_scale,
+        image_loss_weight=f.image_loss_weight, cfg_scale=f.train_cfg_scale, sde=f.sde,
         gradient_checkpointing=f.gradient_checkpointing, lora=f.lora.model_dump(), seed=cfg.train.seed,
     )
 

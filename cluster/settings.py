@@ -19,9 +19,10 @@ def step_settings(cfg: R3Config) -> Any:
 
     f, g, m = cfg.flow_grpo, cfg.grpo, cfg.models.generator
     templates = build_templates(cfg)
-    common = dict(guidance=f.guidance, cfg_scale=f.train_cfg_scale, height=m.height, width=m.width)
+    common = dict(guidance=f.guidance, cfg_scale=f.train_cfg_scale, height=m.height, width=m.width, sde=f.sde)
     stage = StageSettings(
-        group_size=cfg.r3.group_size, temperature=g.temperature, top_p=g.top_p, max_tokens=g.max_tokens,
+        group_size=cfg.r3.group_size, share_group_noise=f.share_group_noise,
+        temperature=g.temperature, top_p=g.top_p, max_tokens=g.max_tokens,
         generate_sampler=SamplerSettings(num_steps=f.num_steps, noise_level=f.noise_level, stochastic=f.stochastic,
                                          window_lo=f.window[0], window_hi=f.window[1], **common),
         edit_sampler=SamplerSettings(num_steps=f.edit_num_steps, noise_level=f.edit_noise_level, stochastic=f.stochastic,
@@ -31,7 +32,8 @@ def step_settings(cfg: R3Config) -> Any:
     return R3StepSettings(tree_schedule=cfg.r3.tree_schedule,
         mode=cfg.r3.mode, stage=stage, refine_groups=cfg.r3.prompts_per_step, max_rounds=cfg.r3.max_rounds,
         discount=cfg.r3.discount, format_weight=cfg.r3.format_weight, adv_std=cfg.r3.adv_std, seed=cfg.train.seed,
-        wrong_stop_penalty=cfg.r3.wrong_stop_penalty, adv_eps=cfg.r3.adv_eps,
+        wrong_stop_penalty=cfg.r3.wrong_stop_penalty, adv_eps=cfg.r3.adv_eps, image_adv_std=f.adv_std,
+        image_drop_zero_variance=None if f.zero_variance_groups is None else f.zero_variance_groups == "drop",
         drop_zero_variance=cfg.r3.drop_zero_variance, buffer_refined=cfg.r3.buffer_refined,
         null_advantages=cfg.train.null_advantages,
     )

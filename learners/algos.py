@@ -38,6 +38,8 @@ __all__ = [
     "group_advantages",
     "clip_advantages",
     "zero_variance_groups",
+    "ZERO_VARIANCE_POLICIES",
+    "zero_variance_keep_mask",
     "kl_estimate",
     "aggregate",
     "agg_normalizer",
@@ -208,6 +210,23 @@ def clip_advantages(advantages: Tensor, limit: float) -> Tensor:
     if limit <= 0:
         raise ValueError(f"advantage clip limit must be > 0, got {limit}")
     return advantages.clamp(-limit, limit)
+
+
+ZERO_VARIANCE_POLICIES = ("keep", "drop")
+
+
+def zero_variance_keep_mask(rewards: Tensor, group_size: int, policy: str = "keep", tol: float = 0.0) -> Tensor:
+    """Which samples enter the learner batch: all of them ("keep"), or those of groups whose rewards
+    span more than `tol` ("drop"). A kept zero-variance group adds nothing to the policy gradient
+    but counts in the mean loss (and adds its KL), so "drop" is a larger effective step.
+
+    rewards: (N,) laid out group after group. Returns (N,) bool, True = train on the sample.
+    """
+    if policy == "keep":
+        return torch.ones(_as_groups(rewards, group_size).numel(), dtype=torch.bool, device=rewards.device)
+    if policy == "drop":
+        return ~zero_variance_groups(rewards, group_size, tol).sample_mask
+    raise ValueError(f"unknown zero-variance policy {policy!r}; known: {list(ZERO_VARIANCE_POLICIES)}")
 
 
 def zero_variance_groups(rewards: Tensor, group_size: int, tol: float = 0.0) -> ZeroVarianceGroups:

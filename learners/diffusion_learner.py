@@ -6,8 +6,8 @@ Only the transformer is trained and held: `ImageSample` stores the text conditio
 (prompt_embeds, pooled_embeds) and the source-image latents, so text encoders and VAE are not
 needed here. For every stored stochastic step the velocity comes from
 `rollout.flux_forward.flux_velocity` and the step's log-prob / mean / std from
-`rollout.flow_sde.sde_step(..., prev_sample=stored_next)`: the very functions the sampler used,
-so before the first update the ratio is 1.
+`rollout.flow_sde.sde_step(..., prev_sample=stored_next)` (or `cps_step`, argument `sde`): the very
+functions the sampler used, so before the first update the ratio is 1.
 
 The unit of a micro-batch is one (image, stored step) item; the loss is the mean over all items
 of all ranks of the clipped surrogate plus β·KL, times the image-loss weight. KL: "mean" =
@@ -33,7 +33,7 @@ import torch
 from learners import algos, ds_engine, finite, lean_init
 from learners.learner_base import LearnerBase
 from learners.lora import LoraAdapters, lora_rank_of
-from rollout.flow_sde import sde_step
+from rollout.flow_sde import get_sde_step
 from rollout.flux_forward import FLUX_VAE_SCALE, flux_velocity
 from rollout.trajectory import ImageSample
 
@@ -75,6 +75,7 @@ class DiffusionLearner(LearnerBase):
         adv_clip: float = 5.0,
         image_loss_weight: float = 1.0,
         cfg_scale: float = 1.0,
+        sde: str = "flow_grpo",
         gradient_checkpointing: bool = False,
         lora: dict[str, Any] | None = None,
         vae_scale_factor: int | None = None,
@@ -88,6 +89,8 @@ class DiffusionLearner(LearnerBase):
         """Load the transformer (a pipeline folder with `transformer/`, or a transformer folder).
 
         micro_batch_size counts (image, stored step) items. cfg_scale 1 = no train-time CFG.
+        sde: the workers' stochastic step, "flow_grpo" or "cps" (`flow_grpo.sde`); rescoring with
+        another one than the sampler used makes the ratio meaningless.
         vae_scale_factor: pixels per latent pixel, which fixes the token grid of an image; None
         reads it from the pipeline's `vae/config.json` (FLUX's 8 for a bare transformer folder).
         gradient_checkpointing: recompute the transformer blocks' activations in the backward pass
@@ -106,6 +109,7 @@ class DiffusionLearner(LearnerBase):
         self.kl_coef, self.kl_mode = kl_coef, kl_mode
         self.clip_range, self.adv_clip = clip_range, adv_clip
         self.image_loss_weight, self.cfg_scale = image_loss_weight, cfg_scale
+        self.sde_step = get_sde_step(sde)
         self.dtype = ds_engine.resolve_dtype(dtype)
         self.vae_scale_factor = vae_scale_factor or _pipeline_vae_scale(Path(model_path))
 
@@ -280,7 +284,7 @@ class DiffusionLearner(LearnerBase):
                               vae_scale_factor=self.vae_scale_factor)
             if self.cfg_scale != 1.0:
                 v = self._guided(model, v, x, sigma, negative_embeds, guidance, height, width, source)
-            step = sde_step(v, sigma, sigma_next, x, level, prev_sample=x_next)
+            step = self.sde_step(v, sigma, sigma_next, x, level, prev_sample=x_next)
         return DiffusionLearner._Scored(step.log_prob, step.mean, step.std, v)
 
     def _guided(self, model, v_cond, x, sigma, negative_embeds, guidance, height, width, source):

@@ -1,7 +1,8 @@
 """Chain mode (beyond the paper, docs/design.md#chain-mode): whole trajectories of up to K rounds per sample.
 
-Round 0 plans and generates (G members per prompt share the initial noise); each later round
-shows every still-active trajectory its current image, asks for one reflection (n = 1) and edits
+Round 0 plans and generates (G members per prompt share the initial noise unless
+`StageSettings.share_group_noise` is off); each later round shows every still-active trajectory its
+current image, asks for one reflection (n = 1) and edits
 unless the answer is the stop decision, which ends that trajectory (the stop is learned: it is a
 sampled answer with its own reward). The same loop, with ODE sampling and one sample per prompt,
 is the multi-round evaluation (`rollout.evaluation`). Rewards and credit: `reward.shaping`.

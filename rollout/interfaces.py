@@ -58,6 +58,8 @@ class SamplerSettings:
 
     stochastic: "all" = SDE at every step except the last; "one" = one random step drawn in
     [window_lo, window_hi) with ODE elsewhere; "none" = ODE everywhere (evaluation).
+    sde: the stochastic step's transition, "flow_grpo" (`flow_sde.sde_step`) or "cps"
+    (`flow_sde.cps_step`, noise_level in [0, 1]); the learner must rescore with the same one.
     """
 
     num_steps: int = 8
@@ -70,6 +72,7 @@ class SamplerSettings:
     height: int = 64
     width: int = 64
     keep_training_data: bool = True
+    sde: Literal["flow_grpo", "cps"] = "flow_grpo"
 
 
 @dataclass(frozen=True)

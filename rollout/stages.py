@@ -3,7 +3,8 @@
 
 - generate stage: P prompts × group G. One `TextRequest` per prompt with n = G (plan); the plan's
   answer is the generator prompt (malformed: the user prompt, f = 0); all G images of a group share
-  `noise_seed`; every image is judged against the *user* prompt.
+  `noise_seed` (unless `StageSettings.share_group_noise` is off); every image is judged against the
+  *user* prompt.
 - refine stage: each group starts from one buffered image; one `TextRequest` with that image and
   n = G (reflect); non-stopped attempts edit the image (`ImageRequest.source_image`); a stopped
   attempt keeps the input image and its score (its `Round.image` is None: nothing to train).
@@ -49,9 +50,14 @@ _SEED_RANGE = 2**31 - 1
 
 @dataclass(frozen=True)
 class StageSettings:
-    """Sampling settings of both stages. `temperature`/`top_p`/`max_tokens` are the reasoner's."""
+    """Sampling settings of both stages. `temperature`/`top_p`/`max_tokens` are the reasoner's.
+
+    share_group_noise: the G images of a generate group start from one initial noise (True) or
+    each from its own (False); edits of one refine group always share theirs.
+    """
 
     group_size: int = 4
+    share_group_noise: bool = True
     temperature: float = 0.9
     top_p: float = 0.9
     max_tokens: int = 64
@@ -90,10 +96,16 @@ def plan_and_generate(
     ]
     image_requests = []
     for group in plans:
-        noise_seed = rng.randrange(_SEED_RANGE)  # one initial noise per group
-        image_requests += [
-            ImageRequest(p.generator_prompt, rng.randrange(_SEED_RANGE), noise_seed) for p in group
-        ]
+        if settings.share_group_noise:
+            noise_seed = rng.randrange(_SEED_RANGE)  # one initial noise per group
+            image_requests += [
+                ImageRequest(p.generator_prompt, rng.randrange(_SEED_RANGE), noise_seed) for p in group
+            ]
+        else:  # seed, then noise seed, per member
+            image_requests += [
+                ImageRequest(p.generator_prompt, rng.randrange(_SEED_RANGE), rng.randrange(_SEED_RANGE))
+                for p in group
+            ]
     images = _sample_checked(generator, image_requests, settings.generate_sampler)
     items = []
     for g, r in enumerate(records):
