@@ -16,7 +16,7 @@ export VLLM_ENABLE_V1_MULTIPROCESSING := 0
 export TOKENIZERS_PARALLELISM := false
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: setup test test-fast demo smoke bench lint clean shapes warmstart models docs gpu-setup gpu-smoke
+.PHONY: setup test test-fast demo smoke serve bench lint clean shapes warmstart models docs gpu-setup gpu-smoke
 
 setup: $(STAMP)
 
@@ -70,6 +70,11 @@ demo: setup
 smoke: setup
 	$(PY) -m cluster.train --config configs/cpu_tiny.yaml $(ARGS)
 
+# The inference app on the shipped ShapesWorld warm start: a web page and POST /v1/r3 on 127.0.0.1:8000
+# (ARGS="--checkpoint runs/<name>/checkpoints/step-000040" serves a trained one; --host/--port to move it).
+serve: setup
+	$(PY) -m cluster.serve --config examples/shapesworld/configs/demo.yaml $(ARGS)
+
 shapes: setup
 	$(PY) -m examples.shapesworld.run --config examples/shapesworld/configs/shapes_cpu.yaml $(ARGS)
 
@@ -79,9 +84,15 @@ warmstart: setup
 docs: setup
 	$(PY) -m cluster.config_doc
 
+# Every benchmark (about 20 min on 2 cores), then one table of figures, targets and met/missed (docs/benchmarks.md).
+BENCHES := "bench/step_anatomy.py --steps 6" "bench/trl_peer.py --steps 6" "bench/async_step.py --steps 5 --rounds 1" \
+	"bench/judges.py --calls 4 --rounds 2" "bench/weight_sync.py --sizes 1m,30m --repeats 3" \
+	"bench/samplers.py --repeats 5" "bench/text_engines.py --repeats 2"
 bench: setup
 	@mkdir -p bench/results
-	@for f in bench/*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
+	@start=$$(date +%s); for b in $(BENCHES); do echo "== $$b"; t=$$(date +%s); $(PY) $$b || exit 1; \
+		echo "== $$b: $$(( $$(date +%s) - t )) s"; done; echo "== all benchmarks: $$(( $$(date +%s) - start )) s"
+	@$(PY) bench/table.py
 
 lint: setup
 	$(PY) -m ruff check actors learners rollout reward cluster examples tests bench

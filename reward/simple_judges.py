@@ -32,21 +32,27 @@ class ConstantJudge:
 
 
 class CallLogJudge:
-    """Forwards to `inner` and appends `{"pid", "n", "t"}` per call to `path` (one JSON line)."""
+    """Forwards to `inner` and appends `{"pid", "n", "t", "s"}` per call to `path` (one JSON line): the
+    process, the batch size, the call's start (epoch seconds) and the judge's own seconds for it (what a
+    benchmark sets against the caller's wait to see the service's cost)."""
 
     def __init__(self, inner: Judge, *, path: str | os.PathLike[str]) -> None:
         self._inner = inner
         self._path = Path(path)
 
     def score(self, items: list[JudgeItem]) -> list[JudgeResult]:
-        line = json.dumps({"pid": os.getpid(), "n": len(items), "t": time.time()}) + "\n"
-        # One small O_APPEND write per call: lines from several processes do not interleave.
-        fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        started, start = time.time(), time.perf_counter()
         try:
-            os.write(fd, line.encode())
-        finally:
-            os.close(fd)
-        return self._inner.score(items)
+            return self._inner.score(items)
+        finally:  # also a failed call: it was made
+            seconds = time.perf_counter() - start
+            line = json.dumps({"pid": os.getpid(), "n": len(items), "t": started, "s": seconds}) + "\n"
+            # One small O_APPEND write per call: lines from several processes do not interleave.
+            fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, line.encode())
+            finally:
+                os.close(fd)
 
     def __getattr__(self, name: str):  # shutdown() etc. of the wrapped judge
         return getattr(self._inner, name)

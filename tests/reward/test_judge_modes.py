@@ -114,3 +114,10 @@ def test_vlm_judge_vqascore_reads_first_token_log_probs_in_log_space():
         assert (r.score, r.correct) == (0.0, False) and "non-finite log-prob" in r.error
     assert judge._vqascore(completion({9: 0.0})).error.startswith("no yes/no token")
     assert judge._vqascore(SimpleNamespace(text="", logprobs=[])).error == "engine returned no log-probs"
+
+
+def test_call_log_records_the_judges_own_seconds_per_call(tmp_path):
+    judge = build_judge({"kind": "constant", "delay_s": 0.05, "call_log": tmp_path / "calls.jsonl"})
+    judge.score([JudgeItem(IMG, "p")] * 2)
+    (call,) = read_call_log(tmp_path / "calls.jsonl")
+    assert call["n"] == 2 and call["s"] >= 0.05  # the sleep is inside the judged call
