@@ -65,3 +65,25 @@ def test_command_line():
                    "--steps", "5", "--out", "o", "r3.group_size=4"])  # fmt: skip
     assert args.arms == ["rl=", "null=train.null_advantages=true", "x=a.b=1"] and args.overrides == ["r3.group_size=4"]
     assert (args.seeds, args.train_prompts, args.per_tag) == (2, 36, 30)
+
+
+def test_run_measures_read_the_evaluation_in_sample_order(tmp_path):
+    from types import SimpleNamespace
+
+    from examples.shapesworld.arms import run_measures
+    from rollout.trajectory import Round, Trajectory, write_trajectories
+
+    def traj(g, rounds):  # (correct, stopped) per round
+        return Trajectory(f"p{g}", {"tag": "t"}, g, [Round(index=i, stage="eval", correct=c, stopped=s, score=float(c))
+                                                   for i, (c, s) in enumerate(rounds)])  # fmt: skip
+
+    (tmp_path / "eval-final").mkdir()
+    # written out of order; sample 1 stops on its correct round-0 image, sample 0 is fixed by an edit
+    write_trajectories(tmp_path / "eval-final" / "trajectories.parquet",
+                       [traj(1, [(True, False), (True, True)]), traj(0, [(False, False), (True, False)])])  # fmt: skip
+    run = SimpleNamespace(arm="rl", seed=1, run_dir=tmp_path)
+    m = run_measures(run, {"train": {"correct": [True]}, "test": {"correct": [False]}})
+    assert m["eval"]["prompts"] == ["p0", "p1"]
+    assert m["eval"]["round0"] == [False, True] and m["eval"]["final"] == [True, True]
+    assert m["eval"]["reflection"]["correct_decisions"] == 2 and m["eval"]["reflection"]["decisions"] == 2
+    assert m["probe"] == {"train": [True], "test": [False]} and (m["arm"], m["seed"]) == ("rl", 1)
