@@ -192,6 +192,11 @@ class R3Settings(_Section):
     wrong_stop_penalty: float = Field(
         0.0, ge=0, description="refine Δ of a stop on an imperfect image is minus this (paper: 0, stopping is free)"
     )
+    instruction_reward_weight: float = Field(
+        0.0, ge=0, description="reflect answers also earn this times how well their edit instruction matches the fix "
+        "the judge names for the image, in kind, object and attribute (reward.instruction_match; 0 = the paper's "
+        "score-change reward alone; judges that name no fix add nothing)"
+    )
     discount: float = Field(1.0, ge=0, le=1, description="chain mode: discount of per-round returns")
     buffer_size: int = Field(256, ge=1, description="rollout buffer capacity")
     stop_phrase: str = Field("no further edit needed", min_length=1, description="the stop phrase the reflect prompt asks for")

@@ -31,11 +31,13 @@ import torch
 
 from learners.algos import group_advantages, zero_variance_groups, zero_variance_keep_mask
 from learners.null_advantages import null_seed, shuffle_advantages
+from reward.instruction_match import best_match, instruction_match_metrics
 from reward.shaping import chain_rewards, generate_rewards, refine_rewards
 from rollout.buffer import BufferEntry, RolloutBuffer
 from rollout.chain import run_chain
 from rollout.datasets import PromptRecord
 from rollout.interfaces import Generator, Judge, Reasoner
+from rollout.judge_fixes import fixes_in
 from rollout.stages import StageSettings, run_generate_stage, run_refine_stage
 from rollout.trajectory import ImageSample, Round, TextSample, Trajectory
 
@@ -66,6 +68,7 @@ class R3StepSettings:
     format_weight: float = 1.0
     perfect_score: float = 1.0
     wrong_stop_penalty: float = 0.0  # refine Δ of a stop on an imperfect image is −this (paper: 0)
+    instruction_weight: float = 0.0  # w_i of the instruction reward (reward.instruction_match; paper: 0)
     adv_std: Literal["none", "group", "global"] = "none"
     adv_eps: float = 1e-6
     drop_zero_variance: bool = False
@@ -200,6 +203,8 @@ def run_tree_step(
         )
         rounds = [t.rounds[1] for t in ref]
         prev = [t.rounds[0].score for t in ref]
+        shown = [fixes_in(t.rounds[0].judge_details) for t in ref]  # the judge's fixes of each input image
+        matches = [best_match(r.instruction, f) for r, f in zip(rounds, shown, strict=True)]
         shaped = refine_rewards(
             prev,
             [r.score for r in rounds],
@@ -208,12 +213,15 @@ def run_tree_step(
             format_weight=settings.format_weight,
             perfect_score=settings.perfect_score,
             wrong_stop_penalty=settings.wrong_stop_penalty,
+            instruction_match=[0.0 if x is None else x.score for x in matches],
+            instruction_weight=settings.instruction_weight,
         )
         m = _assign(
             ref, 1, shaped.text, shaped.image, shaped.image_trainable, settings, "refine", texts, images
         )
         metrics.update(_stage_metrics("refine", rounds, m))
         metrics["refine/delta_mean"] = _mean(shaped.delta)
+        metrics.update(instruction_match_metrics(matches, "refine"))
         if settings.buffer_refined:
             buffer.extend([_entry(t, t.rounds[1], step_index) for t in ref if not t.rounds[1].stopped])
         trajs += ref
@@ -374,7 +382,8 @@ def _image_before(t: Trajectory, k: int) -> np.ndarray:
 
 
 def _entry(t: Trajectory, r: Round, step: int) -> BufferEntry:
-    return BufferEntry(t.prompt, r.image.image, r.score, r.correct, t.metadata, step, r.index)
+    fixes = [f.to_json() for f in fixes_in(r.judge_details)]  # what the reflect answer on this image should ask for
+    return BufferEntry(t.prompt, r.image.image, r.score, r.correct, t.metadata, step, r.index, fixes=fixes)
 
 
 def _stage_metrics(stage: str, rounds: list[Round], counts: dict) -> dict[str, float]:

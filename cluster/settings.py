@@ -34,6 +34,7 @@ def step_settings(cfg: R3Config) -> Any:
         discount=cfg.r3.discount, format_weight=cfg.r3.format_weight, adv_std=cfg.r3.adv_std, seed=cfg.train.seed,
         wrong_stop_penalty=cfg.r3.wrong_stop_penalty, adv_eps=cfg.r3.adv_eps, image_adv_std=f.adv_std,
         image_drop_zero_variance=None if f.zero_variance_groups is None else f.zero_variance_groups == "drop",
+        instruction_weight=cfg.r3.instruction_reward_weight,
         drop_zero_variance=cfg.r3.drop_zero_variance, buffer_refined=cfg.r3.buffer_refined,
         null_advantages=cfg.train.null_advantages,
     )

@@ -1,7 +1,9 @@
 """The three ways a vision-language judge is asked, shared by the local VLM and the remote client.
 
 - `checklist`: GenEval metadata -> checklist -> one question asking for strict JSON
-  `{"correct": 0|1}`; score 1.0 / 0.0.
+  `{"correct": 0|1}`; score 1.0 / 0.0. The items the judge lists as `"failed"` (numbers or text)
+  become the result's fixes as text (`details["fixes"]`, `rollout.judge_fixes`), for the reflect
+  stage's instruction reward.
 - `questions`: yes/no questions with expected answers (TIIF's `yn_question_list` /
   `yn_answer_list`) -> one question each; score = fraction answered as expected.
 - `vqascore`: "Does this image show {prompt}?" -> P(Yes) from the first answer token's
@@ -20,9 +22,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from reward.checklist import checklist_text
+from reward.checklist import checklist_items, checklist_text
 from reward.verdict_parsing import normalised_yes, parse_json_verdict, parse_yes_no, yes_probability
 from rollout.interfaces import JudgeItem, JudgeResult
+from rollout.judge_fixes import FIXES_KEY, JudgeFix
 
 __all__ = [
     "JudgeMode",
@@ -32,6 +35,7 @@ __all__ = [
     "queries_for",
     "expected_answers",
     "result_from_checklist",
+    "asked_checklist",
     "result_from_answers",
     "result_from_yes_probability",
     "result_from_yes_no_logprobs",
@@ -47,7 +51,7 @@ DEFAULT_CHECKLIST_TEMPLATE = (
     'You are a strict judge of generated images. The image was generated for the prompt "{prompt}".\n'
     "Check every item of this list against the image:\n{checklist}\n"
     'Reply with JSON only: {{"correct": 1}} if every item holds, otherwise {{"correct": 0}}. '
-    'You may add a short "reason" field.'
+    'You may add a short "reason" field, and a "failed" field listing the numbers of the items that do not hold.'
 )
 DEFAULT_QUESTION_TEMPLATE = "{question} Please answer yes or no."
 DEFAULT_VQASCORE_TEMPLATE = 'Does this image show "{prompt}"? Please answer yes or no.'
@@ -113,13 +117,34 @@ def expected_answers(item: JudgeItem) -> list[bool]:
     return list(expected) if not isinstance(expected, str) else []
 
 
-def result_from_checklist(text: str) -> JudgeResult:
-    """Checklist-mode answer -> result (score 1/0, `details["reason"]`, `details["note"]`)."""
+def result_from_checklist(text: str, items: Sequence[str] = ()) -> JudgeResult:
+    """Checklist-mode answer -> result (score 1/0, `details["reason"]`, `details["note"]`, and on a
+    wrong image `details["fixes"]`: the failed items as text fixes, numbers looked up in `items`, the
+    checklist as asked; numbers outside it are left out)."""
     verdict = parse_json_verdict(text)
     if verdict.error is not None:
         return error_result(verdict.error, raw=text)
     details = {k: v for k, v in (("reason", verdict.reason), ("note", verdict.note)) if v is not None}
+    failed = [_item_text(f, items) for f in verdict.failed] if not verdict.correct else []
+    if any(failed):
+        details[FIXES_KEY] = [JudgeFix(text=t).to_json() for t in dict.fromkeys(t for t in failed if t)]
     return JudgeResult(score=float(verdict.correct), correct=bool(verdict.correct), details=details, raw=text)
+
+
+def asked_checklist(item: JudgeItem) -> list[str]:
+    """The checklist items a checklist-mode query numbered for `item` ([] for metadata it could not use)."""
+    try:
+        return checklist_items(item.metadata)
+    except (ValueError, TypeError, KeyError):
+        return []
+
+
+def _item_text(failed: str, items: Sequence[str]) -> str:
+    """A failed entry as the item's text: "2" -> items[1]; text as it is; "" for an unknown number."""
+    if failed.isdigit():
+        n = int(failed)
+        return items[n - 1] if 1 <= n <= len(items) else ""
+    return failed
 
 
 def result_from_answers(answers: Sequence[str], expected: Sequence[bool]) -> JudgeResult:

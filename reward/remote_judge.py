@@ -31,6 +31,7 @@ import numpy as np
 
 from reward.judge_modes import (
     JudgePrompts,
+    asked_checklist,
     check_mode,
     error_result,
     expected_answers,
@@ -142,7 +143,7 @@ class RemoteJudge:
             if failed is not None:
                 results[i] = error_result(str(failed))
             elif self.mode == "checklist":
-                results[i] = result_from_checklist(outs[0][0])
+                results[i] = result_from_checklist(outs[0][0], asked_checklist(items[i]))
             elif self.mode == "questions":
                 results[i] = result_from_answers([o[0] for o in outs], expected_answers(items[i]))
             else:

@@ -14,6 +14,10 @@ f = 1 if the answer is `<think>…</think>answer` with a non-empty answer, w_f =
                   tends to lower the score (GRPO then learns "always stop", whatever the image).
                   A stopped attempt keeps its input image, so r_new = r_prev and it is not trainable
                   on the image side (image advantage forced to 0 by the caller via `image_trainable`).
+                  Beyond the paper: with an instruction reward (m in [0, 1], how well the edit
+                  instruction names the judge's fix, `reward.instruction_match`; 0 when the judge
+                  names none) weighted by w_i = `instruction_weight` (paper: 0):
+                  text = w_f·f + (Δ + w_i·m)·f.
 - chain mode:     round 0 as the generate stage, round k >= 1 as the refine stage with
                   r_prev = r_{k−1}; optional discounted returns of the text rewards over rounds.
 """
@@ -115,19 +119,32 @@ def refine_rewards(
     perfect_score: float = 1.0,
     stop_bonus: float = 1.0,
     wrong_stop_penalty: float = 0.0,
+    instruction_match: Sequence[float] | None = None,
+    instruction_weight: float = 0.0,
 ) -> RefineRewards:
-    """Refine stage: text w_f·f + Δ·f, image r_new, stopped attempts not image-trainable."""
-    _check_lengths(prev_scores=prev_scores, new_scores=new_scores, well_formed=well_formed, stopped=stopped)
+    """Refine stage: text w_f·f + (Δ + w_i·m)·f, image r_new, stopped attempts not image-trainable.
+
+    `instruction_match` (m per attempt, in [0, 1]; None = all 0) and `instruction_weight` (w_i >= 0)
+    add the instruction reward; w_i = 0 is the paper's reward.
+    """
+    match = [0.0] * len(stopped) if instruction_match is None else list(instruction_match)
+    _check_lengths(prev_scores=prev_scores, new_scores=new_scores, well_formed=well_formed, stopped=stopped,
+                   instruction_match=match)
     _check_scores(prev_scores, "prev_scores")
     _check_scores(new_scores, "new_scores")
+    _check_scores(match, "instruction_match")
     _check_weight(format_weight)
+    _check_weight(instruction_weight, "instruction_weight")
     delta = [
         refine_delta(
             p, n, s, perfect_score=perfect_score, stop_bonus=stop_bonus, wrong_stop_penalty=wrong_stop_penalty
         )
         for p, n, s in zip(prev_scores, new_scores, stopped, strict=True)
     ]
-    text = [(format_weight + d) * _f(f) for d, f in zip(delta, well_formed, strict=True)]
+    text = [
+        (format_weight + d + instruction_weight * m) * _f(f)
+        for d, m, f in zip(delta, match, well_formed, strict=True)
+    ]
     return RefineRewards(text, [float(r) for r in new_scores], delta, [not s for s in stopped])
 
 
@@ -205,6 +222,6 @@ def _check_scores(scores: Sequence[float], name: str) -> None:
             raise ValueError(f"{name}[{i}] = {r} is not a judge score in [0, 1]")
 
 
-def _check_weight(w: float) -> None:
+def _check_weight(w: float, name: str = "format_weight") -> None:
     if not (math.isfinite(w) and w >= 0):
-        raise ValueError(f"format_weight must be finite and >= 0, got {w}")
+        raise ValueError(f"{name} must be finite and >= 0, got {w}")

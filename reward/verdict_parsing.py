@@ -4,7 +4,8 @@ Judges (local VLMs, remote 72B models) are asked for strict JSON `{"correct": 0|
 yes/no, and answer with fences, prose, wrong keys, truncated objects or garbage. Every such shape
 has one defined outcome here, tested in `tests/reward/test_verdict_parsing.py`:
 
-- a verdict (`correct` True/False), possibly with `reason` and a `note` on how it was recovered
+- a verdict (`correct` True/False), possibly with `reason`, the checklist items it names as
+  `failed` (numbers or text, as written), and a `note` on how it was recovered
   (e.g. `"salvaged from truncated JSON"`), or
 - `error` set to a short reason and `correct` None.
 """
@@ -47,6 +48,7 @@ class Verdict:
     reason: str | None = None
     note: str | None = None
     error: str | None = None
+    failed: tuple[str, ...] = ()  # the object's optional "failed" field: item numbers or texts, as strings
 
 
 def parse_json_verdict(text: str, key: str = "correct") -> Verdict:
@@ -221,7 +223,8 @@ def _verdict_from_objects(objects: list[object], key: str) -> Verdict:
             verdicts.append(Verdict(None, error=f"value {value!r} of {key!r} is not 0 or 1"))
             continue
         reason = obj.get("reason")
-        verdicts.append(Verdict(correct, reason=str(reason) if reason is not None else None))
+        verdicts.append(Verdict(correct, reason=str(reason) if reason is not None else None,
+                                failed=_failed_items(obj)))
     if not verdicts:
         keys = sorted({str(k) for o in objects if isinstance(o, dict) for k in o})
         return Verdict(None, error=f"missing key {key!r} (keys: {keys})")
@@ -231,6 +234,15 @@ def _verdict_from_objects(objects: list[object], key: str) -> Verdict:
     if len({v.correct for v in good}) > 1:
         return Verdict(None, error="conflicting verdicts")
     return good[0]
+
+
+def _failed_items(obj: Mapping[str, object]) -> tuple[str, ...]:
+    """The "failed" field (any letter case): a list of item numbers or texts, or one of them; else ()."""
+    keys = [k for k in obj if isinstance(k, str) and k.lower() == "failed"]
+    value = obj[keys[0]] if keys else ()
+    values = value if isinstance(value, list) else [value]
+    return tuple(str(v).strip() for v in values
+                 if isinstance(v, (str, int)) and not isinstance(v, bool) and str(v).strip())
 
 
 def _as_bool(value: object) -> bool | None:

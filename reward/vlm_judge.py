@@ -21,6 +21,7 @@ import numpy as np
 
 from reward.judge_modes import (
     JudgePrompts,
+    asked_checklist,
     check_mode,
     error_result,
     expected_answers,
@@ -163,7 +164,7 @@ class VLMJudge:
         for i, outs in per_item.items():
             texts = [o.text for o in outs]
             if self.mode == "checklist":
-                results[i] = result_from_checklist(texts[0])
+                results[i] = result_from_checklist(texts[0], asked_checklist(items[i]))
             elif self.mode == "questions":
                 results[i] = result_from_answers(texts, expected_answers(items[i]))
             else:

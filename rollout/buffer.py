@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class BufferEntry:
-    """One (prompt, image, r) of a generate (or refine) stage; `round_index` = rounds behind it."""
+    """One (prompt, image, r) of a generate (or refine) stage; `round_index` = rounds behind it;
+    `fixes` = the judge's fixes of the image (`rollout.judge_fixes` JSON dicts; [] when it names none)."""
 
     prompt: str
     image: np.ndarray  # (H, W, 3) uint8
@@ -37,6 +38,7 @@ class BufferEntry:
     metadata: dict[str, Any] = field(default_factory=dict)
     step: int = 0
     round_index: int = 0
+    fixes: list[dict[str, Any]] = field(default_factory=list)
 
 
 class RolloutBuffer:
@@ -154,6 +156,7 @@ def _entry_to_json(e: BufferEntry) -> dict[str, Any]:
         "metadata": e.metadata,
         "step": int(e.step),
         "round_index": int(e.round_index),
+        "fixes": list(e.fixes),
     }
 
 
@@ -166,4 +169,5 @@ def _entry_from_json(d: dict[str, Any]) -> BufferEntry:
         metadata=d["metadata"],
         step=d["step"],
         round_index=d["round_index"],
+        fixes=list(d.get("fixes", [])),  # checkpoints written before fixes were kept have none
     )

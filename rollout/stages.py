@@ -7,7 +7,8 @@
   *user* prompt.
 - refine stage: each group starts from one buffered image; one `TextRequest` with that image and
   n = G (reflect); non-stopped attempts edit the image (`ImageRequest.source_image`); a stopped
-  attempt keeps the input image and its score (its `Round.image` is None: nothing to train).
+  attempt keeps the input image and its score (its `Round.image` is None: nothing to train). The
+  input round carries the judge's fixes of that image, if it named any (`rollout.judge_fixes`).
 
 Each stage makes one batched call per role, so the driver can spread it over workers. All seeds
 come from the caller's `random.Random`: same RNG state and same workers -> same records.
@@ -32,6 +33,7 @@ from rollout.interfaces import (
     TextRequest,
     finite_judge_result,
 )
+from rollout.judge_fixes import FIXES_KEY
 from rollout.templates import Templates, parse_plan, parse_reflect
 from rollout.trajectory import ImageSample, Round, Trajectory
 
@@ -235,7 +237,7 @@ def run_refine_stage(
             image=ImageSample(image=s.image, prompt=s.prompt, seed=-1, noise_level=0.0),
             score=s.score,
             correct=s.correct,
-            judge_details={"buffer_step": s.step},
+            judge_details={"buffer_step": s.step, **({FIXES_KEY: list(s.fixes)} if s.fixes else {})},
         )
         out += [Trajectory(s.prompt, s.metadata, group_offset + g, [context, rnd]) for rnd in rounds]
     return out

@@ -10,7 +10,8 @@ small generator and reasoner (`models`, `recipe`, `pretrain`, `reasoner`, `visio
 A config loads this module with `plugins: [examples.shapesworld]`. Importing it registers, through
 the same registries a user's own task would use:
 
-- judge kind `shapes` (`reward.registry.register_judge`): the exact judge;
+- judge kind `shapes` (`reward.registry.register_judge`): the exact judge, which names the fix of
+  a wrong image (`details["fixes"]`) for the reflect stage's instruction reward;
 - prompt sources `shapes-train` and `shapes-test` (`rollout.datasets.register_prompt_source`): the
   two sides of the fixed partition;
 - named models `shapes-flux` and `shapes-vlm` (`actors.named_models.register_named_model`): the
@@ -33,10 +34,12 @@ from rollout.interfaces import Judge
 
 @register_judge("shapes")
 def _shapes_judge(**kwargs: Any) -> Judge:
-    """The exact ShapesWorld judge (`examples.shapesworld.judge.ShapesJudge`); kwargs go to it."""
+    """The exact ShapesWorld judge (`examples.shapesworld.judge.ShapesJudge`), naming the fix of each
+    wrong image (`examples.shapesworld.fixes.fixing_edit`); kwargs go to it."""
+    from examples.shapesworld.fixes import fixing_edit
     from examples.shapesworld.judge import build_shapes_judge
 
-    return build_shapes_judge(**kwargs)
+    return build_shapes_judge(fix_of=fixing_edit, **kwargs)
 
 
 # The fixed partition (seed 0), whatever train.seed is: the warm start trained on its train side,

@@ -15,6 +15,10 @@ generator's own images with the judge as the teacher:
 - an exclude broken (too many): "remove one <shape>".
 
 None when the judge finds the image correct. One item at a time, as R3 edits one step per round.
+`fixing_edit` gives the same fix with its structured fields (`rollout.judge_fixes.JudgeFix`: kind,
+the object it acts on, the attribute it sets: the new shape or colour, or the relation and its
+target), which the judge puts in its results (`details["fixes"]`) for the reflect stage's
+instruction reward.
 """
 
 from __future__ import annotations
@@ -24,12 +28,19 @@ from typing import Any
 from examples.shapesworld.judge import Detection, evaluate_detections
 from examples.shapesworld.render import describe_requirement, placement_phrase, relation_phrase, with_article
 from examples.shapesworld.tasks import COLORS
+from rollout.judge_fixes import JudgeFix
 
-__all__ = ["fixing_instruction"]
+__all__ = ["fixing_instruction", "fixing_edit"]
 
 
 def fixing_instruction(meta: dict[str, Any], dets: list[Detection]) -> str | None:
     """The fix for the first requirement of `meta` that `dets` fail, or None if all pass."""
+    fix = fixing_edit(meta, dets)
+    return None if fix is None else fix.text
+
+
+def fixing_edit(meta: dict[str, Any], dets: list[Detection]) -> JudgeFix | None:
+    """`fixing_instruction`'s fix with its kind, object and attribute; None if all requirements pass."""
     correct, _, checklist = evaluate_detections(meta, dets)
     if correct:
         return None
@@ -41,21 +52,22 @@ def fixing_instruction(meta: dict[str, Any], dets: list[Detection]) -> str | Non
         if not next(items)["passed"]:
             extra = [d for d in dets if d.shape is not None and d.shape not in named]
             if extra:
-                return f"change the {extra[0].shape} to {with_article(cls)}"
+                return JudgeFix("change", extra[0].shape, cls, f"change the {extra[0].shape} to {with_article(cls)}")
             if n == 1 and not any(d.shape == cls for d in dets):
                 what = with_article(f"{color or COLORS[0]} {cls}")
-                return f"add {what}{placement_phrase(inc, i)}"
-            return f"add one more {describe_requirement(req)}"
+                return JudgeFix("add", cls, color or COLORS[0], f"add {what}{placement_phrase(inc, i)}")
+            return JudgeFix("add", cls, color or "", f"add one more {describe_requirement(req)}")
         if color is not None and not next(items)["passed"]:
             other = next(d for d in dets if d.shape == cls and d.color != color)
-            return f"change the {other.color} {cls} to {color}"
+            return JudgeFix("change", cls, color, f"change the {other.color} {cls} to {color}")
         if "position" in req and not next(items)["passed"]:
             rel, j = req["position"][0], int(req["position"][1])
             what = describe_requirement(req, plural=n > 1)
             where = describe_requirement(inc[j], plural=inc[j]["count"] > 1)
-            return f"move the {what} {relation_phrase(rel)} the {where}"
+            return JudgeFix("move", cls, f"{rel} the {where}", f"move the {what} {relation_phrase(rel)} the {where}")
     for req in meta.get("exclude", []):
         if not next(items)["passed"]:
-            same = [r for r in inc if r["class"] == req["class"]]
-            return f"remove one {describe_requirement(same[0] if same else req)}"
+            same = ([r for r in inc if r["class"] == req["class"]] or [req])[0]
+            return JudgeFix("remove", req["class"], same.get("color") or "",
+                            f"remove one {describe_requirement(same)}")
     raise AssertionError(f"the judge failed {meta['prompt']!r} on no item it checks")  # unreachable

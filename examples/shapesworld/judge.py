@@ -17,12 +17,15 @@ Pipeline per image (H, W, 3) uint8:
    Matched objects are the largest ones (GenEval takes the most confident detections).
 
 `score` = fraction of checklist items satisfied (count, colour, position per include; one per
-exclude); `correct` = all satisfied, i.e. GenEval's verdict.
+exclude); `correct` = all satisfied, i.e. GenEval's verdict. Given `fix_of` (the plugin's judge
+passes `examples.shapesworld.fixes.fixing_edit`), a wrong image's result also names the edit that
+would fix it (`details["fixes"]`, `rollout.judge_fixes`), for the reflect stage's instruction reward.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -37,6 +40,7 @@ from examples.shapesworld.tasks import (
     relative_position,
 )
 from rollout.interfaces import JudgeItem, JudgeResult
+from rollout.judge_fixes import FIXES_KEY, JudgeFix
 
 __all__ = ["Detection", "ShapesJudge", "build_shapes_judge", "evaluate_detections"]
 
@@ -68,6 +72,7 @@ class ShapesJudge:
         min_iou: float = 0.5,
         color_distance: float = 120.0,
         position_threshold: float = POSITION_THRESHOLD,
+        fix_of: Callable[[dict[str, Any], list[Detection]], JudgeFix | None] | None = None,
     ) -> None:
         if min_area < 1 or not 0.0 <= min_iou < 1.0 or color_distance <= 0 or position_threshold < 0:
             raise ValueError(
@@ -79,11 +84,12 @@ class ShapesJudge:
         self.min_iou = min_iou
         self.color_distance = color_distance
         self.position_threshold = position_threshold
+        self.fix_of = fix_of
         self._colors = list(PALETTE)
         self._rgb = np.array([PALETTE[c] for c in self._colors], dtype=np.float32)  # (K, 3)
 
     def score(self, items: list[JudgeItem]) -> list[JudgeResult]:
-        """One result per item; details = {"tag", "detections", "checklist"}."""
+        """One result per item; details = {"tag", "detections", "checklist"} (+ "fixes" with `fix_of`)."""
         return [self._score_one(item) for item in items]
 
     def detect(self, image: np.ndarray) -> list[Detection]:
@@ -132,6 +138,9 @@ class ShapesJudge:
             "detections": [asdict(d) for d in dets],
             "checklist": checklist,
         }
+        fix = None if correct or self.fix_of is None else self.fix_of(meta, dets)
+        if fix is not None:
+            details[FIXES_KEY] = [fix.to_json()]
         return JudgeResult(score, correct, details)
 
     def _classify_pixels(self, image: np.ndarray) -> np.ndarray:
