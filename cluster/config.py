@@ -219,6 +219,13 @@ class R3Settings(_Section):
         "only generate-stage images)"
     )
 
+    @model_validator(mode="after")
+    def _instruction_reward_in_tree_mode(self) -> R3Settings:
+        if self.instruction_reward_weight > 0 and self.mode != "tree":
+            raise ValueError(f"instruction_reward_weight={self.instruction_reward_weight} acts on tree mode's refine "
+                             "stage; with mode=chain it would change nothing: set r3.mode=tree or the weight to 0")
+        return self
+
 
 class _LrSchedule(_Section):
     """The learning-rate schedule of a learner (`learners.ds_engine.warmup_lambda`): warm-up, then

@@ -80,3 +80,15 @@ def test_an_image_without_fixes_keeps_the_papers_rewards():
     shaped, metrics = _refine(5.0, [])
     assert [r.text_reward for r in shaped] == pytest.approx([r.text_reward for r in paper])
     assert metrics["refine/instruction_judged"] == 0.0
+
+
+def test_config_key_reaches_the_step_and_chain_mode_is_refused():
+    from cluster.config import ConfigError, load_config
+    from cluster.settings import step_settings
+
+    assert step_settings(load_config(None, [])).instruction_weight == 0.0  # the paper by default
+    assert step_settings(load_config(None, ["r3.instruction_reward_weight=0.5"])).instruction_weight == 0.5
+    with pytest.raises(ConfigError, match="instruction_reward_weight=0.5 acts on tree mode's refine stage"):
+        load_config(None, ["r3.mode=chain", "r3.instruction_reward_weight=0.5"])
+    with pytest.raises(ConfigError, match="instruction_reward_weight"):
+        load_config(None, ["r3.instruction_reward_weight=-1"])
