@@ -40,6 +40,9 @@ class LearnerBase(WeightSenderMixin):
 
     def _setup_dist(self, rank: int | None, world_size: int | None, master_addr: str | None,
                     master_port: int | None, backend: str | None, seed: int) -> None:
+        from learners import memory
+
+        memory.return_freed_memory_promptly()  # before any weights load (learners.memory)
         if rank is not None or world_size is not None:
             if rank is None or world_size is None:
                 raise ValueError(f"give both rank and world_size (got rank={rank}, world_size={world_size})")

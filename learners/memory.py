@@ -10,13 +10,23 @@ beside the planned bytes of `cluster.memory_plan.learner_memory`; `rss_bytes` is
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import logging
 import resource
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
 
-__all__ = ["rank_tensor_bytes", "rss_bytes", "peak_rss_bytes", "measured_span"]
+__all__ = ["rank_tensor_bytes", "rss_bytes", "peak_rss_bytes", "measured_span", "return_freed_memory_promptly",
+           "MMAP_THRESHOLD_BYTES"]
+
+log = logging.getLogger(__name__)
+
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+MMAP_THRESHOLD_BYTES = 256 * 1024
 
 
 def rank_tensor_bytes(engine: Any, reference: torch.nn.Module | None = None) -> dict[str, int]:
@@ -44,6 +54,29 @@ def rank_tensor_bytes(engine: Any, reference: torch.nn.Module | None = None) -> 
     return out
 
 
+def return_freed_memory_promptly(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
+    """Make glibc give freed blocks of `threshold` bytes or more back to the system at once.
+
+    Why: glibc raises its mmap threshold to the size of each large block freed (up to 32 MiB), so
+    after the first few freed parameters every later tensor of that size comes from the heap, and
+    the heap keeps what it once held. Loading under ZeRO-3 frees one gathered parameter after the
+    other; measured on two CPU ranks of a 57M-parameter model with a KL reference, a rank's RSS after
+    one update peaked at 2.1 GB with the dynamic threshold and 1.5 GB with a fixed one (ZeRO-1:
+    1.6 GB), and loading grew a non-source rank by 337 MB instead of 254 MB (it keeps 218 MB).
+    Fixed thresholds (`mallopt`) turn that off: a large tensor is its own mapping, unmapped when
+    freed. Returns False, and changes nothing, where the C library is not glibc.
+    """
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError, TypeError):
+        log.debug("no glibc mallopt in %r: the allocator keeps its default thresholds", name)
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    return bool(mallopt(_M_MMAP_THRESHOLD, threshold)) and bool(mallopt(_M_TRIM_THRESHOLD, threshold))
+
+
 def rss_bytes() -> int:
     """Resident set size of this process now (Linux /proc)."""
     with open("/proc/self/statm") as f:
@@ -52,7 +85,12 @@ def rss_bytes() -> int:
 
 def peak_rss_bytes() -> int:
     """Highest resident set size of this process so far, or since `measured_span` last reset the
-    high-water mark (getrusage; KiB on Linux)."""
+    high-water mark: the kernel's VmHWM (/proc/self/status), the counter that a reset clears.
+    (getrusage's ru_maxrss is not: it also keeps the high-water mark of every thread that exited.)"""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 

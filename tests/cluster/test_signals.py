@@ -1,6 +1,6 @@
 """SIGTERM (what `ray job stop` sends) and SIGINT stop a real run cleanly: a checkpoint of the last completed
-step, exit 143 / 130 with one line naming the checkpoint and the resume command, and a resume that
-continues to the end with one metrics row per step.
+step, exit 143 / 130 with one line naming the checkpoint and the resume command (the resume itself, to the end
+and bit-identical to an uninterrupted run: tests/cluster/test_job_submit.py).
 
 Real `python -m cluster.train` subprocesses on the tiny models (ShapesWorld judge behind Ray Serve).
 """
@@ -53,7 +53,7 @@ def _signal_after_first_step(args: list[str], run_dir: Path, signum: int) -> sub
     return subprocess.CompletedProcess(args, proc.returncode, out, err)
 
 
-def test_sigterm_abandons_the_rollout_checkpoints_and_resume_continues_without_duplicate_rows(tmp_path):
+def test_sigterm_abandons_the_rollout_and_checkpoints_the_last_completed_step(tmp_path):
     run_dir = tmp_path / "term"
     # stop_grace_s=0: the next step's rollout (made longer by a larger group) is abandoned at once (no metrics
     # row, learners untouched)
@@ -70,12 +70,8 @@ def test_sigterm_abandons_the_rollout_checkpoints_and_resume_continues_without_d
     assert json.loads((checkpoint / "meta.json").read_text())["step"] == 1
     assert _rows(run_dir) == [0]  # the abandoned step wrote nothing
     assert not (run_dir / "eval-final").exists()
-
-    resumed = subprocess.run(_args(tmp_path, "term", 3, "r3.group_size=8", "--resume", str(checkpoint)), env=ENV,
-                             capture_output=True, text=True, timeout=900)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert _rows(run_dir) == [0, 1, 2]
-    assert (run_dir / "eval-final" / "eval.json").is_file()
+    # the resume from such a checkpoint, to the end with one row per step and the weights of an uninterrupted
+    # run: tests/cluster/test_job_submit.py (the same SIGTERM, sent by `ray job stop`)
 
 
 def test_sigint_finishes_the_step_in_flight_and_exits_130(tmp_path):
