@@ -20,7 +20,10 @@ Protocol (driven by `learners.weight_sync.WeightSync`, the sender is learner ran
 
 from __future__ import annotations
 
+import functools
 import logging
+import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -33,6 +36,21 @@ logger = logging.getLogger(__name__)
 
 EXTENSION_CLS = "actors.vllm_extension.WeightSyncExtension"
 _MODES = ("bucketed", "per_param")
+
+
+def _timed_load(method: Callable[..., int]) -> Callable[..., int]:
+    """Add the call's wall seconds to the worker's `weight_load_seconds()` (also when it raises): the
+    worker's own share of a weight sync, receiving and loading, that a profile sets beside the sender's."""
+
+    @functools.wraps(method)
+    def timed(self: Any, *args: Any, **kwargs: Any) -> int:
+        start = time.perf_counter()
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self._weight_load_s = getattr(self, "_weight_load_s", 0.0) + time.perf_counter() - start
+
+    return timed
 
 
 def _check_mode(mode: str) -> bool:
@@ -65,6 +83,7 @@ class TextWeightReceiver:
     def leave_weight_group(self) -> None:
         self.llm.collective_rpc("r3rl_leave_weight_group")
 
+    @_timed_load
     def receive_weights(self, version: int, bucket_meta: list[dict[str, Any]], mode: str = "bucketed") -> int:
         """Receive one broadcast into vLLM's worker, reset caches, and hold `version`."""
         _check_mode(mode)
@@ -73,6 +92,7 @@ class TextWeightReceiver:
         self._version = int(version)
         return self._version
 
+    @_timed_load
     def load_weights_bytes(self, version: int, data: bytes, changed_only: bool = False) -> int:
         """Object-store path: a safetensors blob of the whole model (HF names), or with changed_only
         a part of it (vLLM keeps the layers it is not given)."""
@@ -80,6 +100,10 @@ class TextWeightReceiver:
         self.reset_caches()
         self._version = int(version)
         return self._version
+
+    def weight_load_seconds(self) -> float:
+        """Seconds spent in `receive_weights` and `load_weights_bytes` since the worker started."""
+        return getattr(self, "_weight_load_s", 0.0)
 
     def weights_checksum(self) -> float:
         """Sum of float64 sums of vLLM's parameters (fused layers keep every element)."""
@@ -110,6 +134,7 @@ class TorchWeightReceiver:
     def leave_weight_group(self) -> None:
         self._weight_group, self._weight_pool = None, None
 
+    @_timed_load
     def receive_weights(self, version: int, bucket_meta: list[dict[str, Any]], mode: str = "bucketed") -> int:
         """Receive one broadcast, copy every tensor into `self.transformer`, hold `version`."""
         per_param = _check_mode(mode)
@@ -127,6 +152,7 @@ class TorchWeightReceiver:
         self._version = int(version)
         return self._version
 
+    @_timed_load
     def load_weights_bytes(self, version: int, data: bytes, changed_only: bool = False) -> int:
         """Object-store path: a safetensors blob of the whole module (diffusers names), or with
         changed_only a part of it."""
@@ -138,6 +164,10 @@ class TorchWeightReceiver:
             self._check_complete(seen)
         self._version = int(version)
         return self._version
+
+    def weight_load_seconds(self) -> float:
+        """Seconds spent in `receive_weights` and `load_weights_bytes` since the worker started."""
+        return getattr(self, "_weight_load_s", 0.0)
 
     def weights_checksum(self) -> float:
         return tensors_checksum(self.transformer.parameters())

@@ -7,9 +7,10 @@ advantages (the rest of the rollout: shaping, advantages, the buffer, request bu
 image learn (both learners train at once), weight sync; a checkpoint is timed once after the steps.
 Beside them stand the engines' own seconds, as each engine reports them: vLLM's generate calls
 (`TextWorker.stats`), the sampler (`DiffusionWorker.stats`), the judge replica's calls (its call
-log), each learner's `step_seconds`, the sender's time in each broadcast. Orchestration overhead =
-step wall / engine seconds on the step's critical path (the two learners overlap: the longer one
-counts). Target <= 1.05 in synchronous mode.
+log), each learner's `step_seconds`, and per weight sync the longer of the sender's time in the
+broadcast and the workers' time receiving and loading (`weight_load_seconds`). Orchestration
+overhead = step wall / engine seconds on the step's critical path (the two learners overlap: the
+longer one counts). Target <= 1.05 in synchronous mode.
 
 Peak resident memory (VmHWM) of every role's process is read after the steps; then, unless
 `--no-scaling`, `bench/scaling.py` measures worker and group-size scaling on the same roles, and
@@ -69,10 +70,13 @@ def instrument(trainer: Any, times: CallTimes, sync_seconds: list[float]) -> Non
 
 
 def engine_seconds(trainer: Any) -> dict[str, float]:
-    """Cumulative own seconds of the rollout engines (summed over workers)."""
-    text = trainer.roles.text_pool.call_each("stats")
-    image = trainer.roles.diffusion_pool.call_each("stats")
-    return {"text": sum(s["generate_s"] for s in text), "image": sum(s["sample_s"] for s in image)}
+    """Cumulative own seconds of the rollout engines (summed over workers): generating, sampling, and
+    receiving + loading weights."""
+    pools = trainer.roles.text_pool, trainer.roles.diffusion_pool
+    return {"text": sum(s["generate_s"] for s in pools[0].call_each("stats")),
+            "image": sum(s["sample_s"] for s in pools[1].call_each("stats")),
+            "text_load": sum(pools[0].call_each("weight_load_seconds")),
+            "image_load": sum(pools[1].call_each("weight_load_seconds"))}
 
 
 def judge_seconds(call_log: Path, start: float, end: float) -> float:
@@ -92,8 +96,10 @@ def anatomy_row(row: dict[str, Any], wall: float, calls: dict[str, float], engin
                   image_learn=row.get("diffusion_learner/step_seconds", 0.0),
                   learn_wall=row["time/learn"], sync=row["time/sync"])
     phases["driver_other"] = wall - rollout - row["time/learn"] - row["time/sync"]
+    text_send, image_send = sync_s  # the two syncs run one after the other; sender and workers overlap
     own = {"text_generate": engines["text"], "image_sample": engines["image"], "judge": judge_s,
-           "learn_critical": max(phases["text_learn"], phases["image_learn"]), "sync_send": sum(sync_s)}
+           "learn_critical": max(phases["text_learn"], phases["image_learn"]),
+           "sync": max(text_send, engines["text_load"]) + max(image_send, engines["image_load"])}
     return {"wall_s": wall, "stages": row.get("stages"), "phases_s": phases, "engine_s": own,
             "engine_total_s": sum(own.values()), "overhead": wall / sum(own.values())}
 

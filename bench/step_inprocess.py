@@ -111,7 +111,8 @@ def step(i: int, cfg: Any, roles: dict[str, Any], state: dict[str, Any], times: 
         worker.load_weights_bytes(version, learner.export_weights_bytes(dtype, version > 1), version > 1)
     phases["sync"] = time.perf_counter() - t
     return {"wall_s": time.perf_counter() - start, "stages": "+".join(result.stages), "phases_s": phases,
-            "trajectories": len(result.trajectories)}
+            "trajectories": len(result.trajectories), "text_samples": len(result.text_batch),
+            "image_samples": len(result.image_batch)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=3, help="steps (>= 2: step 0 is the warm-up)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (a Ray actor of 0.5 CPU gets 1)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="extra dotted override")
+    ap.add_argument("--name", default="step_inprocess", help="results file bench/results/<name>.json")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.chdir(ROOT)
@@ -158,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
               "mean": {"wall_s": statistics.fmean(r["wall_s"] for r in measured),
                        "phases_s": {k: statistics.fmean(r["phases_s"].get(k, 0.0) for r in measured)
                                     for k in measured[0]["phases_s"]}}}
-    write_result("step_inprocess", result)
+    write_result(args.name, result)
     print(f"in-process step (mean of steps 1..{args.steps - 1}): {result['mean']['wall_s']:.2f} s; "
           + ", ".join(f"{k} {v:.3f}" for k, v in result["mean"]["phases_s"].items()))
     return 0

@@ -67,3 +67,14 @@ def test_errors_name_the_bad_value():
         Receiver(_net(0)).receive_weights(1, [])
     with pytest.raises(RuntimeError, match=r"\(1, 3\)"):
         check_versions([5, 3], 5)
+
+
+def test_receiver_counts_its_own_load_seconds_also_when_a_load_fails():
+    sender, receiver = Sender(_net(0)), Receiver(_net(3))
+    assert receiver.weight_load_seconds() == 0.0
+    receiver.load_weights_bytes(1, sender.export_weights_bytes())
+    after_one = receiver.weight_load_seconds()
+    assert after_one > 0.0
+    with pytest.raises(ValueError, match="does not have"):
+        receiver.load_weights_bytes(2, Sender(torch.nn.Linear(3, 3)).export_weights_bytes())
+    assert receiver.weight_load_seconds() > after_one
