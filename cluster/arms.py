@@ -65,7 +65,8 @@ def parse_arm(text: str) -> Arm:
 def plan_arm_runs(arms: Sequence[Arm], seeds: Sequence[int], common: Sequence[str], out_dir: Path) -> list[ArmRun]:
     """Seed-major (every arm of seed 0, then of seed 1, ...), so that the pairs of a seed finish
     together. Overrides: `common`, then the arm's own, then the seed and the run folder
-    (`<out_dir>/<arm>-seed<s>`), with `checkpoint.resume=auto` so an interrupted run resumes."""
+    (`<out_dir>/<arm>-seed<s>`). (Not `checkpoint.resume=auto`: with no checkpoint of its own, a
+    run would resume from the newest checkpoint of another arm in the same folder.)"""
     names = [a.name for a in arms]
     if len(set(names)) != len(names):
         raise ValueError(f"arm names must differ, got {names}")
@@ -77,7 +78,7 @@ def plan_arm_runs(arms: Sequence[Arm], seeds: Sequence[int], common: Sequence[st
         for arm in arms:
             name = f"{arm.name}-seed{seed}"
             overrides = (*common, *arm.overrides, f"train.seed={seed}", f"train.run_dir={out}",
-                         f"train.run_name={name}", "checkpoint.resume=auto")  # fmt: skip
+                         f"train.run_name={name}")  # fmt: skip
             runs.append(ArmRun(arm.name, seed, out / name, overrides))
     return runs
 
@@ -97,8 +98,13 @@ def is_finished(run: ArmRun) -> bool:
 
 def run_arm(config: str, run: ArmRun) -> int:
     """`python -m cluster.train` for one run in a child process (its own Ray session); console output
-    in `<run_dir>.log`. Returns the exit status."""
-    cmd = [sys.executable, "-m", "cluster.train", "--config", config, *run.overrides]
+    in `<run_dir>.log`. A run interrupted before has its own newest checkpoint resumed (never another
+    run's). Returns the exit status."""
+    from cluster.checkpoint import checkpoints_dir, find_latest
+
+    own = find_latest(checkpoints_dir(run.run_dir)) if run.run_dir.is_dir() else None
+    resume = [f"checkpoint.resume={own}"] if own is not None else []
+    cmd = [sys.executable, "-m", "cluster.train", "--config", config, *run.overrides, *resume]
     run.run_dir.parent.mkdir(parents=True, exist_ok=True)
     log_path = run.run_dir.with_suffix(".log")
     log.info("%s seed %d: %s (log %s)", run.arm, run.seed, " ".join(cmd), log_path)

@@ -30,7 +30,7 @@ def test_plan_is_seed_major_and_the_arm_overrides_after_the_common_ones(tmp_path
     assert null1.run_dir == tmp_path.resolve() / "null-seed1"
     assert null1.overrides == (
         "train.steps=3", "train.null_advantages=true", "train.seed=1", f"train.run_dir={tmp_path.resolve()}",
-        "train.run_name=null-seed1", "checkpoint.resume=auto",
+        "train.run_name=null-seed1",
     )  # fmt: skip
     with pytest.raises(ValueError, match="arm names must differ"):
         plan_arm_runs([Arm("a", ()), Arm("a", ())], [0], [], tmp_path)
