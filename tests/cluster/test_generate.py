@@ -1,7 +1,8 @@
 """`python -m cluster.generate`: one prompt through the policy, each round's image and an HTML report.
 
-The integration test runs the command on the tiny models (a local Ray cluster, the evaluation's
-workers and judge); the unit tests check argument errors (exit 2 before any engine starts) and
+The integration tests run the command on the tiny models (a local Ray cluster, the evaluation's
+workers and judge), and on a checkpoint of perturbed tiny models, whose weights must draw round 0;
+the unit tests check argument errors (exit 2 before any engine starts) and
 the report's escaping on a hand-made trajectory.
 """
 
@@ -59,19 +60,30 @@ def test_bad_arguments_exit_2_before_engines(args, message, capsys):
     assert message in capsys.readouterr().err
 
 
-@pytest.mark.integration
-def test_generate_writes_rounds_and_report(tmp_path):
-    out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "cluster.generate", NASTY, "--config", "configs/cpu_tiny.yaml", "--rounds", "3",
-           "--seed", "5", "--out", str(out), "flow_grpo.eval_num_steps=2", "flow_grpo.edit_num_steps=2",
-           "grpo.max_tokens=16"]
+def _generate(out: Path, *extra: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "cluster.generate", NASTY, "--config", "configs/cpu_tiny.yaml", "--seed", "5",
+           "--out", str(out), "flow_grpo.eval_num_steps=2", "flow_grpo.edit_num_steps=2", "grpo.max_tokens=16",
+           *extra]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200, env=dict(os.environ))
     assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory):
+    """Three rounds on the config's tiny models: (stdout, output folder)."""
+    out = tmp_path_factory.mktemp("generate") / "out"
+    return _generate(out, "--rounds", "3").stdout, out
+
+
+@pytest.mark.integration
+def test_generate_writes_rounds_and_report(base_run):
+    stdout, out = base_run
     rounds = json.loads((out / "rounds.json").read_text())
     assert rounds["prompt"] == NASTY and rounds["seed"] == 5 and rounds["weight_version"] == 0
     got = rounds["rounds"]
     assert 1 <= len(got) <= 3 and [r["index"] for r in got] == list(range(len(got)))
-    printed = [line.split(":")[0] for line in proc.stdout.splitlines() if line.startswith("round ")]
+    printed = [line.split(":")[0] for line in stdout.splitlines() if line.startswith("round ")]
     assert printed == [f"round {r['index']}" for r in got]  # one line per round, as each finished
     for r in got:
         if r["stopped"]:
@@ -81,3 +93,22 @@ def test_generate_writes_rounds_and_report(tmp_path):
     report = (out / "report.html").read_text()
     assert "&lt;b&gt;cube&lt;/b&gt;" in report and "<script>alert(1)" not in report
     assert report.count('class="round-image"') == sum(not r["stopped"] for r in got)
+
+
+@pytest.mark.integration
+def test_checkpoint_weights_reach_the_workers(base_run, tiny_models, perturb_weights, tmp_path):
+    """A checkpoint's weights (here: the tiny models plus noise, at version 3) draw round 0 instead of the config's."""
+    from cluster.checkpoint import COMPLETE
+
+    ck = tmp_path / "run" / "checkpoints" / "step-000003"
+    perturb_weights(tiny_models.vlm, ck / "text_learner" / "weights", seed=3)
+    perturb_weights(tiny_models.flux / "transformer", ck / "diffusion_learner" / "weights", seed=4)
+    (ck / "meta.json").write_text(json.dumps({"step": 3, "version": 3}))
+    (ck / COMPLETE).write_text("ok\n")
+    out = tmp_path / "out"
+    _generate(out, "--rounds", "1", "--checkpoint", str(ck))
+    rounds = json.loads((out / "rounds.json").read_text())
+    assert rounds["weight_version"] == 3 and rounds["checkpoint"] == str(ck.resolve())
+    base = image_from_png((base_run[1] / "round_0.png").read_bytes())
+    trained = image_from_png((out / "round_0.png").read_bytes())
+    assert base.shape == trained.shape and not np.array_equal(base, trained)  # same seed, other weights
