@@ -54,6 +54,26 @@ def test_split_by_counts():
         split_by_counts([1, 2, 3], [2, 2])
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["--config", "no/such.yaml"], "does not exist"),
+    (["--config", "configs/cpu_tiny.yaml", "--port", "70000"], "--port 70000"),
+    (["--config", "configs/cpu_tiny.yaml", "serve.max_batch_size=0"], "serve.max_batch_size"),
+    (["--config", "configs/cpu_tiny.yaml", "--checkpoint", "no/such/checkpoint"], "no/such/checkpoint"),
+])
+def test_cli_refuses_bad_settings_with_exit_2_before_engines(argv, message, capsys):
+    from cluster.serve import main
+
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_serve_run_builder_refuses_unknown_arguments():
+    from cluster.serve import app
+
+    with pytest.raises(ValueError, match="unknown serve run arguments \\['port'\\]"):
+        app({"config": "configs/cpu_tiny.yaml", "port": "9000"})
+
+
 def test_page_sets_model_text_with_text_content_only():
     page = PAGE.read_text()
     assert "textContent" in page
