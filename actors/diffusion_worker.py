@@ -336,13 +336,13 @@ class DiffusionWorker(TorchWeightReceiver):
         images = (images * 255).round().astype(np.uint8)  # as diffusers' numpy_to_pil
         sources = [None] * len(requests) if source is None else list(source)
         return [
-            self._to_sample(request, settings, image, records, embeds, pool, src)
-            for request, image, records, embeds, pool, src in zip(
-                requests, images, result.records, prompt_embeds, pooled, sources, strict=True
+            self._to_sample(request, settings, image, records, embeds, pool, src, final)
+            for request, image, records, embeds, pool, src, final in zip(
+                requests, images, result.records, prompt_embeds, pooled, sources, result.latents, strict=True
             )
         ]
 
-    def _to_sample(self, request, settings, image, records, prompt_embeds, pooled, source) -> ImageSample:
+    def _to_sample(self, request, settings, image, records, prompt_embeds, pooled, source, final) -> ImageSample:
         sample = ImageSample(
             image=image,
             prompt=request.prompt,
@@ -364,6 +364,7 @@ class DiffusionWorker(TorchWeightReceiver):
         sample.prompt_embeds = prompt_embeds.float().cpu().numpy()
         sample.pooled_embeds = pooled.float().cpu().numpy()
         sample.source_latents = None if source is None else source.float().cpu().numpy()
+        sample.final_latents = final.float().cpu().numpy()  # (L, C), what DiffusionNFT trains on
         return sample
 
     def _check_open(self) -> None:

@@ -382,6 +382,42 @@ class FlowGRPOConfig(_LrSchedule):
         "add KL and dilute the mean loss) or drop them; null: as r3.drop_zero_variance"
     )
 
+    algorithm: Literal["flow_grpo", "nft"] = Field(
+        "flow_grpo", description="the generator's RL objective: flow_grpo (clipped ratio of the stored SDE steps' "
+        "log-probs) or nft (DiffusionNFT, arXiv 2509.16117: flow matching on the rollouts' final clean latents with "
+        "reward-weighted implicit positive and negative velocities; the workers sample with the ODE, no per-step "
+        "log-probs and no CFG in training; uses adv_clip as the reward scale Z of r = 1/2 + 1/2 clip(A/Z, -1, 1), "
+        "kl_coef on the velocity to the reference)"
+    )
+    nft_beta: float = Field(
+        1.0, gt=0, description="algorithm=nft: beta of the implicit policies v+ = (1-beta) v_old + beta v and "
+        "v- = (1+beta) v_old - beta v (the official recipes use 0.1 to 1)"
+    )
+    nft_weighting: Literal["adaptive", "velocity"] = Field(
+        "adaptive", description="algorithm=nft: adaptive = the official code's x0-space loss divided by its own "
+        "(detached) mean absolute error; velocity = the paper's plain squared velocity error"
+    )
+    nft_timesteps: int = Field(
+        2, ge=1, description="algorithm=nft: noise levels t ~ U(0, 1) (each with its own noise) drawn per image per "
+        "update; each is one learner item of the micro-batch"
+    )
+    updates_per_batch: int = Field(
+        1, ge=1, description="optimizer updates over each rollout batch (1: one, as before). From the second on, "
+        "flow_grpo's ratio differs from 1 and the clip acts; the lr schedule advances once per update"
+    )
+    ema_decay: float = Field(
+        0.0, ge=0, lt=1, description="EMA of the generator's trained weights, updated after every optimizer update "
+        "(ema = d ema + (1-d) weights; 0 = off). Evaluations (during training and cluster.eval from a checkpoint) use "
+        "it; rollouts keep the live weights. Kept whole on every learner rank: not with zero_stage 3"
+    )
+
+    @model_validator(mode="after")
+    def _whole_copies(self) -> FlowGRPOConfig:
+        if self.zero_stage == 3 and (self.ema_decay > 0 or (self.algorithm == "nft" and self.updates_per_batch > 1)):
+            raise ValueError("ema_decay > 0 and algorithm=nft with updates_per_batch > 1 keep whole copies of the "
+                             "generator's weights, which zero_stage 3 partitions: use zero_stage 0, 1 or 2")
+        return self
+
     @model_validator(mode="after")
     def _windows(self) -> FlowGRPOConfig:
         for name, (lo, hi), steps in (

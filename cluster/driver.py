@@ -316,6 +316,7 @@ class Trainer(TrainerCheckpoints, TrainerElastic):
     # ------------------------------------------------------------------------------- evaluation
 
     def evaluate(self, tag: str = "final") -> Any:
+        from cluster.ema_eval import ema_on_workers
         from cluster.gallery import write_gallery
         from rollout.evaluation import evaluate
         from rollout.trajectory import write_trajectories
@@ -323,7 +324,8 @@ class Trainer(TrainerCheckpoints, TrainerElastic):
         settings = eval_settings(self.cfg)
         self.console.line(f"evaluating ({tag}): {len(self.test_prompts)} prompts, up to {settings.max_rounds} rounds each")
         start = time.perf_counter()
-        report = evaluate(self.test_prompts, self.roles.reasoner, self.roles.generator, self.roles.judge, settings)
+        with ema_on_workers(self.cfg, self.roles, self.cfg.train.remote_timeout_s):  # the EMA, if kept
+            report = evaluate(self.test_prompts, self.roles.reasoner, self.roles.generator, self.roles.judge, settings)
         out = self.run_dir / f"eval-{tag}"
         out.mkdir(exist_ok=True)
         (out / "eval.json").write_text(report.to_json())

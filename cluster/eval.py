@@ -75,13 +75,17 @@ def compare_sums(engine: dict[str, list[float]], files: dict[str, list[float]],
             "match": bool(both) and not differing}
 
 
-def load_checkpoint_weights(text: Any, image: Any, checkpoint: Path, timeout: float) -> int:
-    """Every text and diffusion worker loads the checkpoint's learner weights; returns their version."""
+def load_checkpoint_weights(text: Any, image: Any, checkpoint: Path, timeout: float,
+                            diffusion_weights: Path | None = None) -> int:
+    """Every text and diffusion worker loads the checkpoint's learner weights; returns their version.
+
+    diffusion_weights: the generator's folder when not the learner's live weights (its EMA,
+    `cluster.ema_eval.generator_eval_weights`)."""
     import ray
 
     version = int(json.loads((checkpoint / "meta.json").read_text())["version"])
     ray.get([a.load_weights.remote(version, str(checkpoint / "text_learner" / "weights")) for a in text.actors]
-            + [a.load_weights.remote(version, str(checkpoint / "diffusion_learner" / "weights"))
+            + [a.load_weights.remote(version, str(diffusion_weights or checkpoint / "diffusion_learner" / "weights"))
                for a in image.actors], timeout=timeout)
     log.info("workers loaded weights version %d from %s", version, checkpoint)
     return version
@@ -91,6 +95,7 @@ def evaluate_checkpoint(cfg: Any, checkpoint: Path | None, out: Path) -> Any:
     """Workers + judge, the checkpoint's weights in the workers, multi-round evaluation; writes `out`."""
     import ray
 
+    from cluster.ema_eval import generator_eval_weights
     from cluster.gallery import write_gallery
     from cluster.pools import PoolGenerator, PoolReasoner
     from cluster.roles import (
@@ -113,8 +118,11 @@ def evaluate_checkpoint(cfg: Any, checkpoint: Path | None, out: Path) -> Any:
         judge = build_judge_client(cfg, paths)
         weights: dict[str, Any] = {"checkpoint": str(checkpoint) if checkpoint else None}
         if checkpoint is not None:
-            weights["version"] = load_checkpoint_weights(text, image, checkpoint, timeout)
-        weights.update(_worker_weights(text, image, checkpoint, timeout))
+            weights["version"] = load_checkpoint_weights(text, image, checkpoint, timeout,
+                                                         generator_eval_weights(cfg, checkpoint))
+            weights["diffusion_folder"] = str(generator_eval_weights(cfg, checkpoint))
+        weights.update(_worker_weights(text, image, checkpoint, timeout,
+                                       generator_eval_weights(cfg, checkpoint) if checkpoint is not None else None))
         _, test = load_prompt_sets(cfg)
         report = evaluate(test, PoolReasoner(text), PoolGenerator(image), judge, eval_settings(cfg))
     finally:
@@ -169,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
 # ------------------------------------------------------------------------------------ private
 
 
-def _worker_weights(text: Any, image: Any, checkpoint: Path | None, timeout: float) -> dict[str, Any]:
+def _worker_weights(text: Any, image: Any, checkpoint: Path | None, timeout: float,
+                    diffusion_folder: Path | None = None) -> dict[str, Any]:
     """Per role: every worker's weight version, and how its engine's tensors compare with the checkpoint's files."""
     import ray
 
@@ -178,7 +187,8 @@ def _worker_weights(text: Any, image: Any, checkpoint: Path | None, timeout: flo
                                 ("diffusion", image, _diffusion_engine_sums, "diffusion_learner")):
         entry: dict[str, Any] = {"worker_versions": ray.get([a.version.remote() for a in pool.actors], timeout=timeout)}
         if checkpoint is not None:
-            files = files_tensor_sums(checkpoint / sub / "weights")
+            folder = diffusion_folder if kind == "diffusion" and diffusion_folder else checkpoint / sub / "weights"
+            files = files_tensor_sums(folder)
             engines = ray.get([a.__ray_call__.remote(fn) for a in pool.actors], timeout=timeout)
             entry["workers"] = [compare_sums(e, files) for e in engines]
             entry["checkpoint_sum"] = sum(v[0] for v in files.values())

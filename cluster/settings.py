@@ -20,12 +20,13 @@ def step_settings(cfg: R3Config) -> Any:
     f, g, m = cfg.flow_grpo, cfg.grpo, cfg.models.generator
     templates = build_templates(cfg)
     common = dict(guidance=f.guidance, cfg_scale=f.train_cfg_scale, height=m.height, width=m.width, sde=f.sde)
+    stochastic = "none" if f.algorithm == "nft" else f.stochastic  # DiffusionNFT trains on ODE rollouts' final latents
     stage = StageSettings(
         group_size=cfg.r3.group_size, share_group_noise=f.share_group_noise,
         temperature=g.temperature, top_p=g.top_p, max_tokens=g.max_tokens,
-        generate_sampler=SamplerSettings(num_steps=f.num_steps, noise_level=f.noise_level, stochastic=f.stochastic,
+        generate_sampler=SamplerSettings(num_steps=f.num_steps, noise_level=f.noise_level, stochastic=stochastic,
                                          window_lo=f.window[0], window_hi=f.window[1], **common),
-        edit_sampler=SamplerSettings(num_steps=f.edit_num_steps, noise_level=f.edit_noise_level, stochastic=f.stochastic,
+        edit_sampler=SamplerSettings(num_steps=f.edit_num_steps, noise_level=f.edit_noise_level, stochastic=stochastic,
                                      window_lo=f.edit_window[0], window_hi=f.edit_window[1], **common),
         templates=templates,
     )

@@ -3,7 +3,8 @@
 Runs inside each learner actor (the driver calls these through `actor.__ray_call__`): every rank
 writes its own optimizer partition; rank 0 also writes the full module weights in HF / diffusers
 safetensors format. State: module weights, fp32 master partitions, the inner AdamW state, the LR
-schedule, DeepSpeed's step counters, the learner's version and the torch RNG. Weights with NaN or
+schedule, DeepSpeed's step counters, the learner's version, the torch RNG and, for the generator, its
+EMA and the snapshots of the weights its pending rollouts were drawn with (`extra_state`). Weights with NaN or
 ±inf are never written, and neither they nor such master partitions are ever loaded
 (`learners.finite.NonFiniteError`, naming the tensor).
 """
@@ -35,6 +36,8 @@ def save_learner_state(learner: Any, directory: str) -> str:
     rank_dir = root / f"rank-{learner.rank}"
     rank_dir.mkdir(parents=True, exist_ok=True)
     learner.save(str(root / "weights"))  # rank 0 writes, all ranks join the gathers; refuses non-finite weights
+    if getattr(learner, "ema", None) is not None:  # the weights evaluation uses (cluster.eval loads them)
+        learner.save_ema_weights(str(root / "ema_weights"))
     engine = learner.engine
     opt = engine.optimizer
     state: dict[str, Any] = {
@@ -45,6 +48,8 @@ def save_learner_state(learner: Any, directory: str) -> str:
         "version": int(learner.version),
         "torch_rng": torch.get_rng_state(),
     }
+    if hasattr(learner, "extra_state"):  # the generator's EMA and rollout-policy snapshots (learners.image_updates)
+        state["extra"] = learner.extra_state()
     save_tree(_drop_callables(state), rank_dir)
     return str(rank_dir)
 
@@ -73,6 +78,8 @@ def load_learner_state(learner: Any, directory: str) -> int:
     for k, v in state["counters"].items():
         setattr(engine, k, v)
     learner.version = int(state["version"])
+    if hasattr(learner, "load_extra_state"):
+        learner.load_extra_state(state.get("extra"))
     torch.set_rng_state(state["torch_rng"])
     return learner.version
 

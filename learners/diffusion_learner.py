@@ -16,6 +16,10 @@ variant). Optional train-time CFG: v = v_u.detach() + s·(v_c − v_u.detach()),
 consistent when the sampler used the same guidance; the unconditional embeddings are passed in.
 Under ZeRO-3 every rank must run the same number of forwards: keep edits and generations in
 separate batches, and images of one size.
+
+`train_step` (`learners.image_updates`) runs `updates_per_batch` updates of this objective or of
+DiffusionNFT (`algorithm="nft"`, `learners.nft_math`: trains on the final latents, no stored steps)
+and keeps the EMA of the weights that evaluation uses.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import numpy as np
 import torch
 
 from learners import algos, ds_engine, finite, lean_init
+from learners.image_updates import ImageUpdates
 from learners.learner_base import LearnerBase
 from learners.lora import LoraAdapters, lora_rank_of
 from rollout.flow_sde import get_sde_step
@@ -51,7 +56,7 @@ class _Item(NamedTuple):
     step: int  # index into the sample's stored steps
 
 
-class DiffusionLearner(LearnerBase):
+class DiffusionLearner(ImageUpdates, LearnerBase):
     """One rank of the generator's learner group; every public call is collective over ranks."""
 
     def __init__(
@@ -78,6 +83,13 @@ class DiffusionLearner(LearnerBase):
         sde: str = "flow_grpo",
         gradient_checkpointing: bool = False,
         lora: dict[str, Any] | None = None,
+        algorithm: str = "flow_grpo",
+        updates_per_batch: int = 1,
+        ema_decay: float = 0.0,
+        nft_beta: float = 1.0,
+        nft_weighting: str = "adaptive",
+        nft_timesteps: int = 2,
+        keep_previous_weights: bool = False,
         vae_scale_factor: int | None = None,
         seed: int = 0,
         rank: int | None = None,
@@ -97,6 +109,8 @@ class DiffusionLearner(LearnerBase):
         (diffusers checkpoints whenever gradients are enabled, in eval mode too).
         dtype: "float32" or "bfloat16" (fp32 master weights in the optimizer; `flow_grpo.dtype`).
         lora: {rank, alpha, dropout, target_modules} (`flow_grpo.lora`); rank > 0: as `TextLearner`.
+        algorithm ("flow_grpo" | "nft"), updates_per_batch, ema_decay, nft_*: `learners.image_updates`;
+        keep_previous_weights: rollouts may be one version stale (one-step-off), NFT keeps those weights.
         rank/world_size/master_*: as `TextLearner`.
         """
         if kl_mode not in KL_MODES:
@@ -131,6 +145,9 @@ class DiffusionLearner(LearnerBase):
         self.engine = ds_engine.initialize_engine(model, config, warmup_steps, lr_decay_steps, min_lr_ratio)
         self.engine.eval()
         self.guidance_embeds = bool(self.engine.module.config.guidance_embeds)
+        self._setup_updates(algorithm=algorithm, updates_per_batch=updates_per_batch, ema_decay=ema_decay,
+                            nft_beta=nft_beta, nft_weighting=nft_weighting, nft_timesteps=nft_timesteps,
+                            keep_previous_weights=keep_previous_weights, seed=seed, zero_stage=zero_stage)
 
     # ---- public -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -150,9 +167,9 @@ class DiffusionLearner(LearnerBase):
                 out[it.sample][it.step] = lp
         return out
 
-    def train_step(self, samples: Sequence[ImageSample], advantages: Sequence[float],
-                   negative_embeds: tuple[Any, Any] | None = None) -> dict[str, float]:
-        """One FlowGRPO update over every stored step of this rank's samples (collective).
+    def _flow_grpo_update(self, samples: Sequence[ImageSample], advantages: Sequence[float],
+                          negative_embeds: tuple[Any, Any] | None = None) -> dict[str, float]:
+        """One FlowGRPO update over every stored step of this rank's samples (collective; `train_step`).
 
         advantages: one per sample (applied to each of its steps, clipped to ±adv_clip).
         negative_embeds: (prompt_embeds (T, D), pooled (P,)) of the unconditional prompt, needed

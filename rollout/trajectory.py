@@ -58,6 +58,7 @@ class ImageSample:
       sigmas, sigmas_next, log_probs, step_indices: (S,)
       source_latents (Ls, C) packed latents of the source image when editing, else None
       prompt_embeds (T, D) / pooled_embeds (P,): the text conditioning used by the sampler
+      final_latents (L, C)  the clean packed latent the image was decoded from (DiffusionNFT trains on it)
     """
 
     image: np.ndarray  # (H, W, 3) uint8
@@ -74,6 +75,7 @@ class ImageSample:
     source_latents: np.ndarray | None = None
     prompt_embeds: np.ndarray | None = None
     pooled_embeds: np.ndarray | None = None
+    final_latents: np.ndarray | None = None
     guidance: float = 1.0
     weight_version: int = 0
 
@@ -129,6 +131,7 @@ _IMAGE_TENSORS = (
     "source_latents",
     "prompt_embeds",
     "pooled_embeds",
+    "final_latents",
 )
 _IMAGE = pa.struct(
     [
@@ -307,7 +310,7 @@ def _round_from_row(row: dict) -> Round:
             noise_level=im["noise_level"],
             guidance=im["guidance"],
             weight_version=im["weight_version"],
-            **{name: _tensor_from_row(im[name]) for name in _IMAGE_TENSORS},
+            **{name: _tensor_from_row(im.get(name)) for name in _IMAGE_TENSORS},  # files before final_latents lack it
         )
     fields = {k: row[k] for k in row if k not in ("text", "image", "judge_details_json")}
     return Round(text=text, image=image, judge_details=json.loads(row["judge_details_json"]), **fields)
