@@ -25,6 +25,9 @@ if str(ROOT) not in sys.path:  # run as a script (`make bench`): make the projec
 
 ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false",
        "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+# Ray starts its worker processes at niceness 15, a process of its own runs at 0: on a machine shared with
+# other jobs that alone slows the Ray side of a Ray-vs-one-process comparison. The benchmarks run both at 0.
+ENV["RAY_worker_niceness"] = "0"
 for _key, _value in ENV.items():
     os.environ.setdefault(_key, _value)
 
@@ -49,10 +52,20 @@ def commit() -> str:
         return "unknown"
 
 
+def uncommitted_changes() -> bool:
+    """Whether the checkout differs from its commit (tracked files): the figures then measure more than it."""
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=10)
+        return bool(out.stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
 def machine() -> dict[str, Any]:
     """Where and when a figure was measured."""
     return {"nproc": os.cpu_count(), "cpu_model": cpu_model(), "loadavg": list(os.getloadavg()), "commit": commit(),
-            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            "uncommitted_changes": uncommitted_changes(), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
 def write_result(name: str, result: dict[str, Any]) -> Path:

@@ -58,6 +58,11 @@ def instrument(trainer: Any, times: CallTimes, sync_seconds: list[float]) -> Non
                         Timed(judge, "judge", times, ("score",)), buffer, settings)
 
     r3_step.run_r3_step = timed_step
+    # the driver's own bookkeeping between the phases, to split "driver_other"
+    trainer._worker_versions = Timed(trainer, "versions_and_worker_stats", times, ("_worker_versions",))._worker_versions
+    trainer._write_trajectories = Timed(trainer, "trajectories_parquet", times,
+                                        ("_write_trajectories",))._write_trajectories
+    trainer.metrics.log = Timed(trainer.metrics, "metrics_row", times, ("log",)).log
     for sync in (trainer.roles.text_sync, trainer.roles.diffusion_sync):
         inner = sync.sync
 
@@ -96,6 +101,8 @@ def anatomy_row(row: dict[str, Any], wall: float, calls: dict[str, float], engin
                   image_learn=row.get("diffusion_learner/step_seconds", 0.0),
                   learn_wall=row["time/learn"], sync=row["time/sync"])
     phases["driver_other"] = wall - rollout - row["time/learn"] - row["time/sync"]
+    for key in ("versions_and_worker_stats", "trajectories_parquet", "metrics_row"):
+        phases[f"driver_other/{key}"] = calls.get(key, 0.0)
     text_send, image_send = sync_s  # the two syncs run one after the other; sender and workers overlap
     own = {"text_generate": engines["text"], "image_sample": engines["image"], "judge": judge_s,
            "learn_critical": max(phases["text_learn"], phases["image_learn"]),
@@ -155,6 +162,8 @@ def run(steps: int, scaling: bool, overrides: list[str], tmp: Path) -> dict[str,
         trainer.save_checkpoint()
         result["checkpoint_s"] = time.perf_counter() - start
         result["memory_mib"] = role_memory()
+        result["learner_memory_stats"] = {"text": trainer.roles.text_learners.call_rank0("memory_stats"),
+                                          "diffusion": trainer.roles.diffusion_learners.call_rank0("memory_stats")}
         measured = rows[1:]
         result["steps"] = rows
         result["mean"] = {

@@ -60,8 +60,12 @@ def rows() -> list[tuple[str, str, str, str]]:
     for label, key in (("text rollout", "text_rollout"), ("image rollout", "image_rollout"), ("judge", "judge"),
                        ("advantages + driver rollout code", "advantages"), ("text learn (learner's own)", "text_learn"),
                        ("image learn (learner's own)", "image_learn"), ("weight sync", "sync"),
-                       ("other driver work (metrics, versions, parquet)", "driver_other")):
+                       ("other driver work", "driver_other")):
         out.append(_row(f"  phase: {label}", phase(key)))
+    out.append(_row("    of which: version + stats queries, trajectories parquet, metrics row",
+                    lambda: (", ".join(f"{a['mean']['phases_s'][f'driver_other/{k}']:.3f}" for k in
+                                       ("versions_and_worker_stats", "trajectories_parquet", "metrics_row")) + " s",
+                             "", "info")))
     out.append(_row("  phase: checkpoint (once)", lambda: (f"{a['checkpoint_s']:.2f} s", "", "info")))
     out.append(_row("orchestration overhead: step wall / engines' own seconds",
                     lambda: (f"{a['overhead']:.3f}", "<= 1.05", _verdict(a["overhead"] <= 1.05)), "<= 1.05"))
@@ -72,6 +76,10 @@ def rows() -> list[tuple[str, str, str, str]]:
                     lambda: (f"{peer['steps_per_s_ratio']:.2f}x ({peer['r3rl']['steps_per_s']:.2f} vs "
                              f"{peer['trl']['steps_per_s']:.2f} steps/s)", ">= 2x",
                              _verdict(peer["steps_per_s_ratio"] >= 2.0)), ">= 2x"))
+    out.append(_row("  same on a ~27M-parameter Qwen2 (R3RL / TRL steps/s)",
+                    lambda: (f"{peer['models']['qwen2-27m']['steps_per_s_ratio']:.2f}x "
+                             f"({peer['models']['qwen2-27m']['r3rl']['steps_per_s']:.2f} vs "
+                             f"{peer['models']['qwen2-27m']['trl']['steps_per_s']:.2f} steps/s)", "", "info")))
     out.append(_row("  tokens/s R3RL vs TRL",
                     lambda: (f"{peer['r3rl']['tokens_per_s']:.0f} vs {peer['trl']['tokens_per_s']:.0f} "
                              f"({peer['tokens_per_s_ratio']:.2f}x)", "", "info")))
@@ -119,10 +127,14 @@ def rows() -> list[tuple[str, str, str, str]]:
     else:
         for name, label in (("flow_grpo_sde", "FlowGRPO, SDE"), ("flow_grpo_cps", "FlowGRPO, CPS"),
                             ("diffusion_nft", "DiffusionNFT")):
+            variant = image["variants"].get(name, {"not_measured": "no result"})
+            if "not_measured" in variant:
+                out.append((f"image side per step (sample + update), {label}", "not measured yet", "",
+                            f"not measured yet: {variant['not_measured']}"))
+                continue
             out.append(_row(f"image side per step (sample + update), {label}",
-                            lambda name=name: (f"{image['variants'][name]['image_s_per_step']:.3f} s, "
-                                               f"{image['variants'][name]['images_trained_per_s']:.1f} images/s",
-                                               "", "info")))
+                            lambda v=variant: (f"{v['image_s_per_step']:.3f} s, {v['images_trained_per_s']:.1f} "
+                                               "images/s", "", "info")))
         out.append(("image-side learning per second (reward gained per second)", "not measured yet", "",
                     f"not measured yet: {LEARNING_REASON}"))
     return out
@@ -150,8 +162,9 @@ def machine_line() -> str:
         data = load(name)
         if data and "machine" in data:
             m = data["machine"]
-            return (f"Machine: {m['nproc']} cores, {m['cpu_model']}; measured {m['date']} at commit {m['commit']} "
-                    f"(load average at the end of the anatomy run: {m['loadavg'][0]:.1f}).")
+            dirty = " with uncommitted changes in the checkout" if m.get("uncommitted_changes") else ""
+            return (f"Machine: {m['nproc']} cores, {m['cpu_model']}; measured {m['date']} at commit {m['commit']}{dirty} "
+                    f"(1-minute load average at the end of the anatomy run: {m['loadavg'][0]:.1f}).")
     return "Machine: unknown (no result with a machine description)."
 
 

@@ -9,14 +9,18 @@ cheap function of the completion text on both sides.
 - R3RL: a vLLM `TextWorker` and a DeepSpeed `TextLearner` (ZeRO-1) as Ray actors; a step is
   generate -> reward -> group advantages -> `train_step` -> bucketed broadcast of the new weights.
 - TRL: `GRPOTrainer` on the CPU (transformers generation, its own loss and optimizer), timed by a
-  callback from step begin to step end. It runs in this process after Ray is shut down; its torch
-  thread count is tried at 1 and at all cores and the faster kept (TRL at its best on this machine).
+  callback from step begin to step end. It runs in this process after Ray is shut down; its rounds
+  alternate 1 torch thread and all cores, and the faster is kept (TRL at its best on this machine).
+
+The two sides alternate `--rounds` times (R3RL, TRL, R3RL, TRL, ...), each keeping its best round, so
+a change in the machine's load hits both. `--wider` repeats the comparison once (3 steps, TRL at 1 thread) on a ~27M-parameter
+Qwen2 with the same tokenizer (8 layers, width 512), where compute weighs more than fixed per-call costs.
 
 TRL is installed for this benchmark only (`TRL_VERSION`, not a project dependency) when it is
 missing; its vLLM and DeepSpeed integrations stay off (`use_vllm=False`, no DeepSpeed config).
 Reports steps/s, generated tokens/s and R3RL / TRL; target >= 2x.
 
-Run: `python bench/trl_peer.py [--steps 5]`; writes bench/results/trl_peer.json.
+Run: `python bench/trl_peer.py [--steps 5] [--rounds 2] [--wider]`; writes bench/results/trl_peer.json.
 """
 
 from __future__ import annotations
@@ -29,8 +33,10 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
+from common import RESULTS as RESULTS_DIR
 from common import write_result
 
 log = logging.getLogger("bench.trl_peer")
@@ -151,9 +157,49 @@ def _summary(walls: list[float], tokens: list[int]) -> dict[str, Any]:
             "steps_per_s": len(timed) / sum(timed), "tokens_per_s": sum(timed_tokens) / sum(timed)}
 
 
+def build_wider_lm(out: Path) -> Path:
+    """A random Qwen2 of about 27M parameters (8 layers, width 512) with the tiny LM's tokenizer and
+    vocabulary, so both engines decode every id: the same comparison where compute weighs more."""
+    import torch
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    from actors.models import build_tiny_models
+
+    if (out / "config.json").is_file():
+        return out
+    tiny = build_tiny_models().lm
+    tok = AutoTokenizer.from_pretrained(tiny)
+    base = Qwen2Config.from_pretrained(tiny)
+    cfg = Qwen2Config(vocab_size=base.vocab_size, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
+                      num_attention_heads=8, num_key_value_heads=8, head_dim=64, max_position_embeddings=256,
+                      tie_word_embeddings=False, eos_token_id=base.eos_token_id, bos_token_id=base.bos_token_id,
+                      pad_token_id=base.pad_token_id)
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def compare(model: str, steps: int, rounds: int, threads: list[int]) -> dict[str, Any]:
+    """R3RL and TRL alternately, `rounds` times each (load changes hit both); each side keeps its best
+    round. TRL's rounds go through `threads` (torch threads) in turn."""
+    ours, theirs = [], []
+    for r in range(rounds):
+        ours.append(r3rl_steps(model, steps))
+        theirs.append(trl_steps(model, steps, threads[r % len(threads)]))
+    best_ours = max(ours, key=lambda x: x["steps_per_s"])
+    best_theirs = max(theirs, key=lambda x: x["steps_per_s"])
+    ratio = best_ours["steps_per_s"] / best_theirs["steps_per_s"]
+    return {"r3rl": best_ours, "trl": best_theirs, "r3rl_all": ours, "trl_all": theirs, "steps_per_s_ratio": ratio,
+            "tokens_per_s_ratio": best_ours["tokens_per_s"] / best_theirs["tokens_per_s"]}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=5, help="steps per side (>= 2: the first is a warm-up)")
+    ap.add_argument("--rounds", type=int, default=2, help="alternating R3RL/TRL rounds per model; best kept")
+    ap.add_argument("--wider", action="store_true", help="also compare on a ~27M-parameter model")
+    ap.add_argument("--name", default="trl_peer", help="results file bench/results/<name>.json")
     args = ap.parse_args(argv)
     if args.steps < 2:
         raise SystemExit(f"--steps must be >= 2 (the first is a warm-up), got {args.steps}")
@@ -161,21 +207,24 @@ def main(argv: list[str] | None = None) -> int:
     version = ensure_trl()
     from actors.models import build_tiny_models
 
-    model = str(build_tiny_models().lm)
-    ours = r3rl_steps(model, args.steps)
-    theirs = [trl_steps(model, args.steps, t) for t in sorted({1, os.cpu_count() or 1})]
-    best = max(theirs, key=lambda r: r["steps_per_s"])
-    ratio = ours["steps_per_s"] / best["steps_per_s"]
+    models = {"tiny:lm": str(build_tiny_models().lm)}
+    if args.wider:
+        models["qwen2-27m"] = str(build_wider_lm(RESULTS_DIR / "models" / "qwen2-27m"))
+    per_model = {"tiny:lm": compare(models["tiny:lm"], args.steps, args.rounds, sorted({1, os.cpu_count() or 1}))}
+    if args.wider:  # one round of 3 steps at 1 thread: a step is seconds here, and 2 threads were far slower
+        per_model["qwen2-27m"] = compare(models["qwen2-27m"], 3, 1, [1])  # on the loaded 2-core machine
+    tiny = per_model["tiny:lm"]
     result = {"trl_version": version, "model": "tiny:lm", "prompts": PROMPTS, "group_size": GROUP,
-              "max_completion_tokens": LENGTH, "steps": args.steps, "r3rl": ours, "trl": best, "trl_all": theirs,
-              "steps_per_s_ratio": ratio, "tokens_per_s_ratio": ours["tokens_per_s"] / best["tokens_per_s"],
-              "target": TARGET, "meets_target": ratio >= TARGET}
-    write_result("trl_peer", result)
-    print(f"{'':<6}{'step s':>9}{'steps/s':>9}{'tokens/s':>10}")
-    for name, r in (("R3RL", ours), ("TRL", best)):
-        print(f"{name:<6}{r['steady_step_s']:>9.3f}{r['steps_per_s']:>9.3f}{r['tokens_per_s']:>10.0f}")
-    print("R3RL step phases (s): " + ", ".join(f"{k} {v:.3f}" for k, v in ours["phases_s"].items()))
-    print(f"R3RL / TRL steps/s: {ratio:.2f} (target >= {TARGET}); TRL {version}, {best['torch_threads']} thread(s)")
+              "max_completion_tokens": LENGTH, "steps": args.steps, "rounds": args.rounds, **tiny,
+              "models": per_model, "target": TARGET, "meets_target": tiny["steps_per_s_ratio"] >= TARGET}
+    write_result(args.name, result)
+    print(f"{'model':<11}{'':<6}{'step s':>9}{'steps/s':>9}{'tokens/s':>10}")
+    for name, res in per_model.items():
+        for side, r in (("R3RL", res["r3rl"]), ("TRL", res["trl"])):
+            print(f"{name:<11}{side:<6}{r['steady_step_s']:>9.3f}{r['steps_per_s']:>9.3f}{r['tokens_per_s']:>10.0f}")
+        print(f"{name:<11}R3RL step phases (s): " + ", ".join(f"{k} {v:.3f}" for k, v in res["r3rl"]["phases_s"].items()))
+        print(f"{name:<11}R3RL / TRL steps/s: {res['steps_per_s_ratio']:.2f} (TRL {res['trl']['torch_threads']} thread(s))")
+    print(f"target on tiny:lm: >= {TARGET}x; TRL {version}")
     return 0
 
 
