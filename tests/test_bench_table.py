@@ -1,0 +1,71 @@
+"""The benchmark table's verdicts and its doc block, from hand-made result files (no engines)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+from unittest import mock
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def _module(name: str):
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+@pytest.fixture
+def table(tmp_path, monkeypatch):
+    module = _module("table")
+    monkeypatch.setattr(module, "RESULTS", tmp_path)
+    return module
+
+
+def _status(rows, prefix: str) -> tuple[str, str, str]:
+    (row,) = [r for r in rows if r[0].startswith(prefix)]
+    return row[1], row[2], row[3]
+
+
+def test_targets_are_judged_from_the_results_and_missing_files_say_so(table, tmp_path):
+    (tmp_path / "trl_peer.json").write_text(json.dumps({
+        "steps_per_s_ratio": 1.5, "tokens_per_s_ratio": 1.4, "r3rl": {"steps_per_s": 3.0, "tokens_per_s": 90.0},
+        "trl": {"steps_per_s": 2.0, "tokens_per_s": 64.0}}))
+    (tmp_path / "async_step.json").write_text(json.dumps({"async_over_sync": 0.6,
+                                                          "best_async_over_sync_on_this_machine": 0.55}))
+    rows = table.rows()
+    assert _status(rows, "GRPO text step vs TRL") == ("1.50x (3.00 vs 2.00 steps/s)", ">= 2x", "missed")
+    assert _status(rows, "one-step-off step") == ("0.60 (bound on this machine 0.55)", "<= 0.65", "met")
+    assert _status(rows, "orchestration overhead") == ("no result", "<= 1.05", "no result")
+    assert _status(rows, "image-side learning per second")[0] == "not measured yet"
+
+
+def test_write_doc_replaces_only_the_marked_block(table, tmp_path, monkeypatch):
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text(f"intro\n{table.BEGIN}\nold table\n{table.END}\noutro\n")
+    monkeypatch.setattr(table, "DOC", doc)
+    monkeypatch.setattr(table, "ROOT", tmp_path)
+    table.main(["--write-doc"])
+    text = doc.read_text()
+    assert text.startswith("intro\n") and text.endswith("outro\n") and "old table" not in text
+    assert "| figure | measured | target | status |" in text
+
+
+def test_linear_fit_recovers_a_line_and_flags_a_curve():
+    with mock.patch.dict(os.environ):  # bench/common sets the benchmarks' environment on import: keep it out
+        common = _module("common")
+    line = common.linear_fit([4, 8, 16], [1.0 + 0.5 * g for g in (4, 8, 16)])
+    assert line["slope_s"] == pytest.approx(0.5) and line["intercept_s"] == pytest.approx(1.0)
+    assert line["r2"] == pytest.approx(1.0)
+    curve = common.linear_fit([1, 2, 3, 4], [1.0, 4.0, 9.0, 16.0])
+    assert curve["r2"] < 1.0 and curve["max_rel_residual"] > 0.1
