@@ -115,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         rc = run_arm(args.config, run)
         wall[run.run_dir.name] = time.perf_counter() - start
+        run.run_dir.mkdir(parents=True, exist_ok=True)  # a run refused at its start made no folder
         (run.run_dir / "arm_wall_s.json").write_text(json.dumps({"wall_s": wall[run.run_dir.name], "rc": rc}))
         if rc != 0:
             print(f"error: run {run.run_dir} exited {rc}; its log: {run.run_dir.with_suffix('.log')}", file=sys.stderr)
