@@ -58,8 +58,10 @@ gpu-smoke: $(if $(filter $(GPU_VENV)/bin/python,$(GPU_PY)),gpu-setup)
 models: setup
 	$(PY) -m actors.models build-tiny
 
+# Two pytest processes, each taking whole test files (module-scoped Ray clusters stay within one process):
+# most of an integration test is engines starting and waiting, so two files share the 2 cores well.
 test: setup
-	$(PY) -m pytest -q -rfE --durations=15 tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 1; fi; exit $$rc
+	$(PY) -m pytest -q -n 2 --dist loadfile -rfE --durations=15 tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 1; fi; exit $$rc
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not integration" tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 1; fi; exit $$rc
