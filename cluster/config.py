@@ -416,6 +416,10 @@ class FlowGRPOConfig(_LrSchedule):
         if self.zero_stage == 3 and (self.ema_decay > 0 or (self.algorithm == "nft" and self.updates_per_batch > 1)):
             raise ValueError("ema_decay > 0 and algorithm=nft with updates_per_batch > 1 keep whole copies of the "
                              "generator's weights, which zero_stage 3 partitions: use zero_stage 0, 1 or 2")
+        if self.algorithm == "nft" and self.share_group_noise:
+            raise ValueError("algorithm=nft samples with the ODE, so with share_group_noise=true the images of a group "
+                             "would be identical (equal rewards, zero advantages, no update): set "
+                             "flow_grpo.share_group_noise=false")
         return self
 
     @model_validator(mode="after")

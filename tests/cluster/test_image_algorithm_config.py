@@ -15,7 +15,8 @@ def test_nft_rollouts_use_the_ode_and_the_learner_gets_the_fields():
     from cluster.roles import ModelPaths, diffusion_learner_kwargs
     from cluster.settings import step_settings
 
-    cfg = load_config("configs/cpu_tiny.yaml", ["flow_grpo.algorithm=nft", "flow_grpo.updates_per_batch=3",
+    cfg = load_config("configs/cpu_tiny.yaml", ["flow_grpo.algorithm=nft", "flow_grpo.share_group_noise=false",
+                                                "flow_grpo.updates_per_batch=3",
                                                 "flow_grpo.ema_decay=0.9", "train.async_one_step_off=true"])
     stage = step_settings(cfg).stage
     assert stage.generate_sampler.stochastic == stage.edit_sampler.stochastic == "none"
@@ -28,7 +29,9 @@ def test_nft_rollouts_use_the_ode_and_the_learner_gets_the_fields():
 
 @pytest.mark.parametrize("overrides, match", [
     (["flow_grpo.ema_decay=0.9", "flow_grpo.zero_stage=3"], "zero_stage 3"),
-    (["flow_grpo.algorithm=nft", "flow_grpo.updates_per_batch=2", "flow_grpo.zero_stage=3"], "zero_stage 3"),
+    (["flow_grpo.algorithm=nft", "flow_grpo.share_group_noise=false", "flow_grpo.updates_per_batch=2",
+      "flow_grpo.zero_stage=3"], "zero_stage 3"),
+    (["flow_grpo.algorithm=nft"], "share_group_noise=false"),
     (["flow_grpo.ema_decay=1"], "ema_decay"),
     (["flow_grpo.updates_per_batch=0"], "updates_per_batch"),
     (["flow_grpo.algorithm=dpo"], "algorithm"),
