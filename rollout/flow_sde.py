@@ -85,16 +85,7 @@ def sde_step(
     Returns:
         `SdeStep(prev_sample, log_prob, mean, std)`, see its docstring for shapes.
     """
-    if velocity.shape != sample.shape:
-        raise ValueError(f"velocity shape {tuple(velocity.shape)} != sample shape {tuple(sample.shape)}")
-    velocity = velocity.float()
-    sample = sample.float()
-    batch, ndim = sample.shape[0], sample.ndim
-    sigma_t = _per_row(sigma, batch, ndim, sample.device)
-    sigma_next_t = _per_row(sigma_next, batch, ndim, sample.device)
-    level = _per_row(noise_level, batch, ndim, sample.device)
-    if bool((sigma_next_t >= sigma_t).any()):
-        raise ValueError(f"sigma_next must be < sigma; got sigma={sigma}, sigma_next={sigma_next}")
+    velocity, sample, sigma_t, sigma_next_t, level = _step_inputs(velocity, sigma, sigma_next, sample, noise_level)
 
     dt = sigma_next_t - sigma_t  # (B, 1, ..., 1), negative
     denom_sigma = torch.where(sigma_t == 1, sigma_next_t, sigma_t)
@@ -105,19 +96,7 @@ def sde_step(
     )
     std = std_dev_t * torch.sqrt(-dt)
 
-    if prev_sample is None:
-        if noise is None and bool((std > 0).any()):
-            noise = torch.randn(sample.shape, generator=generator, dtype=torch.float32, device=sample.device)
-        prev_sample = mean if noise is None else mean + std * noise.float()
-    else:
-        if prev_sample.shape != sample.shape:
-            raise ValueError(
-                f"prev_sample shape {tuple(prev_sample.shape)} != sample shape {tuple(sample.shape)}"
-            )
-        prev_sample = prev_sample.float()
-
-    log_prob = _gaussian_log_prob(prev_sample.detach(), mean, std)
-    return SdeStep(prev_sample, log_prob, mean, std)
+    return _sample_and_score(mean, std, sample, prev_sample, generator, noise)
 
 
 def cps_step(
@@ -161,16 +140,7 @@ def cps_step(
     Returns:
         `SdeStep(prev_sample, log_prob, mean, std)`, see its docstring for shapes.
     """
-    if velocity.shape != sample.shape:
-        raise ValueError(f"velocity shape {tuple(velocity.shape)} != sample shape {tuple(sample.shape)}")
-    velocity = velocity.float()
-    sample = sample.float()
-    batch, ndim = sample.shape[0], sample.ndim
-    sigma_t = _per_row(sigma, batch, ndim, sample.device)
-    sigma_next_t = _per_row(sigma_next, batch, ndim, sample.device)
-    level = _per_row(noise_level, batch, ndim, sample.device)
-    if bool((sigma_next_t >= sigma_t).any()):
-        raise ValueError(f"sigma_next must be < sigma; got sigma={sigma}, sigma_next={sigma_next}")
+    velocity, sample, sigma_t, sigma_next_t, level = _step_inputs(velocity, sigma, sigma_next, sample, noise_level)
     if bool(((level < 0) | (level > 1)).any()):
         raise ValueError(f"the CPS noise level must lie in [0, 1], got {noise_level}; lower flow_grpo.noise_level")
 
@@ -181,19 +151,7 @@ def cps_step(
     mean = torch.where(level == 0, sample + velocity * (sigma_next_t - sigma_t), mean)
     std = sigma_next_t * torch.sin(angle)
 
-    if prev_sample is None:
-        if noise is None and bool((std > 0).any()):
-            noise = torch.randn(sample.shape, generator=generator, dtype=torch.float32, device=sample.device)
-        prev_sample = mean if noise is None else mean + std * noise.float()
-    else:
-        if prev_sample.shape != sample.shape:
-            raise ValueError(
-                f"prev_sample shape {tuple(prev_sample.shape)} != sample shape {tuple(sample.shape)}"
-            )
-        prev_sample = prev_sample.float()
-
-    log_prob = _gaussian_log_prob(prev_sample.detach(), mean, std)
-    return SdeStep(prev_sample, log_prob, mean, std)
+    return _sample_and_score(mean, std, sample, prev_sample, generator, noise)
 
 
 def get_sde_step(kind: str) -> Callable[..., SdeStep]:
@@ -287,6 +245,35 @@ def stochastic_step_indices(
 
 
 # ------------------------------------------------------------------------------------ helpers
+
+
+def _step_inputs(velocity: Tensor, sigma: float | Tensor, sigma_next: float | Tensor, sample: Tensor,
+                 noise_level: float | Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Checked fp32 inputs of a step: velocity and sample (B, ...), and σ, σ', level as (B, 1, ..., 1)."""
+    if velocity.shape != sample.shape:
+        raise ValueError(f"velocity shape {tuple(velocity.shape)} != sample shape {tuple(sample.shape)}")
+    velocity, sample = velocity.float(), sample.float()
+    batch, ndim = sample.shape[0], sample.ndim
+    sigma_t = _per_row(sigma, batch, ndim, sample.device)
+    sigma_next_t = _per_row(sigma_next, batch, ndim, sample.device)
+    level = _per_row(noise_level, batch, ndim, sample.device)
+    if bool((sigma_next_t >= sigma_t).any()):
+        raise ValueError(f"sigma_next must be < sigma; got sigma={sigma}, sigma_next={sigma_next}")
+    return velocity, sample, sigma_t, sigma_next_t, level
+
+
+def _sample_and_score(mean: Tensor, std: Tensor, sample: Tensor, prev_sample: Tensor | None,
+                      generator: torch.Generator | None, noise: Tensor | None) -> SdeStep:
+    """Draw x' ~ N(mean, std²) (or take the given `prev_sample`) and its mean-reduced log-density."""
+    if prev_sample is None:
+        if noise is None and bool((std > 0).any()):
+            noise = torch.randn(sample.shape, generator=generator, dtype=torch.float32, device=sample.device)
+        prev_sample = mean if noise is None else mean + std * noise.float()
+    else:
+        if prev_sample.shape != sample.shape:
+            raise ValueError(f"prev_sample shape {tuple(prev_sample.shape)} != sample shape {tuple(sample.shape)}")
+        prev_sample = prev_sample.float()
+    return SdeStep(prev_sample, _gaussian_log_prob(prev_sample.detach(), mean, std), mean, std)
 
 
 def _per_row(value: float | Tensor, batch: int, ndim: int, device: torch.device) -> Tensor:
