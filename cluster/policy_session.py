@@ -72,7 +72,7 @@ class PolicySession:
             self.judge = build_judge_client(self.cfg, paths)
             if self.checkpoint is not None:
                 self.version = load_checkpoint_weights(self.text, self.image, self.checkpoint,
-                                                       self.cfg.train.remote_timeout_s)
+                                                       self.cfg.train.remote_timeout_s, self._generator_weights())
         except BaseException:
             self.shutdown()
             raise
@@ -150,13 +150,21 @@ class PolicySession:
         self.text = self.image = self.judge = None
         self._placements = {}
 
+    def _generator_weights(self) -> Path:
+        """The generator folder evaluation uses: the checkpoint's EMA when the run kept one
+        (`cluster.ema_eval.generator_eval_weights`), else its live weights."""
+        from cluster.ema_eval import generator_eval_weights
+
+        return generator_eval_weights(self.cfg, self.checkpoint)
+
     def _reload_hooks(self) -> dict[str, Callable[[int, Any], None]]:
         """A replacement worker loads the checkpoint's weights before it serves."""
         import ray
 
         def hook(sub: str) -> Callable[[int, Any], None]:
             def load(index: int, actor: Any) -> None:
-                folder = str(self.checkpoint / sub / "weights")
+                folder = str(self._generator_weights() if sub == "diffusion_learner"
+                             else self.checkpoint / sub / "weights")
                 ray.get(actor.load_weights.remote(self.version, folder), timeout=self.cfg.train.remote_timeout_s)
                 log.info("replacement worker %d loaded %s", index, folder)
 

@@ -69,6 +69,23 @@ def _generate(out: Path, *extra: str) -> subprocess.CompletedProcess:
     return proc
 
 
+def test_the_policy_serves_the_generator_weights_evaluation_uses(tmp_path):
+    """With flow_grpo.ema_decay > 0 the app and cluster.generate load the checkpoint's EMA, as cluster.eval does;
+    a run without one loads the live weights, and a checkpoint that lacks the EMA it should have is refused."""
+    from cluster.config import load_config
+    from cluster.policy_session import PolicySession
+
+    checkpoint = tmp_path / "step-000002"
+    (checkpoint / "diffusion_learner" / "weights").mkdir(parents=True)
+    live = PolicySession(load_config(None, []), checkpoint)
+    assert live._generator_weights() == checkpoint / "diffusion_learner" / "weights"
+    ema = PolicySession(load_config(None, ["flow_grpo.ema_decay=0.9"]), checkpoint)
+    with pytest.raises(ValueError, match="no EMA weights"):
+        ema._generator_weights()
+    (checkpoint / "diffusion_learner" / "ema_weights").mkdir()
+    assert ema._generator_weights() == checkpoint / "diffusion_learner" / "ema_weights"
+
+
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory):
     """Three rounds on the config's tiny models: (stdout, output folder)."""
