@@ -142,7 +142,8 @@ CASE_IDS = [
 
 
 @pytest.mark.parametrize("case", CASE_IDS)
-def test_bad_input_is_refused_with_exit_2_naming_the_value(case, cases, capsys, monkeypatch, tmp_path):
+def test_bad_input_is_refused_with_exit_2_naming_the_value(case, cases, tiny_models, capsys, monkeypatch, tmp_path):
+    """`tiny_models`: built before, so stderr holds the refusal alone (a first build prints its progress)."""
     import cluster.run_loop
 
     _, args, expected = cases[case]
