@@ -79,7 +79,8 @@ class SamplerSettings:
 class ImageRequest:
     """Text-to-image when `source_image` is None, otherwise an edit of `source_image`.
 
-    `noise_seed` seeds the initial noise (members of one group share it); `seed` seeds the SDE
+    `noise_seed` seeds the initial noise (the members of a generate group share it unless
+    `flow_grpo.share_group_noise` is false; an edit group's members share it); `seed` seeds the SDE
     noise and the stochastic-step draw.
     """
 
