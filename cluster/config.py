@@ -684,6 +684,16 @@ class R3Config(_Section):
         return self
 
     @model_validator(mode="after")
+    def _nft_one_step_off_below_zero3(self) -> R3Config:
+        f = self.flow_grpo
+        if f.algorithm == "nft" and self.train.async_one_step_off and f.zero_stage == 3:
+            raise ValueError(
+                "flow_grpo.algorithm=nft with train.async_one_step_off keeps whole copies of the rollout weights, "
+                "which flow_grpo.zero_stage=3 does not hold; use flow_grpo.zero_stage <= 2 or synchronous steps"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _judge_fits_remote_timeout(self) -> R3Config:
         worst = self.judge.timeout_s * (self.judge.retries + 1)
         if self.judge.kind == "remote" and worst > self.train.remote_timeout_s:

@@ -32,6 +32,8 @@ def test_nft_rollouts_use_the_ode_and_the_learner_gets_the_fields():
     (["flow_grpo.algorithm=nft", "flow_grpo.share_group_noise=false", "flow_grpo.updates_per_batch=2",
       "flow_grpo.zero_stage=3"], "zero_stage 3"),
     (["flow_grpo.algorithm=nft"], "share_group_noise=false"),
+    (["flow_grpo.algorithm=nft", "flow_grpo.share_group_noise=false", "train.async_one_step_off=true",
+      "flow_grpo.zero_stage=3"], "async_one_step_off"),
     (["flow_grpo.ema_decay=1"], "ema_decay"),
     (["flow_grpo.updates_per_batch=0"], "updates_per_batch"),
     (["flow_grpo.algorithm=dpo"], "algorithm"),
