@@ -11,7 +11,7 @@ RUN_OR_CHECKPOINT is a checkpoint folder (`<run>/checkpoints/step-N`, complete) 
 - `export.json`: where it came from (checkpoint, step, LoRA settings).
 A learner that trained LoRA adapters (`grpo.lora`, `flow_grpo.lora`) saved only them: they are merged
 into the base named by the run's `config.yaml` (W + alpha/r·B·A, `learners.lora.merge_into_state`).
-A base is a local folder, or a Hugging Face model id found in the local cache (nothing is downloaded).
+A base is a local model folder (nothing is downloaded or looked up in a hub cache).
 Exit codes: 0 written, 2 refused (no checkpoint, unreadable config, base not found, OUT not empty).
 """
 
@@ -123,19 +123,13 @@ def _require_weights(weights: Path) -> None:
 
 
 def _base_folder(base: str, role: str) -> Path:
-    """The local folder of a base model: `base` itself, or a model id's snapshot in the Hugging Face cache."""
+    """The local folder of a base model (`models.<role>.path` after `resolve_model_path`): nothing is
+    fetched or looked up in a hub cache, so an export reads exactly the files the run trained from."""
     path = Path(base)
     if path.is_dir():
         return path
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
-
-    try:
-        return Path(snapshot_download(base, local_files_only=True))
-    except (HFValidationError, LocalEntryNotFoundError) as e:
-        raise ExportRefused(f"{role} base {base!r} (models.{role}.path of the run's config.yaml) is neither a "
-                            f"local folder nor a model in the Hugging Face cache ({type(e).__name__}); download "
-                            "it first (huggingface-cli download) or export on the machine that trained") from None
+    raise ExportRefused(f"{role} base {base!r} (models.{role}.path of the run's config.yaml) is not a local "
+                        "folder; export on the machine that trained, or give the run's config a local model folder")
 
 
 def _lora_settings(weights: Path) -> dict[str, Any] | None:

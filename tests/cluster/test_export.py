@@ -6,7 +6,7 @@ with exactly the merged weights (and the adapted model's logits), and a generato
 `FluxKontextPipeline.from_pretrained` loads whole and samples from, with the merged transformer; a
 checkpoint of full weights exports them as they are, and the generic `DiffusionPipeline` /
 `AutoProcessor` loaders read the folders too (a one-step edit runs); a missing folder, a folder
-without a checkpoint, a base model that is neither a folder nor cached, and an output folder that
+without a checkpoint, a base model that is not a local folder, and an output folder that
 is not empty, are refused with exit 2 naming the path and why.
 """
 
