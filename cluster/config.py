@@ -402,7 +402,7 @@ class FlowGRPOConfig(_LrSchedule):
         "update; each is one learner item of the micro-batch"
     )
     updates_per_batch: int = Field(
-        1, ge=1, description="optimizer updates over each rollout batch (1: one, as before). From the second on, "
+        1, ge=1, description="optimizer updates over each rollout batch (1: a single update per batch). From the second on, "
         "flow_grpo's ratio differs from 1 and the clip acts; the lr schedule advances once per update"
     )
     ema_decay: float = Field(
