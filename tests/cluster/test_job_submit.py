@@ -81,25 +81,6 @@ def _wait_job_api(proc: subprocess.Popen, address: str, env: dict[str, str]) -> 
     pytest.fail(f"the job API at {address} did not answer within {START_BOUND_S} s; last answer:\n{last}")
 
 
-def _start_head(env: dict[str, str], temp: Path, free_port) -> tuple[subprocess.Popen, str]:
-    """`ray start --head --block` on free ports; its output goes to `temp/head.log`."""
-    port, dash, agent, client = (free_port() for _ in range(4))
-    log = (temp / "head.log").open("w")
-    proc = subprocess.Popen(
-        [str(RAY), "start", "--head", "--block", f"--port={port}", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dash}", f"--dashboard-agent-listen-port={agent}", f"--ray-client-server-port={client}",
-         "--num-cpus=8", f"--temp-dir={temp}"],
-        env=env, stdout=log, stderr=subprocess.STDOUT,
-    )
-    try:
-        assert _wait_agent_port(proc, temp) == agent
-        _wait_job_api(proc, f"http://127.0.0.1:{dash}", env)
-    except BaseException:
-        _stop_head(proc)
-        raise
-    return proc, f"http://127.0.0.1:{dash}"
-
-
 def _stop_head(proc: subprocess.Popen) -> None:
     proc.terminate()  # --block: ending this process stops exactly this head
     try:
@@ -110,24 +91,29 @@ def _stop_head(proc: subprocess.Popen) -> None:
 
 @pytest.fixture(scope="module")
 def head(tmp_path_factory, free_port):
-    """A Ray head of its own. A port picked free can be taken by another process before the head binds it
-    (other Ray clusters start on this machine too); then the head exits during its start, and a second
-    start on other ports is made, once. Any other failure fails at once."""
+    """A Ray head of its own (`ray start --head --block` on free ports); its output goes to `head.log`, whose
+    tail a failed start reports."""
     env = _head_env()
+    port, dash, agent, client = (free_port() for _ in range(4))
     temp = tmp_path_factory.mktemp("ray")
+    log = (temp / "head.log").open("w")
+    proc = subprocess.Popen(
+        [str(RAY), "start", "--head", "--block", f"--port={port}", "--dashboard-host=127.0.0.1",
+         f"--dashboard-port={dash}", f"--dashboard-agent-listen-port={agent}", f"--ray-client-server-port={client}",
+         "--num-cpus=8", f"--temp-dir={temp}"],
+        env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    address = f"http://127.0.0.1:{dash}"
     try:
-        proc, address = _start_head(env, temp, free_port)
-    except AssertionError as first:
-        if "ray head exited during start" not in str(first):
-            raise
-        log = (temp / "head.log").read_text(errors="replace")[-2000:]
-        print(f"the first head exited during its start ({first}); its output:\n{log}\nstarting again")
-        temp = tmp_path_factory.mktemp("rb")  # short: Ray's socket paths must stay under 108 bytes
-        proc, address = _start_head(env, temp, free_port)
-    try:
+        try:
+            assert _wait_agent_port(proc, temp) == agent
+            _wait_job_api(proc, address, env)
+        except AssertionError as e:
+            pytest.fail(f"{e}; the head's output ends:\n{(temp / 'head.log').read_text(errors='replace')[-3000:]}")
         yield address, env, temp
     finally:
         _stop_head(proc)
+        log.close()
 
 
 # ------------------------------------------------------------------------------- ray job stop, then resume
