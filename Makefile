@@ -92,7 +92,7 @@ docs: setup
 	$(PY) -m cluster.config_doc
 
 # Every benchmark (about 20 min on 2 cores), then one table of figures, targets and met/missed (docs/benchmarks.md).
-BENCHES := "bench/step_anatomy.py --steps 6" "bench/image_side.py --steps 4" "bench/trl_peer.py --steps 5 --rounds 2 --wider" \
+BENCHES := "bench/step_anatomy.py --steps 6" "bench/image_learning.py --steps 12 --probe-every 2" "bench/trl_peer.py --steps 5 --rounds 2 --wider" \
 	"bench/async_step.py --steps 5 --rounds 1" \
 	"bench/judges.py --calls 4 --rounds 2" "bench/weight_sync.py --sizes 1m,30m --repeats 3" \
 	"bench/samplers.py --repeats 5" "bench/text_engines.py --repeats 2"

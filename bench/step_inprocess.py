@@ -89,7 +89,7 @@ def step(i: int, cfg: Any, roles: dict[str, Any], state: dict[str, Any], times: 
     phases.update(times.take())
     phases["advantages"] = rollout - sum(phases.values())
     t = time.perf_counter()
-    if result.text_batch:
+    if result.text_batch and "text_learner" in roles:  # without a text learner the reasoner stays as loaded
         images = [it.images[0] if it.images else None for it in result.text_batch]
         roles["text_learner"].train_step([it.sample for it in result.text_batch],
                                          [it.advantage for it in result.text_batch],
@@ -106,8 +106,10 @@ def step(i: int, cfg: Any, roles: dict[str, Any], state: dict[str, Any], times: 
     phases["image_learn"] = time.perf_counter() - t
     t = time.perf_counter()
     version = i + 1
-    for learner, worker, dtype in ((roles["text_learner"], roles["text"], cfg.models.reasoner.dtype),
+    for learner, worker, dtype in ((roles.get("text_learner"), roles["text"], cfg.models.reasoner.dtype),
                                    (roles["image_learner"], roles["image"], cfg.models.generator.dtype)):
+        if learner is None:
+            continue
         worker.load_weights_bytes(version, learner.export_weights_bytes(dtype, version > 1), version > 1)
     phases["sync"] = time.perf_counter() - t
     return {"wall_s": time.perf_counter() - start, "stages": "+".join(result.stages), "phases_s": phases,

@@ -23,10 +23,6 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 DOC = ROOT / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- bench-table:begin -->", "<!-- bench-table:end -->"
-LEARNING_REASON = ("the tiny random models' rewards are noise; reward gained per second needs a task a model "
-                   "learns within the benchmark's minutes")
-IMAGE_SIDE_REASON = ("needs the FlowGRPO sampler variants (flow_grpo.sde: SDE vs CPS) and the DiffusionNFT "
-                     "algorithm (flow_grpo.algorithm) in the config; not there yet")
 
 
 def load(name: str) -> dict[str, Any] | None:
@@ -41,6 +37,18 @@ def _row(figure: str, get: Callable[[], tuple[str, str, str]], target: str = "")
     except (TypeError, KeyError, IndexError, ValueError, ZeroDivisionError):  # no file, or a field missing
         return figure, "no result", target, "no result"
     return figure, value, target, status
+
+
+def _final(arm: dict[str, Any]) -> str:
+    """'+0.0051 ± 0.0006 after 12 steps (30.1 s)': the last probe's gain and its standard error."""
+    final = arm["curve"][-1]
+    return f"{final['gain']:+.4f} ± {final['gain_se']:.4f} after {final['step']} steps ({final['image_s']:.1f} s)"
+
+
+def _learning(arm: dict[str, Any]) -> str:
+    """'12.3 s; final +0.0051 ± 0.0006 after 12 steps (30.1 s)', or 'not reached; final ...'."""
+    s = arm["seconds_to_gain"]
+    return f"{f'{s:.1f} s' if s is not None else 'not reached'}; final {_final(arm)}"
 
 
 def _verdict(ok: bool) -> str:
@@ -120,23 +128,26 @@ def rows() -> list[tuple[str, str, str, str]]:
                              _verdict(samplers["worst_sde_logp_ratio_cpu"] <= 1.10)), "<= 1.10"))
     out.append(_row("vLLM reasoner tokens/s, tiny LM batch 32",
                     lambda: (f"{_engine(engines, 'lm', 32):.0f}", "", "info")))
-    image = load("image_side")
-    if image is None:
-        out.append(("image-side learning per second (FlowGRPO SDE vs CPS vs DiffusionNFT)", "not measured yet", "",
-                    f"not measured yet: {IMAGE_SIDE_REASON}"))
+    learning = load("image_learning")
+    if learning is None:
+        out.append(("image-side learning per second (FlowGRPO SDE vs CPS vs DiffusionNFT)", "no result", "",
+                    "no result"))
     else:
+        gain, arms = learning["gain"], learning["arms"]
+        out.append(_row("image-side learning per second: ShapesWorld dense reward, warm start; gain asked",
+                        lambda: (f"{learning['warm_start_score']:.4f}, +{gain} in {learning['steps']} steps "
+                                 f"({learning['probe_draws']} paired probe draws)", "", "info")))
+        if "null" in arms:
+            out.append(_row("  null arm (SDE, shuffled advantages): drift from the warm start", lambda: (
+                _final(arms["null"]), "", "info")))
         for name, label in (("flow_grpo_sde", "FlowGRPO, SDE"), ("flow_grpo_cps", "FlowGRPO, CPS"),
                             ("diffusion_nft", "DiffusionNFT")):
-            variant = image["variants"].get(name, {"not_measured": "no result"})
-            if "not_measured" in variant:
-                out.append((f"image side per step (sample + update), {label}", "not measured yet", "",
-                            f"not measured yet: {variant['not_measured']}"))
-                continue
-            out.append(_row(f"image side per step (sample + update), {label}",
-                            lambda v=variant: (f"{v['image_s_per_step']:.3f} s, {v['images_trained_per_s']:.1f} "
-                                               "images/s", "", "info")))
-        out.append(("image-side learning per second (reward gained per second)", "not measured yet", "",
-                    f"not measured yet: {LEARNING_REASON}"))
+            if name in arms:
+                out.append(_row(f"  {label}: image-side seconds to the gain; final gain over the null arm",
+                                lambda a=arms[name]: (_learning(a), "", "info")))
+        speeds = {n: a.get("speed_vs_sde") for n, a in arms.items() if n in ("flow_grpo_cps", "diffusion_nft")}
+        out.append(_row("  learning per second vs FlowGRPO SDE (CPS, DiffusionNFT)", lambda: (", ".join(
+            f"{n}: {v:.2f}x" if v else f"{n}: gain not reached" for n, v in speeds.items()), "", "info")))
     return out
 
 

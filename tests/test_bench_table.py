@@ -47,7 +47,35 @@ def test_targets_are_judged_from_the_results_and_missing_files_say_so(table, tmp
     assert _status(rows, "GRPO text step vs TRL") == ("1.50x (3.00 vs 2.00 steps/s)", ">= 2x", "missed")
     assert _status(rows, "one-step-off step") == ("0.60 (bound on this machine 0.55)", "<= 0.65", "met")
     assert _status(rows, "orchestration overhead") == ("no result", "<= 1.05", "no result")
-    assert _status(rows, "image-side learning per second")[0] == "not measured yet"
+    assert _status(rows, "image-side learning per second")[0] == "no result"
+
+
+def test_learning_per_second_rows_read_the_curves(table, tmp_path):
+    arm = {"curve": [{"step": 4, "image_s": 10.0, "gain": 0.002, "gain_se": 0.0004}], "seconds_to_gain": None}
+    null = {"curve": [{"step": 4, "image_s": 11.0, "gain": -0.001, "gain_se": 0.0002}], "seconds_to_gain": None}
+    (tmp_path / "image_learning.json").write_text(json.dumps({
+        "gain": 0.003, "steps": 4, "probe_draws": 72, "warm_start_score": 0.0415, "arms": {
+            "flow_grpo_sde": {**arm, "seconds_to_gain": 12.5, "speed_vs_sde": 1.0},
+            "flow_grpo_cps": {**arm, "seconds_to_gain": 6.25, "speed_vs_sde": 2.0},
+            "diffusion_nft": {**arm, "speed_vs_sde": None}, "null": null}}))
+    rows = table.rows()
+    assert _status(rows, "  FlowGRPO, SDE: image-side seconds")[0] == "12.5 s; final +0.0020 ± 0.0004 after 4 steps (10.0 s)"
+    assert _status(rows, "  null arm")[0] == "-0.0010 ± 0.0002 after 4 steps (11.0 s)"
+    assert _status(rows, "  DiffusionNFT: image-side seconds")[0].startswith("not reached; final +0.0020")
+    assert _status(rows, "  learning per second vs FlowGRPO SDE")[0] == (
+        "flow_grpo_cps: 2.00x, diffusion_nft: gain not reached")
+
+
+def test_seconds_to_gain_interpolates_between_probes():
+    with mock.patch.dict(os.environ):  # bench/common sets the benchmarks' environment on import: keep it out
+        learning = _module("image_learning")
+    curve = [{"image_s": 10.0, "gain": 0.001}, {"image_s": 20.0, "gain": 0.003}, {"image_s": 30.0, "gain": 0.005}]
+    assert learning.seconds_to_gain(curve, 0.002) == pytest.approx(15.0)  # halfway between the first two probes
+    assert learning.seconds_to_gain(curve, 0.0005) == pytest.approx(5.0)  # from the warm start (0 s, gain 0)
+    assert learning.seconds_to_gain(curve, 0.005) == pytest.approx(30.0)
+    assert learning.seconds_to_gain(curve, 0.006) is None
+    dip = [{"image_s": 10.0, "gain": 0.004}, {"image_s": 20.0, "gain": 0.001}, {"image_s": 30.0, "gain": 0.004}]
+    assert learning.seconds_to_gain(dip, 0.004) == pytest.approx(10.0)  # the first crossing counts
 
 
 def test_write_doc_replaces_only_the_marked_block(table, tmp_path, monkeypatch):

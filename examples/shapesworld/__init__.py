@@ -12,6 +12,9 @@ the same registries a user's own task would use:
 
 - judge kind `shapes` (`reward.registry.register_judge`): the exact judge, which names the fix of
   a wrong image (`details["fixes"]`) for the reflect stage's instruction reward;
+- judge kinds `shapes-colour-share` and `shapes-colour-area` (`colour_judge`): dense rewards, the
+  share of the foreground or of the image drawn in the asked colour, for checks and benchmarks of
+  image-side learning;
 - prompt sources `shapes-train` and `shapes-test` (`rollout.datasets.register_prompt_source`): the
   two sides of the fixed partition;
 - named models `shapes-flux` and `shapes-vlm` (`actors.named_models.register_named_model`): the
@@ -40,6 +43,22 @@ def _shapes_judge(**kwargs: Any) -> Judge:
     from examples.shapesworld.judge import build_shapes_judge
 
     return build_shapes_judge(fix_of=fixing_edit, **kwargs)
+
+
+@register_judge("shapes-colour-share")
+def _colour_share_judge(**kwargs: Any) -> Judge:
+    """Share of the foreground drawn in the asked colour(s) (`colour_judge.ColourShareJudge`)."""
+    from examples.shapesworld.colour_judge import ColourShareJudge
+
+    return ColourShareJudge(over="foreground", **kwargs)
+
+
+@register_judge("shapes-colour-area")
+def _colour_area_judge(**kwargs: Any) -> Judge:
+    """Share of the whole image drawn in the asked colour(s) (`colour_judge.ColourShareJudge`)."""
+    from examples.shapesworld.colour_judge import ColourShareJudge
+
+    return ColourShareJudge(over="image", **{"correct_at": 0.5, **kwargs})
 
 
 # The fixed partition (seed 0), whatever train.seed is: the warm start trained on its train side,

@@ -2,8 +2,8 @@
 reward through the whole distributed path (cluster.train: Ray, rollout workers, Serve judge,
 DeepSpeed learners, weight sync) within a few steps, measured against its own null arm.
 
-The reward is the share of the image drawn in the colour the prompt asks for (a test-only judge
-plugin, colour_share_judge.py), on the colour prompts of the training split. Both arms run the
+The reward is the share of the image drawn in the colour the prompt asks for (the ShapesWorld
+plugin's `shapes-colour-area` judge), on the colour prompts of the training split. Both arms run the
 shipped warm start with the committed `shapes_cpu.yaml` settings and the same seed, so they draw the
 same prompts and rollout seeds; the null arm (`train.null_advantages=true`) makes the same updates
 with its advantages shuffled. Afterwards both final generators draw the same fixed prompts with the
@@ -25,10 +25,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.examples.shapesworld.colour_share_judge import AREA, ColourShareJudge
+from examples.shapesworld.colour_judge import AREA, ColourShareJudge
 
 CONFIG = "examples/shapesworld/configs/shapes_cpu.yaml"
-PLUGIN = "tests.examples.shapesworld.colour_share_judge"
 STEPS = 8
 
 
@@ -45,7 +44,7 @@ def _run(tmp_path: Path, name: str, extra: list[str]) -> Path:
     from cluster.run_loop import run_training
 
     overrides = [
-        f"plugins=[examples.shapesworld,{PLUGIN}]", f"judge.kind={AREA}",
+        f"judge.kind={AREA}",
         f"data.train={_colour_prompts(tmp_path / 'train.jsonl', 'train')}",
         f"data.test={_colour_prompts(tmp_path / 'test.jsonl', 'test')}",
         "data.balance_categories=false", "data.eval_limit=2", "data.eval_per_category=null", "train.eval_rounds=1",

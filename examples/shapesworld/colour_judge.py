@@ -1,9 +1,9 @@
-"""A test-only judge plugin: dense colour rewards on ShapesWorld images.
+"""Dense colour rewards on ShapesWorld images.
 
-Dense rewards that a generator can raise a little with every update (unlike the exact judge's
-all-or-nothing verdict), for checking that the committed RL settings learn at all
-(test_shapes_sanity.py). Loaded like any plugin: `plugins: [examples.shapesworld,
-tests.examples.shapesworld.colour_share_judge]`, then `judge.kind` one of:
+Rewards that a generator can raise a little with every update (unlike the exact judge's
+all-or-nothing verdict): for checking that an RL setting learns at all
+(tests/examples/shapesworld/test_shapes_sanity.py) and for measuring how fast each image algorithm
+learns (bench/image_learning.py). The `examples.shapesworld` plugin registers them as `judge.kind`:
 
 - `shapes-colour-share`: the share of foreground pixels drawn in the colour(s) the prompt asks for
   (the warm start is already at about 0.9 on the colour prompts: little room to learn);
@@ -19,9 +19,6 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import numpy as np
-
-from reward.registry import register_judge
-from rollout.interfaces import Judge
 
 SHARE, AREA = "shapes-colour-share", "shapes-colour-area"
 
@@ -57,13 +54,3 @@ class ColourShareJudge:
         total = int((cls > 0).sum()) if self.over == "foreground" else cls.size
         share = asked / total if total else 0.0
         return JudgeResult(float(share), share >= self.correct_at, {"total": total, "asked": asked})
-
-
-@register_judge(SHARE)
-def _colour_share(**kwargs: Any) -> Judge:
-    return ColourShareJudge(over="foreground", **kwargs)
-
-
-@register_judge(AREA)
-def _colour_area(**kwargs: Any) -> Judge:
-    return ColourShareJudge(over="image", correct_at=0.5, **kwargs)
