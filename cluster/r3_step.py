@@ -20,7 +20,6 @@ learning claim, `learners.null_advantages`), each batch's advantages are shuffle
 from __future__ import annotations
 
 import logging
-import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from cluster.step_metrics import batch_metrics, finite_mean, stage_metrics
 from learners.algos import group_advantages, zero_variance_groups, zero_variance_keep_mask
 from learners.null_advantages import null_seed, shuffle_advantages
 from reward.instruction_match import best_match, instruction_match_metrics
@@ -187,7 +187,7 @@ def run_tree_step(
             [r.score for r in rounds], [r.well_formed for r in rounds], format_weight=settings.format_weight
         )
         m = _assign(gen, 0, shaped.text, shaped.image, [True] * len(gen), settings, "generate", texts, images)
-        metrics.update(_stage_metrics("generate", rounds, m))
+        metrics.update(stage_metrics("generate", rounds, m))
         buffer.extend([_entry(t, t.rounds[0], step_index) for t in gen])
         trajs += gen
     if "refine" in stages:
@@ -219,14 +219,14 @@ def run_tree_step(
         m = _assign(
             ref, 1, shaped.text, shaped.image, shaped.image_trainable, settings, "refine", texts, images
         )
-        metrics.update(_stage_metrics("refine", rounds, m))
-        metrics["refine/delta_mean"] = _mean(shaped.delta)
+        metrics.update(stage_metrics("refine", rounds, m))
+        metrics["refine/delta_mean"] = finite_mean(shaped.delta)
         metrics.update(instruction_match_metrics(matches, "refine"))
         if settings.buffer_refined:
             buffer.extend([_entry(t, t.rounds[1], step_index) for t in ref if not t.rounds[1].stopped])
         trajs += ref
     _shuffle_if_null(texts, images, settings, step_index, metrics)
-    metrics.update(_batch_metrics(texts, images, metrics, stages))
+    metrics.update(batch_metrics([t.advantage for t in texts], [i.advantage for i in images], metrics, stages))
     metrics.update({"buffer/size": float(len(buffer)), "buffer/perfect": float(buffer.num_perfect)})
     return StepResult(step_index, stages, trajs, texts, images, metrics)
 
@@ -282,14 +282,14 @@ def run_chain_step(
             if trainable and r.image is not None and not (settings.image_zero_variance == "drop" and flat_i):
                 images.append(ImageItem(r.image, a_i, ir, "chain", t.group_id))
     rounds = [r for t in trajs for r in t.rounds]
-    metrics = _stage_metrics(
+    metrics = stage_metrics(
         "chain",
         rounds,
         {"text_zero_var_groups": zero["text"], "image_zero_var_groups": zero["image"], "groups": len(keys)},
     )
-    metrics["chain/rounds_mean"] = _mean([len(t.rounds) for t in trajs])
+    metrics["chain/rounds_mean"] = finite_mean([len(t.rounds) for t in trajs])
     _shuffle_if_null(texts, images, settings, step_index, metrics)
-    metrics.update(_batch_metrics(texts, images, metrics, ["chain"]))
+    metrics.update(batch_metrics([t.advantage for t in texts], [i.advantage for i in images], metrics, ["chain"]))
     return StepResult(step_index, ["chain"], trajs, texts, images, metrics)
 
 
@@ -386,51 +386,6 @@ def _entry(t: Trajectory, r: Round, step: int) -> BufferEntry:
     return BufferEntry(t.prompt, r.image.image, r.score, r.correct, t.metadata, step, r.index, fixes=fixes)
 
 
-def _stage_metrics(stage: str, rounds: list[Round], counts: dict) -> dict[str, float]:
-    reflect = [r for r in rounds if r.stage != "generate" and r.index > 0]
-    return {
-        f"{stage}/score_mean": _mean([r.score for r in rounds]),
-        f"{stage}/accuracy": _mean([float(r.correct) for r in rounds]),
-        f"{stage}/text_reward_mean": _mean([r.text_reward for r in rounds], nonfinite_ok=True),
-        f"{stage}/image_reward_mean": _mean([r.image_reward for r in rounds], nonfinite_ok=True),
-        f"{stage}/format_rate": _mean([float(r.well_formed) for r in rounds]),
-        f"{stage}/stop_rate": _mean([float(r.stopped) for r in reflect]),
-        f"{stage}/judge_errors": float(sum("error" in r.judge_details for r in rounds)),
-        f"{stage}/samples": float(len(rounds)),
-        **{f"{stage}/{k}": float(v) for k, v in counts.items()},
-    }
-
-
-def _batch_metrics(
-    texts: list[TextItem], images: list[ImageItem], m: dict, stages: list[str]
-) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for side, items in (("text", texts), ("image", images)):
-        adv = [i.advantage for i in items]  # non-finite ones reach the learners, which skip the update
-        out[f"{side}_adv/mean"] = _mean(adv, nonfinite_ok=True)
-        out[f"{side}_adv/std"] = float(np.std(adv)) if adv else 0.0
-        out[f"{side}_adv/abs_max"] = float(np.max(np.abs(adv))) if adv else 0.0
-        out[f"{side}_adv/nonfinite"] = float(sum(not math.isfinite(a) for a in adv))
-        out[f"{side}_batch/size"] = float(len(items))
-        out[f"{side}_zero_var_groups"] = float(sum(m.get(f"{s}/{side}_zero_var_groups", 0.0) for s in stages))
-    out["judge/errors"] = float(sum(m[f"{s}/judge_errors"] for s in stages))  # error results, in every stage
-    n = sum(m[f"{s}/samples"] for s in stages)
-    for key in ("score_mean", "format_rate", "text_reward_mean", "image_reward_mean"):
-        out[key] = sum(m[f"{s}/{key}"] * m[f"{s}/samples"] for s in stages) / n
-    out["stop_rate"] = _mean([m[f"{s}/stop_rate"] for s in stages if s != "generate"])
-    return out
-
-
 def _flat(values: Sequence[float]) -> bool:
     """Whether one group (of any size) has all rewards equal, so all its advantages are 0."""
     return bool(zero_variance_groups(torch.tensor(values, dtype=torch.float64), len(values)).group_mask[0])
-
-
-def _mean(values: Sequence[float], nonfinite_ok: bool = False) -> float:
-    """Mean (0 for none). Non-finite raises, except for rewards and advantages (`nonfinite_ok`): those are
-    reported as they are, counted (`*_adv/nonfinite`), and the learners skip that update."""
-    vals = list(values)
-    out = sum(vals) / len(vals) if vals else 0.0
-    if not math.isfinite(out) and not nonfinite_ok:
-        raise ValueError(f"non-finite metric from values {vals[:8]}")
-    return out
