@@ -310,15 +310,21 @@ class TextLearner(LearnerBase):
         if images is not None:  # the family's image kwargs (Qwen-VL: grid and token types for mRoPE)
             kwargs.update(self.processor.image_kwargs(input_ids, [[_pil(im)] for im in images], self.device,
                                                       self.dtype))
-        # logits at position p-1+j predict answer token j of a prompt of length p
+        # Logits at position p-1+j predict answer token j of a prompt of length p. The LM head runs only
+        # on positions [first, last) that predict some answer token (`logits_to_keep`, as TRL does): a
+        # reflect prompt holds the image's hundreds of tokens, and (B, L, V) fp32 logits over a 150k
+        # vocabulary would cost more memory and compute than the answer's few dozen positions.
+        first = min(len(s.prompt_ids) for s in batch) - 1
+        last = max(first + 1, max(len(s.prompt_ids) + len(s.answer_ids) for s in batch) - 1)
+        kwargs["logits_to_keep"] = torch.arange(first, last, device=self.device)
         idx = torch.zeros((len(batch), t_ans), dtype=torch.long)
         tgt = torch.zeros((len(batch), t_ans), dtype=torch.long)
         for i, s in enumerate(batch):
             p, a = len(s.prompt_ids), len(s.answer_ids)
-            idx[i, :a] = torch.arange(p - 1, p - 1 + a)
+            idx[i, :a] = torch.arange(p - 1 - first, p - 1 - first + a)
             tgt[i, :a] = torch.tensor(s.answer_ids)
         with torch.set_grad_enabled(grad):
-            logits = self._model(reference)(**kwargs).logits  # (B, L, V)
+            logits = self._model(reference)(**kwargs).logits  # (B, last - first, V)
             picked = logits.gather(1, idx.to(self.device).unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
             # vLLM upcasts to fp32 and adds the logit bias before temperature and top-p
             picked = picked.float() + self._logit_bias(picked.shape[-1], picked.device)  # (B, T_answer, V)
