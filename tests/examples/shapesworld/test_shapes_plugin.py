@@ -19,7 +19,7 @@ from examples.shapesworld.run import DEFAULT_CONFIG
 
 PLUGIN = "examples.shapesworld"
 REGISTERED = {
-    (judges, "_REGISTRY"): {"shapes"},
+    (judges, "_REGISTRY"): {"shapes", "shapes-colour-share", "shapes-colour-area"},
     (datasets, "_SOURCES"): {"shapes-train", "shapes-test"},
     (named_models, "_REGISTRY"): {"shapes-flux", "shapes-vlm"},
 }
@@ -45,6 +45,9 @@ def test_config_names_are_unknown_without_the_plugin(fresh):
 def test_the_plugin_registers_judge_prompts_and_models(fresh):
     cfg = load_config(DEFAULT_CONFIG)
     assert cfg.plugins == [PLUGIN] and cfg.judge.kind == "shapes"
+    assert {"shapes", "shapes-colour-share", "shapes-colour-area"} <= set(judges.known_judges())
+    area = judges.build_judge({"kind": "shapes-colour-area", "plugins": [PLUGIN]})
+    assert (area.over, area.correct_at) == ("image", 0.5)
     assert {"shapes-train", "shapes-test"} <= set(datasets.known_prompt_sources())
     assert {"shapes-flux", "shapes-vlm"} <= set(named_models.known_named_models())
     train, test = datasets.load_prompt_source("shapes-train"), datasets.load_prompt_source("shapes-test")
