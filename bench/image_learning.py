@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 from common import ROOT, CallTimes, memory_of, write_result
-from step_inprocess import step
+from step_inprocess import initial_state, step
 
 log = logging.getLogger("bench.image_learning")
 CONFIG = "examples/shapesworld/configs/shapes_cpu.yaml"
@@ -101,21 +101,15 @@ def run_arm(name: str, cfg: Any, text: Any, judge: Any, probe_prompts: list[dict
     against `control[step]` (the null arm's scores at that step, or the warm start's at step 0)."""
     from actors.diffusion_worker import DiffusionWorker
     from cluster.roles import diffusion_learner_kwargs, resolve_paths
-    from cluster.settings import load_prompt_sets, step_settings
     from learners.diffusion_learner import DiffusionLearner
     from learners.ds_engine import free_port
-    from rollout.buffer import RolloutBuffer
-    from rollout.datasets import PromptIterator
 
     paths = resolve_paths(cfg)
     image = DiffusionWorker(paths.generator, device="cpu", dtype=cfg.models.generator.dtype, seed=cfg.train.seed,
                             max_sequence_length=cfg.models.generator.max_sequence_length)
     learner = DiffusionLearner(rank=0, world_size=1, master_addr="127.0.0.1", master_port=free_port(),
                                **diffusion_learner_kwargs(cfg, paths))
-    train_prompts, _ = load_prompt_sets(cfg)
-    state = {"settings": step_settings(cfg),
-             "prompts": PromptIterator(train_prompts, seed=cfg.train.seed, shuffle=cfg.data.shuffle),
-             "buffer": RolloutBuffer(cfg.r3.buffer_size, p_perfect=cfg.r3.p_perfect, seed=cfg.train.seed)}
+    state = initial_state(cfg)
     roles = {"text": text, "image": image, "judge": judge, "image_learner": learner}
     times, clock, curve, rows, scores = CallTimes(), 0.0, [], [], {}
     try:

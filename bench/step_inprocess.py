@@ -74,6 +74,18 @@ def build(cfg: Any) -> dict[str, Any]:
             "image_learner": image_learner}
 
 
+def initial_state(cfg: Any) -> dict[str, Any]:
+    """What the driver keeps between steps: step settings, the prompt iterator, the rollout buffer."""
+    from cluster.settings import load_prompt_sets, step_settings
+    from rollout.buffer import RolloutBuffer
+    from rollout.datasets import PromptIterator
+
+    train_prompts, _ = load_prompt_sets(cfg)
+    return {"settings": step_settings(cfg),
+            "prompts": PromptIterator(train_prompts, seed=cfg.train.seed, shuffle=cfg.data.shuffle),
+            "buffer": RolloutBuffer(cfg.r3.buffer_size, p_perfect=cfg.r3.p_perfect, seed=cfg.train.seed)}
+
+
 def step(i: int, cfg: Any, roles: dict[str, Any], state: dict[str, Any], times: CallTimes) -> dict[str, Any]:
     """One synchronous step; phase seconds."""
     from cluster.r3_step import run_r3_step, tree_stages
@@ -130,16 +142,10 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     from cluster.config import load_config
-    from cluster.settings import load_prompt_sets, step_settings
-    from rollout.buffer import RolloutBuffer
-    from rollout.datasets import PromptIterator
 
     with tempfile.TemporaryDirectory(prefix="bench-inprocess-") as tmp:
         cfg = load_config(CONFIG, [*args.overrides, f"train.run_dir={tmp}"])
-        train_prompts, _ = load_prompt_sets(cfg)
-        state = {"settings": step_settings(cfg),
-                 "prompts": PromptIterator(train_prompts, seed=cfg.train.seed, shuffle=cfg.data.shuffle),
-                 "buffer": RolloutBuffer(cfg.r3.buffer_size, p_perfect=cfg.r3.p_perfect, seed=cfg.train.seed)}
+        state = initial_state(cfg)
         start = time.perf_counter()
         roles = build(cfg)
         ready_s = time.perf_counter() - start
