@@ -410,6 +410,11 @@ class FlowGRPOConfig(_LrSchedule):
         "(ema = d ema + (1-d) weights; 0 = off). Evaluations (during training and cluster.eval from a checkpoint) use "
         "it; rollouts keep the live weights. Kept whole on every learner rank: not with zero_stage 3"
     )
+    ema_warmup: bool = Field(
+        True, description="warm the EMA's decay up: after n updates it is min(ema_decay, (1+n)/(10+n)), 0.1 at the "
+        "first, so early evaluations follow the trained weights instead of the starting ones (diffusers' EMAModel, "
+        "Flow-GRPO); false: ema_decay from the first update"
+    )
 
     @model_validator(mode="after")
     def _whole_copies(self) -> FlowGRPOConfig:

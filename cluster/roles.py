@@ -227,7 +227,8 @@ def diffusion_learner_kwargs(cfg: R3Config, paths: ModelPaths) -> dict[str, Any]
         grad_clip=f.grad_clip, micro_batch_size=f.micro_batch_size,
         clip_range=f.clip_range, adv_clip=f.adv_clip, kl_coef=f.kl_coef, kl_mode=f.kl_mode,
         image_loss_weight=f.image_loss_weight, cfg_scale=f.train_cfg_scale,
-        algorithm=f.algorithm, updates_per_batch=f.updates_per_batch, ema_decay=f.ema_decay, nft_beta=f.nft_beta,
+        algorithm=f.algorithm, updates_per_batch=f.updates_per_batch, ema_decay=f.ema_decay, ema_warmup=f.ema_warmup,
+        nft_beta=f.nft_beta,
         nft_weighting=f.nft_weighting, nft_timesteps=f.nft_timesteps, keep_previous_weights=cfg.train.async_one_step_off, sde=f.sde,
         gradient_checkpointing=f.gradient_checkpointing, lora=f.lora.model_dump(), seed=cfg.train.seed,
     )

@@ -86,6 +86,7 @@ class DiffusionLearner(ImageUpdates, LearnerBase):
         algorithm: str = "flow_grpo",
         updates_per_batch: int = 1,
         ema_decay: float = 0.0,
+        ema_warmup: bool = True,
         nft_beta: float = 1.0,
         nft_weighting: str = "adaptive",
         nft_timesteps: int = 2,
@@ -109,7 +110,7 @@ class DiffusionLearner(ImageUpdates, LearnerBase):
         (diffusers checkpoints whenever gradients are enabled, in eval mode too).
         dtype: "float32" or "bfloat16" (fp32 master weights in the optimizer; `flow_grpo.dtype`).
         lora: {rank, alpha, dropout, target_modules} (`flow_grpo.lora`); rank > 0: as `TextLearner`.
-        algorithm ("flow_grpo" | "nft"), updates_per_batch, ema_decay, nft_*: `learners.image_updates`;
+        algorithm ("flow_grpo" | "nft"), updates_per_batch, ema_decay, ema_warmup, nft_*: `learners.image_updates`;
         keep_previous_weights: rollouts may be one version stale (one-step-off), NFT keeps those weights.
         rank/world_size/master_*: as `TextLearner`.
         """
@@ -146,8 +147,9 @@ class DiffusionLearner(ImageUpdates, LearnerBase):
         self.engine.eval()
         self.guidance_embeds = bool(self.engine.module.config.guidance_embeds)
         self._setup_updates(algorithm=algorithm, updates_per_batch=updates_per_batch, ema_decay=ema_decay,
-                            nft_beta=nft_beta, nft_weighting=nft_weighting, nft_timesteps=nft_timesteps,
-                            keep_previous_weights=keep_previous_weights, seed=seed, zero_stage=zero_stage)
+                            ema_warmup=ema_warmup, nft_beta=nft_beta, nft_weighting=nft_weighting,
+                            nft_timesteps=nft_timesteps, keep_previous_weights=keep_previous_weights, seed=seed,
+                            zero_stage=zero_stage)
 
     # ---- public -----------------------------------------------------------------------------
     @torch.no_grad()

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
-__all__ = ["ParameterShadow", "ema_update", "check_supported"]
+__all__ = ["ParameterShadow", "ema_update", "warmed_up_decay", "check_supported"]
 
 
 def ema_update(average: Tensor, value: Tensor, decay: float) -> Tensor:
@@ -28,6 +28,21 @@ def ema_update(average: Tensor, value: Tensor, decay: float) -> Tensor:
     if not 0.0 <= decay < 1.0:
         raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
     return average.mul_(decay).add_(value.detach().to(average.dtype), alpha=1.0 - decay)
+
+
+def warmed_up_decay(decay: float, updates_done: int) -> float:
+    """The decay of the EMA's next update after `updates_done` updates: min(d, (1 + n) / (10 + n)).
+
+    Without a warm-up an EMA with d = 0.99 still weighs the initial weights by 0.99^n after n updates
+    (0.74 after 30), so early evaluations mostly see the starting point. The warm-up (diffusers'
+    `EMAModel` default, also Flow-GRPO's) lets the average follow the weights at first: 0.1 for the
+    first update, 0.5 after 8, d once (1 + n) / (10 + n) passes it (n = 890 for d = 0.99).
+    """
+    if not 0.0 <= decay < 1.0:
+        raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
+    if updates_done < 0:
+        raise ValueError(f"updates_done must be >= 0, got {updates_done}")
+    return min(decay, (1 + updates_done) / (10 + updates_done))
 
 
 def check_supported(zero_stage: int, what: str) -> None:

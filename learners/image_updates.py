@@ -14,7 +14,8 @@ Design: docs/design.md#diffusionnft-several-updates-per-batch-and-the-ema.
   kept (`learners.ema.ParameterShadow`): the current version's when K > 1, and in one-step-off mode
   also the previous one's (its rollouts are one version stale); snapshots are checkpointed.
 - EMA (`ema_decay` > 0): after every optimizer update ema ← d·ema + (1 − d)·θ of the trained
-  parameters; `ema_swap_in` / `ema_swap_out` let the driver sync it to the workers for evaluation,
+  parameters, with d warmed up as min(d, (1 + n) / (10 + n)) after n updates unless `ema_warmup` is
+  off (`learners.ema.warmed_up_decay`); `ema_swap_in` / `ema_swap_out` let the driver sync it to the workers for evaluation,
   `save_ema_weights` writes it as model weights for a checkpoint.
 """
 
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 
 from learners import algos, ds_engine, finite
-from learners.ema import ParameterShadow, check_supported
+from learners.ema import ParameterShadow, check_supported, warmed_up_decay
 from learners.nft_math import NFT_WEIGHTINGS, nft_loss_terms, noised_latents
 from rollout.flux_forward import flux_velocity
 from rollout.trajectory import ImageSample
@@ -44,9 +45,9 @@ class ImageUpdates:
     `image_loss_weight`, `adv_clip`, `vae_scale_factor`, `guidance_embeds`, `_module`, and the
     `LearnerBase` step helpers; the class provides `_flow_grpo_update`."""
 
-    def _setup_updates(self, *, algorithm: str, updates_per_batch: int, ema_decay: float, nft_beta: float,
-                       nft_weighting: str, nft_timesteps: int, keep_previous_weights: bool, seed: int,
-                       zero_stage: int) -> None:
+    def _setup_updates(self, *, algorithm: str, updates_per_batch: int, ema_decay: float, ema_warmup: bool,
+                       nft_beta: float, nft_weighting: str, nft_timesteps: int, keep_previous_weights: bool,
+                       seed: int, zero_stage: int) -> None:
         if algorithm not in ALGORITHMS:
             raise ValueError(f"unknown image algorithm {algorithm!r}; known: {list(ALGORITHMS)}")
         if updates_per_batch < 1:
@@ -67,6 +68,7 @@ class ImageUpdates:
             check_supported(zero_stage, "DiffusionNFT with several updates per batch or one-step-off rollouts")
         self._snapshots: dict[int, ParameterShadow] = {}
         self.ema: ParameterShadow | None = None
+        self.ema_warmup, self._ema_updates = ema_warmup, 0
         if ema_decay > 0:
             check_supported(zero_stage, "the EMA of the generator (flow_grpo.ema_decay)")
             self.ema = ParameterShadow(self.engine.module)
@@ -93,7 +95,10 @@ class ImageUpdates:
             else:
                 m = self._flow_grpo_update(samples, advantages, negative_embeds)
             if self.ema is not None and not m.get("skipped_nonfinite"):
-                self.ema.ema_step(self.engine.module, self.ema_decay)
+                decay = warmed_up_decay(self.ema_decay, self._ema_updates) if self.ema_warmup else self.ema_decay
+                self.ema.ema_step(self.engine.module, decay)
+                self._ema_updates += 1
+                m["ema_decay"] = decay
             per_update.append(m)
         self.version = base + 1  # one rollout batch, however many updates
         return _combine(per_update, self.version)
@@ -127,7 +132,7 @@ class ImageUpdates:
 
     def extra_state(self) -> dict[str, Any]:
         """What a checkpoint keeps beyond the engine: the EMA and the rollout-policy snapshots."""
-        return {"ema": self.ema.state_dict() if self.ema is not None else None,
+        return {"ema": self.ema.state_dict() if self.ema is not None else None, "ema_updates": self._ema_updates,
                 "snapshots": {str(v): s.state_dict() for v, s in self._snapshots.items()}}
 
     def load_extra_state(self, state: dict[str, Any] | None) -> None:
@@ -137,6 +142,9 @@ class ImageUpdates:
                 raise ValueError("the checkpoint holds no EMA of the generator, but flow_grpo.ema_decay > 0: "
                                  "resume with flow_grpo.ema_decay=0, or from a checkpoint of a run with an EMA")
             self.ema.load_state_dict(state["ema"])
+            # A checkpoint written before the EMA counted its updates comes from a run without the warm-up:
+            # counting it as long done continues that run's decay exactly.
+            self._ema_updates = int(state.get("ema_updates", 10**9))
         self._snapshots = {}
         for version, tensors in (state.get("snapshots") or {}).items():
             shadow = ParameterShadow(self.engine.module)

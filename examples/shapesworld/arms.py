@@ -10,8 +10,9 @@ training prompts limited to a fixed, tag-balanced set of `--train-prompts` train
   transformer and of the warm start: round 0 (the prompt as the text, ODE) on those fixed training
   prompts (optimisation) and on the held-out ones (generalisation), `--per-tag` samples per tag on
   each side, sample i with the same noise in every run;
-- the runs' own R3 evaluations of the held-out split (round 0, final round, reflection), sample i on
-  the same prompt and seeds in both arms of a seed;
+- the runs' own R3 evaluations of the held-out split (round 0, final round, reflection, stop when
+  correct, the exact-fix rate on wrong images), sample i on the same prompt and seeds in both arms of
+  a seed;
 - each claim as arm − null (`examples.shapesworld.arms_report`, `cluster.paired_stats`), written to
   `DIR/arms.json` and `DIR/arms.md`.
 
@@ -51,7 +52,7 @@ def fixed_prompt_sets(cfg: Any, per_tag: int) -> dict[str, list[dict[str, Any]]]
 
 def run_measures(run: Any, probe: dict[str, Any]) -> dict[str, Any]:
     """One run's measures (`examples.shapesworld.arms_report`) from its R3 evaluation and its probe."""
-    from examples.shapesworld.results import reflection_accuracy
+    from examples.shapesworld.results import fix_naming, reflection_accuracy
     from rollout.trajectory import read_trajectories
 
     trajs = sorted(read_trajectories(run.run_dir / "eval-final" / "trajectories.parquet"), key=lambda t: t.group_id)
@@ -65,6 +66,7 @@ def run_measures(run: Any, probe: dict[str, Any]) -> dict[str, Any]:
             "round0": [bool(t.rounds[0].correct) for t in trajs],
             "final": [bool(t.rounds[-1].correct) for t in trajs],  # a stop carries its image's verdict
             "reflection": reflection_accuracy(trajs),
+            "fix_naming": fix_naming(trajs),
         },
     }
 

@@ -8,7 +8,8 @@ A run's measures::
     {"arm": "rl", "seed": 0, "probe": {"train": [bool, ...], "test": [bool, ...]},
      "eval": {"prompts": [str, ...], "round0": [bool, ...], "final": [bool, ...],
               "reflection": {"correct_decisions": int, "decisions": int, "stop_when_correct": float,
-                             "on_correct_images": int, "edit_when_wrong": float, "on_wrong_images": int}}}
+                             "on_correct_images": int, "edit_when_wrong": float, "on_wrong_images": int},
+              "fix_naming": {"exact_fixes": int, "on_wrong_images": int, ...}}}
 
 "probe" is round 0 of the generator alone (the prompt as its text, ODE) on the fixed training prompts
 (those the runs train on) and on held-out prompts of the same tags, sample i with the same noise in
@@ -36,6 +37,8 @@ METRICS: dict[str, str] = {
     "r3_final_round_heldout": "R3 evaluation final round, held-out",
     "reflection_accuracy": "reflection accuracy (stop exactly when correct), held-out",
     "reflection_balanced_accuracy": "balanced reflection accuracy, held-out",
+    "stop_when_correct": "stop when correct (reflect decisions on correct images), held-out",
+    "exact_fix_rate": "exact fix named (reflect decisions on wrong images), held-out",
 }
 
 _PAIRED = {
@@ -76,13 +79,22 @@ def arm_claims(measures: Sequence[dict[str, Any]], arm: str, null: str = "null")
         [r["correct_decisions"] for r in ra], [r["decisions"] for r in ra],
         [r["correct_decisions"] for r in rz], [r["decisions"] for r in rz],
     )  # fmt: skip
+    out["stop_when_correct"] = proportion_difference(
+        [round(r["stop_when_correct"] * r["on_correct_images"]) for r in ra], [r["on_correct_images"] for r in ra],
+        [round(r["stop_when_correct"] * r["on_correct_images"]) for r in rz], [r["on_correct_images"] for r in rz],
+    )  # fmt: skip
+    fa, fz = [a[s]["eval"]["fix_naming"] for s in seeds], [z[s]["eval"]["fix_naming"] for s in seeds]
+    out["exact_fix_rate"] = proportion_difference(
+        [f["exact_fixes"] for f in fa], [f["on_wrong_images"] for f in fa],
+        [f["exact_fixes"] for f in fz], [f["on_wrong_images"] for f in fz],
+    )  # fmt: skip
     bal_a, bal_z = [_balanced(r) for r in ra], [_balanced(r) for r in rz]
     out["reflection_balanced_accuracy"] = combine_seeds(
         [x[0] - y[0] for x, y in zip(bal_a, bal_z, strict=True)],
         [x[1] + y[1] for x, y in zip(bal_a, bal_z, strict=True)],
         [min(r["decisions"], q["decisions"]) for r, q in zip(ra, rz, strict=True)],
     )
-    return out
+    return {key: out[key] for key in METRICS}
 
 
 def arm_levels(measures: Sequence[dict[str, Any]], arm: str) -> dict[str, float]:
@@ -92,6 +104,9 @@ def arm_levels(measures: Sequence[dict[str, Any]], arm: str) -> dict[str, float]
     refl = [m["eval"]["reflection"] for m in runs]
     out["reflection_accuracy"] = float(np.mean([r["correct_decisions"] / max(r["decisions"], 1) for r in refl]))
     out["reflection_balanced_accuracy"] = float(np.mean([_balanced(r)[0] for r in refl]))
+    out["stop_when_correct"] = float(np.mean([r["stop_when_correct"] for r in refl]))
+    fixes = [m["eval"]["fix_naming"] for m in runs]
+    out["exact_fix_rate"] = float(np.mean([f["exact_fixes"] / max(f["on_wrong_images"], 1) for f in fixes]))
     return out
 
 

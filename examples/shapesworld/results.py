@@ -10,10 +10,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from reward.instruction_match import best_match
 from rollout.evaluation import EvalReport
+from rollout.judge_fixes import fixes_in
 from rollout.trajectory import Trajectory
 
-__all__ = ["reflection_accuracy", "edit_outcomes", "plateau_round", "summarize_run", "results_markdown", "write_results"]
+__all__ = ["reflection_accuracy", "fix_naming", "edit_outcomes", "plateau_round", "summarize_run", "results_markdown", "write_results"]
 
 PLATEAU_TOLERANCE = 0.01  # a round is on the plateau when within 1 point of the best round
 
@@ -51,6 +53,38 @@ def reflection_accuracy(trajectories: Sequence[Trajectory]) -> dict[str, float |
     }
 
 
+def fix_naming(trajectories: Sequence[Trajectory]) -> dict[str, float | int]:
+    """How often the reasoner, shown a wrong image, asks for exactly the fix the judge names for it.
+
+    Every reflect decision on a wrong image counts (until the sample stops), as in
+    `reflection_accuracy`. An exact fix is an edit whose instruction matches one of the judge's fixes
+    of that image (`details["fixes"]`) fully: kind, object and attribute all match
+    (`reward.instruction_match.best_match` score 1). A stop on a wrong image names no fix. Rate =
+    exact fixes / decisions on wrong images (NaN without any); `on_wrong_images_without_fix` counts
+    the wrong images whose judge named no fix (0 for the exact judge).
+    """
+    on_wrong, edits, exact, no_fix = 0, 0, 0, 0
+    for t in trajectories:
+        for prev, cur in zip(t.rounds, t.rounds[1:], strict=False):
+            if not prev.correct:
+                on_wrong += 1
+                fixes = fixes_in(prev.judge_details)
+                no_fix += not fixes
+                if not cur.stopped:
+                    edits += 1
+                    match = best_match(cur.instruction, fixes)
+                    exact += match is not None and match.score == 1.0
+            if cur.stopped:
+                break
+    return {
+        "exact_fix_rate": exact / on_wrong if on_wrong else float("nan"),
+        "exact_fixes": exact,
+        "edits_on_wrong_images": edits,
+        "on_wrong_images": on_wrong,
+        "on_wrong_images_without_fix": no_fix,
+    }
+
+
 def edit_outcomes(trajectories: Sequence[Trajectory]) -> dict[str, int]:
     """What the edits did, by the judge's verdict before and after each edit (a stop is not an
     edit): wrong images fixed or left wrong, correct images kept or broken. Final-round accuracy
@@ -85,6 +119,7 @@ def _eval_summary(report: EvalReport) -> dict[str, Any]:
         "plateau_round": plateau_round(acc),
         "reflection": reflection_accuracy(report.trajectories),
         "edits": edit_outcomes(report.trajectories),
+        "fix_naming": fix_naming(report.trajectories),
         "num_prompts": report.num_prompts,
         "distinct_prompts": len({t.prompt for t in report.trajectories}),
     }
@@ -190,6 +225,8 @@ def results_markdown(results: dict[str, Any]) -> str:
         f"{100 * d['reflection_balanced_accuracy']:+.1f} points |",
         f"| stop when correct (%) | {_pct(rb['stop_when_correct'])} | {_pct(ra['stop_when_correct'])} | |",
         f"| edit when wrong (%) | {_pct(rb['edit_when_wrong'])} | {_pct(ra['edit_when_wrong'])} | |",
+        f"| exact fix named on a wrong image (%) | {_pct(b['fix_naming']['exact_fix_rate'])} | "
+        f"{_pct(a['fix_naming']['exact_fix_rate'])} | |",
         f"| rounds to plateau | {b['plateau_round']} | {a['plateau_round']} | {d['plateau_round']:+d} |",
     ]
     eb, ea = b["edits"], a["edits"]

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from learners.ema import ParameterShadow, check_supported, ema_update
+from learners.ema import ParameterShadow, check_supported, ema_update, warmed_up_decay
 
 
 def _module() -> torch.nn.Module:
@@ -22,6 +22,17 @@ def test_ema_update_hand_values():
     assert avg.tolist() == [3.0, 6.0]
     with pytest.raises(ValueError, match="decay"):
         ema_update(avg, avg, 1.0)
+
+
+def test_warmed_up_decay_hand_values():
+    assert warmed_up_decay(0.99, 0) == pytest.approx(1 / 10)  # the first update mostly copies the weights
+    assert warmed_up_decay(0.99, 8) == pytest.approx(9 / 18)
+    assert warmed_up_decay(0.5, 8) == 0.5 and warmed_up_decay(0.0, 3) == 0.0  # never above the configured decay
+    assert warmed_up_decay(0.99, 890) == pytest.approx(891 / 900) and warmed_up_decay(0.99, 891) == 0.99
+    with pytest.raises(ValueError, match="updates_done must be >= 0, got -1"):
+        warmed_up_decay(0.9, -1)
+    with pytest.raises(ValueError, match="decay must be in"):
+        warmed_up_decay(1.0, 0)
 
 
 def test_shadow_tracks_two_updates_and_swaps_exactly():

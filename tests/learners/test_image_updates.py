@@ -113,7 +113,9 @@ def test_ema_math_checkpoint_and_eval_weights(ray_cluster, tiny_models, ode_samp
             group.train_step([dataclasses.replace(x, weight_version=version) for x in ode_samples], ADVANTAGES)
             sums.append(group.call_rank0("state_dict_checksum"))
         ema = group.call_rank0("ema_checksum")
-        expected = 0.25 * sums[0] + 0.25 * sums[1] + 0.5 * sums[2]  # decay 0.5, two updates
+        # decay 0.5 warmed up: min(0.5, 1/10) = 0.1 at the first update, min(0.5, 2/11) at the second
+        d0, d1 = 0.1, 2 / 11
+        expected = d1 * (d0 * sums[0] + (1 - d0) * sums[1]) + (1 - d1) * sums[2]
         assert ema == pytest.approx(expected, rel=1e-6, abs=1e-6)
         assert abs(ema - sums[2]) > 1e-6
 
@@ -132,6 +134,7 @@ def test_ema_math_checkpoint_and_eval_weights(ray_cluster, tiny_models, ode_samp
         restored = _group(tiny_models, "ema-restored", algorithm="nft", ema_decay=0.5, kl_coef=0.0)
         ray.get(restored.actors[0].__ray_call__.remote(load_learner_state, str(tmp_path / "ck")))
         assert restored.call_rank0("ema_checksum") == ema
+        assert ray.get(restored.actors[0].__ray_call__.remote(lambda learner: learner._ema_updates)) == 2  # warm-up goes on
         assert ray.get(restored.actors[0].__ray_call__.remote(parameters_sha256)) == live_sha
     finally:
         group.shutdown()

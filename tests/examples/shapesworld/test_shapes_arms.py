@@ -8,20 +8,21 @@ from examples.shapesworld.arms import _parse
 from examples.shapesworld.arms_report import arm_claims, arm_levels, claims_markdown
 
 
-def _m(arm, seed, train, test, final, refl=(6, 10, 0.5, 4, 0.75, 6)):
+def _m(arm, seed, train, test, final, refl=(6, 10, 0.5, 4, 0.75, 6), fixes=(1, 6)):
     hits, n, pc, nc, pw, nw = refl
     return {
         "arm": arm, "seed": seed, "probe": {"train": train, "test": test},
         "eval": {"prompts": ["a", "b", "c", "d"], "round0": test, "final": final,
                  "reflection": {"correct_decisions": hits, "decisions": n, "stop_when_correct": pc,
-                                "on_correct_images": nc, "edit_when_wrong": pw, "on_wrong_images": nw}},
+                                "on_correct_images": nc, "edit_when_wrong": pw, "on_wrong_images": nw},
+                 "fix_naming": {"exact_fixes": fixes[0], "on_wrong_images": fixes[1]}},
     }  # fmt: skip
 
 
 MEASURES = [
     _m("rl", 0, [1, 1, 0, 1], [1, 0, 0, 0], [1, 1, 1, 1]),
     _m("null", 0, [0, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 1]),
-    _m("rl", 1, [0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0], refl=(8, 10, 1.0, 2, 0.5, 8)),
+    _m("rl", 1, [0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0], refl=(8, 10, 1.0, 2, 0.5, 8), fixes=(4, 8)),
     _m("null", 1, [0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]),
 ]
 
@@ -40,12 +41,24 @@ def test_claims_by_hand():
     assert bal.per_seed == pytest.approx((0.0, 0.125))
     v0 = 2 * (0.25 / 4 + 0.1875 / 6) / 4
     assert bal.se_within == pytest.approx(math.sqrt(v0 + 0.0078125 + 0.0234375) / 2)
+    # stop when correct: seed 0 2/4 vs 2/4, seed 1 2/2 vs 2/4 -> +0.5; variances 2 * 0.0625 and 0 + 0.0625
+    stop = c["stop_when_correct"]
+    assert stop.per_seed == pytest.approx((0.0, 0.5)) and stop.n_per_seed == (4, 2)
+    assert stop.se_within == pytest.approx(math.sqrt(0.125 + 0.0625) / 2)
+    # exact fix: seed 0 1/6 vs 1/6, seed 1 4/8 vs 1/6 -> per seed 0 and 1/3, mean 1/6
+    fix = c["exact_fix_rate"]
+    assert fix.per_seed == pytest.approx((0.0, 1 / 3)) and fix.mean == pytest.approx(1 / 6)
+    assert list(c) == ["generator_round0_train", "generator_round0_heldout", "r3_round0_heldout",
+                       "r3_final_round_heldout", "reflection_accuracy", "reflection_balanced_accuracy",
+                       "stop_when_correct", "exact_fix_rate"]  # the METRICS order, as the tables print  # fmt: skip
 
 
 def test_levels_and_markdown():
     lv = {a: arm_levels(MEASURES, a) for a in ("rl", "null")}
     assert lv["rl"]["generator_round0_train"] == pytest.approx(0.375)
     assert lv["null"]["reflection_accuracy"] == pytest.approx(0.6)
+    assert lv["rl"]["exact_fix_rate"] == pytest.approx((1 / 6 + 4 / 8) / 2)
+    assert lv["rl"]["stop_when_correct"] == pytest.approx(0.75)
     md = claims_markdown({"rl": arm_claims(MEASURES, "rl")}, lv, "null", [0, 1], {"generator_round0_train": 0.1})
     assert "| generator round 0, fixed training prompts (optimisation) | **+25.0** | 25.0 | 14.4 | 25.0 | +50.0, +0.0 | 4, 4 |" in md
     assert "| 37.5 | 12.5 | 10.0 |" in md
@@ -86,4 +99,5 @@ def test_run_measures_read_the_evaluation_in_sample_order(tmp_path):
     assert m["eval"]["prompts"] == ["p0", "p1"]
     assert m["eval"]["round0"] == [False, True] and m["eval"]["final"] == [True, True]
     assert m["eval"]["reflection"]["correct_decisions"] == 2 and m["eval"]["reflection"]["decisions"] == 2
+    assert m["eval"]["fix_naming"]["on_wrong_images"] == 1 and m["eval"]["fix_naming"]["exact_fixes"] == 0
     assert m["probe"] == {"train": [True], "test": [False]} and (m["arm"], m["seed"]) == ("rl", 1)

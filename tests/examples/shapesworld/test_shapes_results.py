@@ -10,6 +10,7 @@ import pytest
 from examples.shapesworld.results import (
     console_summary,
     edit_outcomes,
+    fix_naming,
     plateau_round,
     reflection_accuracy,
     summarize_run,
@@ -54,6 +55,41 @@ def test_balanced_reflection_accuracy_sees_through_always_editing() -> None:
     ]
     r = reflection_accuracy(trajs)
     assert r["accuracy"] == pytest.approx(0.9) and r["balanced_accuracy"] == pytest.approx(0.5)
+
+
+def _fix_round(i: int, correct: bool, stopped: bool, instruction: str = "", fixes: list | None = None) -> Round:
+    details = {"fixes": fixes} if fixes else {}
+    return Round(index=i, stage="eval", correct=correct, stopped=stopped, instruction=instruction, judge_details=details)
+
+
+def test_fix_naming_counts_exact_fixes_among_decisions_on_wrong_images() -> None:
+    change = [{"kind": "change", "object": "square", "attribute": "blue", "text": "change the red square to blue"}]
+    add = [{"kind": "add", "object": "circle", "attribute": "green", "text": "add a green circle"}]
+    trajs = [
+        # wrong -> the exact fix (other words allowed), fixed -> stop: 1 exact of 1 wrong decision
+        Trajectory("p", {}, 0, [_fix_round(0, False, False, fixes=change),
+                                _fix_round(1, True, False, "please change the square to blue", change),
+                                _fix_round(2, True, True)]),
+        # wrong -> right kind and object, wrong colour (not exact); still wrong -> stop (no fix named)
+        Trajectory("q", {}, 1, [_fix_round(0, False, False, fixes=change),
+                                _fix_round(1, False, False, "change the square to green", add),
+                                _fix_round(2, False, True)]),
+        # wrong -> "add" for an add fix, exact; the round after the stop is not a decision
+        Trajectory("r", {}, 2, [_fix_round(0, False, False, fixes=add),
+                                _fix_round(1, False, False, "add a green circle", add),
+                                _fix_round(2, False, True), _fix_round(3, False, True)]),
+        # a correct image edited: not a decision on a wrong image
+        Trajectory("s", {}, 3, [_fix_round(0, True, False), _fix_round(1, True, True)]),
+    ]  # fmt: skip
+    r = fix_naming(trajs)
+    # decisions on wrong images: p r0, q r0, q r1, r r0, r r1 = 5; edits among them: p, q r0, r r0 = 3
+    assert (r["on_wrong_images"], r["edits_on_wrong_images"], r["exact_fixes"]) == (5, 3, 2)
+    assert r["exact_fix_rate"] == pytest.approx(2 / 5)
+    assert r["on_wrong_images_without_fix"] == 0
+
+
+def test_fix_naming_without_wrong_images_is_nan() -> None:
+    assert math.isnan(fix_naming([Trajectory("s", {}, 0, [_fix_round(0, True, False), _fix_round(1, True, True)])])["exact_fix_rate"])
 
 
 def test_reflection_accuracy_without_decisions_is_nan() -> None:
