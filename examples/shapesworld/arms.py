@@ -7,7 +7,7 @@ training prompts limited to a fixed, tag-balanced set of `--train-prompts` train
 (`data.limit`), and the held-out evaluation cycled to `--per-tag` samples per tag. Then:
 
 - the paired generator probe (`examples.shapesworld.probe.probe_generator`) of every run's final
-  transformer and of the warm start: round 0 (the prompt as the text, ODE) on those fixed training
+  transformer (its EMA when the run kept one, as its evaluations use) and of the warm start: round 0 (the prompt as the text, ODE) on those fixed training
   prompts (optimisation) and on the held-out ones (generalisation), `--per-tag` samples per tag on
   each side, sample i with the same noise in every run;
 - the runs' own R3 evaluations of the held-out split (round 0, final round, reflection, stop when
@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["fixed_prompt_sets", "run_measures", "main"]
+__all__ = ["fixed_prompt_sets", "probe_weights", "run_measures", "main"]
 
 log = logging.getLogger("r3rl")
 
@@ -48,6 +48,13 @@ def fixed_prompt_sets(cfg: Any, per_tag: int) -> dict[str, list[dict[str, Any]]]
         "train": [r.metadata for r in cycle_categories(distinct, per_tag)],
         "test": [r.metadata for r in cycle_categories(test, per_tag)],
     }
+
+
+def probe_weights(checkpoint: Path) -> Path:
+    """The generator weights a run's probe draws with: the EMA's when the run kept one
+    (`flow_grpo.ema_decay` > 0, as its evaluations do), else the trained weights."""
+    ema = checkpoint / "diffusion_learner" / "ema_weights"
+    return ema if ema.is_dir() else checkpoint / "diffusion_learner" / "weights"
 
 
 def run_measures(run: Any, probe: dict[str, Any]) -> dict[str, Any]:
@@ -133,7 +140,7 @@ def _report(args: argparse.Namespace, argv: list[str] | None, runs: list[Any], c
     prompts = fixed_prompt_sets(cfg, args.per_tag)
     weights: dict[str, Path | None] = {"warm start": None}
     for run in runs:
-        weights[run.run_dir.name] = find_latest(checkpoints_dir(run.run_dir)) / "diffusion_learner" / "weights"
+        weights[run.run_dir.name] = probe_weights(find_latest(checkpoints_dir(run.run_dir)))
     f, g = cfg.flow_grpo, cfg.models.generator
     probe = probe_generator(base, weights, prompts, num_steps=f.eval_num_steps, guidance=f.guidance,
                             cfg_scale=f.train_cfg_scale, size=g.height, max_sequence_length=g.max_sequence_length)  # fmt: skip

@@ -101,3 +101,12 @@ def test_run_measures_read_the_evaluation_in_sample_order(tmp_path):
     assert m["eval"]["reflection"]["correct_decisions"] == 2 and m["eval"]["reflection"]["decisions"] == 2
     assert m["eval"]["fix_naming"]["on_wrong_images"] == 1 and m["eval"]["fix_naming"]["exact_fixes"] == 0
     assert m["probe"] == {"train": [True], "test": [False]} and (m["arm"], m["seed"]) == ("rl", 1)
+
+
+def test_the_probe_draws_with_the_ema_when_the_run_kept_one(tmp_path):
+    from examples.shapesworld.arms import probe_weights
+
+    (tmp_path / "diffusion_learner" / "weights").mkdir(parents=True)
+    assert probe_weights(tmp_path) == tmp_path / "diffusion_learner" / "weights"
+    (tmp_path / "diffusion_learner" / "ema_weights").mkdir()
+    assert probe_weights(tmp_path) == tmp_path / "diffusion_learner" / "ema_weights"
