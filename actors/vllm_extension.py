@@ -14,10 +14,12 @@ every fused layer sees all its parts in one reload. Caches are reset by the call
 
 Checksum: on CPU vLLM repacks linear weights into opaque oneDNN handles (the `weight` parameters
 become empty), so the model's parameters cannot be summed. The extension instead records the
-float64 sum of every tensor it handed to `reload_weights`, per checkpoint name; names never
-reloaded count with their value in the checkpoint files the engine started from. That is the
-fingerprint of the weights the engine was given; that they took effect is checked by tests that
-compare vLLM's greedy output with transformers' on the same weights.
+float64 sum of every tensor it handed to `reload_weights`, per checkpoint name, as a 0-dim tensor
+on the device (`tensor_sum64`: no host sync, a bounded temporary; a few ms per sync of a 7B model on
+a GPU); names never reloaded count with their value in the checkpoint files the engine started
+from, read only when a checksum is asked for (never during a sync: for a 7B model that is 15 GB
+from disk). That is the fingerprint of the weights the engine was given; that they took effect is
+checked by tests that compare vLLM's greedy output with transformers' on the same weights.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from typing import Any
 import torch
 
 from rollout.sync_ranks import process_rank
-from rollout.weight_buckets import receive_buckets, standalone_group, tensors_checksum
+from rollout.weight_buckets import receive_buckets, standalone_group, tensor_sum64, tensors_checksum
 
 __all__ = ["WeightSyncExtension"]
 
@@ -40,7 +42,8 @@ class WeightSyncExtension:
     """Mixed into vLLM's worker class. Thin: receive tensors, hand them to `reload_weights`."""
 
     _r3rl_group: Any = None
-    _r3rl_sums: dict[str, float] | None = None
+    _r3rl_file_sums: dict[str, float] | None = None  # per name, of the checkpoint files the engine started from
+    _r3rl_given_sums: dict[str, torch.Tensor] | None = None  # per name, of the tensors reloaded since
 
     def r3rl_engine_rank(self) -> tuple[int, int]:
         """(this process's rank inside the engine, the engine's process count: tp x pp)."""
@@ -76,16 +79,17 @@ class WeightSyncExtension:
 
     def r3rl_weights_checksum(self) -> float:
         """Sum over checkpoint names of the float64 sums of the weights this engine was given."""
-        if self._r3rl_sums is None:
-            self._r3rl_sums = self._r3rl_checkpoint_sums()
-        return float(sum(self._r3rl_sums.values()))
+        if self._r3rl_file_sums is None:
+            self._r3rl_file_sums = self._r3rl_checkpoint_sums()
+        given = {name: float(s) for name, s in (self._r3rl_given_sums or {}).items()}
+        return float(sum({**self._r3rl_file_sums, **given}.values()))
 
     def _r3rl_reload(self, named: list[tuple[str, torch.Tensor]]) -> None:
         self.reload_weights(weights_iterator=iter(named), is_checkpoint_format=True)
-        if self._r3rl_sums is None:
-            self._r3rl_sums = self._r3rl_checkpoint_sums()
+        if self._r3rl_given_sums is None:
+            self._r3rl_given_sums = {}
         for name, tensor in named:
-            self._r3rl_sums[name] = tensors_checksum([tensor])
+            self._r3rl_given_sums[name] = tensor_sum64(tensor)
 
     def _r3rl_checkpoint_sums(self) -> dict[str, float]:
         from safetensors import safe_open

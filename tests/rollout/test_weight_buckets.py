@@ -12,6 +12,7 @@ from rollout.weight_buckets import (
     plan_buckets,
     receive_buckets,
     standalone_group,
+    tensor_sum64,
     tensors_checksum,
     unpack_bucket,
 )
@@ -113,3 +114,14 @@ def test_gloo_standalone_group_moves_buckets(per_param, free_port):
 def test_unknown_backend_is_refused(free_port):
     with pytest.raises(ValueError, match="backend"):
         standalone_group("127.0.0.1", free_port(), 0, 1, backend="mpi")
+
+
+def test_float64_sums_in_chunks_match_the_whole_sum(monkeypatch):
+    import rollout.weight_buckets as wb
+
+    t = torch.arange(10, dtype=torch.bfloat16).reshape(2, 5) / 4  # 0, 0.25, ..., 2.25: exact in bf16
+    monkeypatch.setattr(wb, "_SUM64_CHUNK_ELEMENTS", 3)  # chunks of 3, 3, 3, 1
+    s = tensor_sum64(t)
+    assert s.dtype == torch.float64 and s.ndim == 0 and float(s) == 11.25  # 45 / 4
+    assert tensors_checksum([t, torch.ones(3)]) == 14.25
+    assert tensors_checksum([]) == 0.0
