@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -25,10 +24,9 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from actors.diffusion_checks import check_image_requests, check_scheduler_config
 from actors.weight_receiver import TorchWeightReceiver
 from rollout.flow_sde import (
-    SDE_KINDS,
-    STOCHASTIC_MODES,
     calculate_shift,
     get_sde_step,
     sde_step,
@@ -44,15 +42,6 @@ __all__ = ["DiffusionWorker", "Denoised", "remote_diffusion_worker"]
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# Scheduler options our sigma grid does not reproduce: refuse them rather than sample differently.
-_UNSUPPORTED_SCHEDULER_FLAGS = (
-    "shift_terminal",
-    "use_karras_sigmas",
-    "use_exponential_sigmas",
-    "use_beta_sigmas",
-    "invert_sigmas",
-    "stochastic_sampling",
-)
 
 
 class Denoised(NamedTuple):
@@ -107,7 +96,7 @@ class DiffusionWorker(TorchWeightReceiver):
         self.pipe = FluxKontextPipeline.from_pretrained(str(model_path), dtype=self.dtype).to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
         self.transformer = self.pipe.transformer.eval()
-        self._check_scheduler(self.pipe.scheduler.config)
+        check_scheduler_config(self.pipe.scheduler.config)
         self._version = 0
         self._closed = False
         self._engine_start_s = time.perf_counter() - start
@@ -126,7 +115,7 @@ class DiffusionWorker(TorchWeightReceiver):
                 is not (height, width, 3) uint8, or bad settings (steps, window, sizes).
         """
         self._check_open()
-        _validate(requests, settings)
+        check_image_requests(requests, settings)
         start = time.perf_counter()
         out: list[ImageSample | None] = [None] * len(requests)
         for is_edit in (False, True):  # edit batches carry source tokens: run them separately
@@ -371,14 +360,6 @@ class DiffusionWorker(TorchWeightReceiver):
         if self._closed:
             raise RuntimeError(f"{self.name} was shut down")
 
-    @staticmethod
-    def _check_scheduler(cfg: Any) -> None:
-        for flag in _UNSUPPORTED_SCHEDULER_FLAGS:
-            if cfg.get(flag):
-                raise ValueError(
-                    f"scheduler option {flag}={cfg.get(flag)!r} is not supported by the SDE sampler"
-                )
-
 
 def remote_diffusion_worker(index: int, num_cpus: float, num_gpus: float, *, scheduling_strategy: Any = None,
                             **kwargs: Any):
@@ -405,50 +386,3 @@ def _np(tensors: list[torch.Tensor], empty_shape: tuple[int, ...]) -> np.ndarray
     if not tensors:
         return np.zeros(empty_shape, dtype=np.float32)
     return torch.stack(tensors).float().cpu().numpy()
-
-
-def _validate(requests: list[ImageRequest], settings: SamplerSettings) -> None:
-    """Raise ValueError naming the bad value and what is allowed."""
-    if not isinstance(requests, list | tuple) or not requests:
-        raise ValueError(f"requests must be a non-empty list of ImageRequest, got {requests!r}")
-    if settings.num_steps < 1:
-        raise ValueError(f"settings.num_steps must be >= 1, got {settings.num_steps}")
-    if not (math.isfinite(settings.noise_level) and settings.noise_level >= 0):
-        raise ValueError(f"settings.noise_level must be finite and >= 0, got {settings.noise_level}")
-    if settings.stochastic not in STOCHASTIC_MODES:
-        raise ValueError(f"settings.stochastic={settings.stochastic!r}; known: {list(STOCHASTIC_MODES)}")
-    if settings.sde not in SDE_KINDS:
-        raise ValueError(f"settings.sde={settings.sde!r}; known: {list(SDE_KINDS)}")
-    if settings.sde == "cps" and settings.noise_level > 1:
-        raise ValueError(f"settings.noise_level={settings.noise_level} must be <= 1 for the CPS step (η in [0, 1])")
-    if settings.sde == "cps" and settings.stochastic == "one" and settings.window_hi >= settings.num_steps:
-        raise ValueError(
-            f"stochastic window [{settings.window_lo}, {settings.window_hi}) includes the last step, which the CPS "
-            f"step makes deterministic (σ' = 0, no log-prob); use window_hi <= {settings.num_steps - 1}"
-        )
-    if (
-        settings.stochastic == "one"
-        and not 0 <= settings.window_lo < settings.window_hi <= settings.num_steps
-    ):
-        raise ValueError(
-            f"stochastic window [{settings.window_lo}, {settings.window_hi}) must lie in "
-            f"[0, num_steps={settings.num_steps}) and be non-empty"
-        )
-    for side in ("height", "width"):
-        value = getattr(settings, side)
-        if value < 16 or value % 16:
-            raise ValueError(f"settings.{side} must be a positive multiple of 16, got {value}")
-    for i, r in enumerate(requests):
-        if not isinstance(r, ImageRequest):
-            raise ValueError(f"requests[{i}] is a {type(r).__name__}, expected ImageRequest")
-        if not isinstance(r.prompt, str):
-            raise ValueError(f"requests[{i}].prompt must be a str, got {type(r.prompt).__name__}")
-        img = r.source_image
-        if img is None:
-            continue
-        expected = (settings.height, settings.width, 3)
-        if not isinstance(img, np.ndarray) or img.dtype != np.uint8 or img.shape != expected:
-            got = (type(img).__name__, getattr(img, "shape", None), getattr(img, "dtype", None))
-            raise ValueError(
-                f"requests[{i}].source_image must be a uint8 RGB array of shape {expected}, got {got}"
-            )

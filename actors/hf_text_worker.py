@@ -8,7 +8,7 @@ ids and the log-prob of each sampled token under the distribution it was drawn f
 
 Sampling is done by `_RowSampler`, a logits processor that replaces transformers' own sampling: per
 row it adds the image-placeholder logit bias, builds the tempered top-p distribution with
-`learners.algos.sampling_logprobs` (the rule the learner replays in `token_logprobs`), draws the
+`learners.logprobs.sampling_logprobs` (the rule the learner replays in `token_logprobs`), draws the
 token with the row's own generator (a request's `seed` makes its n samples reproducible) and forces
 it; `generate` then runs greedy over the forced scores. Temperature 0 is greedy, with the
 untempered log-probs (as the vLLM worker reports them). A clean `GenerationConfig` is used, so no
@@ -292,7 +292,7 @@ class _RowSampler:
             self.generators.append(torch.Generator().manual_seed(seed))
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        from learners.algos import sampling_logprobs
+        from learners.logprobs import sampling_logprobs
 
         logits = scores.float() + self.bias[: scores.shape[-1]]  # (B, V), bias as vLLM: before T and top-p
         forced = torch.full_like(scores, float("-inf"))

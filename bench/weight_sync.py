@@ -33,7 +33,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from learners.weight_sync import WeightSenderMixin, make_weight_sync
+from learners.weight_sender import WeightSenderMixin
+from learners.weight_sync import make_weight_sync
 
 log = logging.getLogger("bench.weight_sync")
 

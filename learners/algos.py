@@ -6,7 +6,8 @@ docs/design.md#flowgrpo-for-the-generator); the names and argument meanings of `
 `kl_estimate`, `grpo_loss` and `flow_grpo_loss` are the stable public API of
 docs/design.md#stable-math-api. Tensors are batch-first. Variants are chosen by string
 through two small registries (`AGG_MODES`, `KL_KINDS`): an unknown name raises `ValueError`
-listing the known ones, and registering a taken name raises.
+listing the known ones, and registering a taken name raises. The log-probs these objectives take
+come from `learners.logprobs` (the sampler's distribution, replayed).
 
 Conventions:
   * ratio = exp(logprobs − old_logprobs), computed in fp32;
@@ -49,8 +50,6 @@ __all__ = [
     "flow_grpo_loss_terms",
     "flow_kl",
     "velocity_kl",
-    "token_logprobs",
-    "sampling_logprobs",
 ]
 
 # (loss_mat [B, T], mask [B, T], max_len, normalizer) -> scalar
@@ -307,38 +306,6 @@ def grpo_loss_terms(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, 
         return GrpoTerms(loss, (low * mask_f).sum() / n, (high * mask_f).sum() / n, *stats)
 
 
-def token_logprobs(logits: Tensor, target_ids: Tensor, temperature: float = 1.0, top_p: float = 1.0) -> Tensor:
-    """Log-probs of `target_ids` under the distribution the sampler drew from, in fp32.
-
-    That distribution is softmax(logits / T) cut to the top-p nucleus and renormalised, exactly as
-    vLLM's sampler builds it and reports it with `logprobs_mode="processed_logprobs"`; with top-p
-    the first update's ratio is 1 only if the learner replays the cut too. A target outside the
-    nucleus gets −inf (probability 0 under the truncated policy). Gradients flow through the
-    renormalisation; the logits of removed tokens get zero gradient.
-
-    logits: (B, T, V) (any logit bias already added, as vLLM adds it before the temperature);
-    target_ids: (B, T); temperature > 0; top_p in (0, 1], 1 = no cut (and no sort). -> (B, T).
-    """
-    logp = sampling_logprobs(logits, temperature, top_p)  # (B, T, V)
-    return logp.gather(-1, target_ids.long().unsqueeze(-1)).squeeze(-1)
-
-
-def sampling_logprobs(logits: Tensor, temperature: float = 1.0, top_p: float = 1.0) -> Tensor:
-    """Log-probs of every token under the sampling distribution of `token_logprobs` (the one rule
-    both the learner and a transformers sampler use): log-softmax of logits / T after the top-p cut.
-
-    logits: (..., V); returns (..., V) fp32, −inf outside the nucleus.
-    """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0 for log-probs, got {temperature}")
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1] (1 = no nucleus cut), got {top_p}")
-    z = logits.float() / temperature  # (..., V), a new tensor: safe to fill in place
-    if top_p < 1.0:
-        z.masked_fill_(_outside_nucleus(z.detach(), top_p), float("-inf"))
-    return torch.log_softmax(z, dim=-1)
-
-
 # ------------------------------------------------------------------------------ image (FlowGRPO)
 
 
@@ -415,35 +382,3 @@ def _masked_ratio_stats(ratio: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Te
         one = ratio.new_tensor(1.0)
         return one, one, one
     return sel.mean(), sel.min(), sel.max()
-
-
-# Rows of the nucleus mask computed at once: bounds the sort's scratch (values, int64 indices,
-# probabilities) to a few hundred MB whatever the batch and vocabulary.
-_NUCLEUS_CHUNK_ELEMENTS = 1 << 25
-
-
-@torch.no_grad()
-def _outside_nucleus(z: Tensor, top_p: float) -> Tensor:
-    """(..., V) bool, True where top-p removes the token — vLLM's rule, step for step.
-
-    Mirrors `apply_top_k_top_p_pytorch` in vllm/v1/sample/ops/topk_topp_sampler.py (0.32): sort the
-    tempered logits ascending, softmax the sorted row, cumulative sum, remove where the sum is
-    ≤ 1 − p (1 − p taken in fp32 as vLLM holds p), never the last (largest) token. Ties at the cut
-    are settled by position in the same `sort` call, as in vLLM, so equal logits can fall on either
-    side of it.
-    """
-    vocab = z.shape[-1]
-    rows = z.reshape(-1, vocab)  # (N, V)
-    out = torch.empty(rows.shape, dtype=torch.bool, device=z.device)
-    cut = 1.0 - torch.tensor(top_p, dtype=torch.float32, device=z.device)
-    step = max(1, _NUCLEUS_CHUNK_ELEMENTS // vocab)
-    for start in range(0, rows.shape[0], step):
-        chunk = rows[start : start + step]
-        z_sorted, order = chunk.sort(dim=-1, descending=False)  # (n, V) each
-        cum = z_sorted.softmax(dim=-1)
-        del z_sorted
-        torch.cumsum(cum, dim=-1, out=cum)
-        remove = cum <= cut  # (n, V), in sorted order
-        remove[:, -1] = False  # at least one token survives
-        out[start : start + step].scatter_(-1, order, remove)
-    return out.view(z.shape)

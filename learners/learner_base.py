@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from learners import ds_engine, finite
-from learners.weight_sync import WeightSenderMixin
+from learners.weight_sender import WeightSenderMixin
 
 __all__ = ["LearnerBase", "split_even"]
 

@@ -3,7 +3,7 @@
 Design: docs/design.md#grpo-for-the-reasoner.
 
 Log-probs of the answer tokens are recomputed the way the sampler (vLLM) built its distribution:
-logit bias, then logits / T, then the top-p nucleus cut and renormalisation (`algos.token_logprobs`),
+logit bias, then logits / T, then the top-p nucleus cut and renormalisation (`logprobs.token_logprobs`),
 so they equal vLLM's `processed_logprobs` and the first update's ratio is 1. The policy trained is
 the truncated one: a sampled token outside the current nucleus has log-prob −inf (ratio 0, no
 gradient; counted in `outside_nucleus_frac`). The loss is `grpo_loss` + β·KL(k1|k2|k3) to a frozen
@@ -25,6 +25,7 @@ import torch
 
 from learners import algos, ds_engine, finite, lean_init, memory
 from learners.learner_base import LearnerBase
+from learners.logprobs import token_logprobs
 from learners.lora import LoraAdapters, lora_rank_of
 from rollout.trajectory import TextSample
 
@@ -148,7 +149,7 @@ class TextLearner(LearnerBase):
             batch = list(samples[sl])
             imgs = None if images is None else list(images[sl])
             logits, tgt, mask = self._answer_logits(batch, imgs, reference)
-            lp = algos.token_logprobs(logits, tgt, temp, top_p)
+            lp = token_logprobs(logits, tgt, temp, top_p)
             out += [lp[i, : int(mask[i].sum())].tolist() for i in range(len(batch))]
         return out
 
@@ -193,7 +194,7 @@ class TextLearner(LearnerBase):
             batch = list(samples[sl])
             imgs = None if images is None else list(images[sl])
             logits, tgt, mask = self._answer_logits(batch, imgs, reference=False, grad=True)
-            lp = algos.token_logprobs(logits, tgt, temp, top_p).masked_fill(mask == 0, 0.0)  # (B, T)
+            lp = token_logprobs(logits, tgt, temp, top_p).masked_fill(mask == 0, 0.0)  # (B, T)
             old = _pad([s.logprobs for s in batch], lp.shape[1]).to(lp.device)
             adv = adv_all[sl].to(lp.device)
             terms = algos.grpo_loss_terms(lp, old, adv, mask, self.clip_low, self.clip_high,
@@ -202,10 +203,10 @@ class TextLearner(LearnerBase):
             ntok = float(mask.sum())
             if self.kl_coef > 0:
                 # untruncated on both sides (module docstring); one more log-softmax only if top_p < 1
-                lp_full = lp if top_p == 1.0 else algos.token_logprobs(logits, tgt, temp)
+                lp_full = lp if top_p == 1.0 else token_logprobs(logits, tgt, temp)
                 with torch.no_grad():
                     ref_logits, _, _ = self._answer_logits(batch, imgs, reference=True)
-                    ref = algos.token_logprobs(ref_logits, tgt, temp)
+                    ref = token_logprobs(ref_logits, tgt, temp)
                     del ref_logits
                 kl_mat = algos.kl_estimate(lp_full, ref, self.kl_kind)  # finite: no cut
                 kl_loss = algos.aggregate(kl_mat, mask, self.loss_agg, max_len, normalizer)

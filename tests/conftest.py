@@ -146,7 +146,7 @@ def _behaviour_text_samples(model_path, temperature: float, n: int = 4, seed: in
     import torch
     from transformers import AutoModelForCausalLM
 
-    from learners.algos import token_logprobs
+    from learners.logprobs import token_logprobs
     from rollout.trajectory import TextSample
 
     model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float32).eval()

@@ -40,7 +40,7 @@ def fresh_logprobs(model_path, request, sample) -> list[float]:
     from PIL import Image
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
-    from learners.algos import token_logprobs
+    from learners.logprobs import token_logprobs
     from rollout.model_inputs import load_model_inputs, model_type_of
     from rollout.special_tokens import BANNED_LOGIT_BIAS, image_placeholder_ids
 

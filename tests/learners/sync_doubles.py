@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from actors.weight_receiver import TorchWeightReceiver
-from learners.weight_sync import WeightSenderMixin
+from learners.weight_sender import WeightSenderMixin
 
 
 class Sender(WeightSenderMixin):

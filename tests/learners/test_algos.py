@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from learners import algos
+from learners import algos, logprobs
 from learners.algos import (
     agg_normalizer,
     aggregate,
@@ -17,10 +17,10 @@ from learners.algos import (
     grpo_loss,
     grpo_loss_terms,
     kl_estimate,
-    token_logprobs,
     velocity_kl,
     zero_variance_groups,
 )
+from learners.logprobs import token_logprobs
 
 REWARDS = torch.tensor([1.0, 2.0, 6.0, 0.0, 0.0, 3.0])  # two groups of 3
 
@@ -227,7 +227,7 @@ def test_token_logprobs_top_p_chunked_mask_equals_one_pass(monkeypatch):
     logits = (torch.randn(3, 5, 16, generator=gen) * 2).round()  # rounding makes ties
     targets = torch.randint(0, 16, (3, 5), generator=gen)
     whole = token_logprobs(logits, targets, temperature=0.7, top_p=0.8)
-    monkeypatch.setattr(algos, "_NUCLEUS_CHUNK_ELEMENTS", 16 * 4)  # 4 rows per chunk, ragged tail
+    monkeypatch.setattr(logprobs, "_NUCLEUS_CHUNK_ELEMENTS", 16 * 4)  # 4 rows per chunk, ragged tail
     torch.testing.assert_close(token_logprobs(logits, targets, temperature=0.7, top_p=0.8), whole, atol=0, rtol=0)
 
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from actors.weight_receiver import EXTENSION_CLS, TextWeightReceiver
-from learners.weight_sync import WeightSenderMixin
+from learners.weight_sender import WeightSenderMixin
 from rollout.sync_ranks import sync_world_size, worker_first_ranks
 
 pytestmark = pytest.mark.integration

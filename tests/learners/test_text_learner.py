@@ -114,7 +114,7 @@ def test_recomputed_logprobs_equal_vllm_top_p_before_update(single_step, lm_vllm
 def test_nucleus_mask_equals_vllm_top_p_op():
     from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p_pytorch
 
-    from learners.algos import token_logprobs
+    from learners.logprobs import token_logprobs
 
     gen = torch.Generator().manual_seed(0)
     rows = (torch.randn(24, 64, generator=gen) * 3).round()  # (N, V); rounding makes ties at the cut
