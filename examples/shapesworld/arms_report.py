@@ -9,7 +9,7 @@ A run's measures::
      "eval": {"prompts": [str, ...], "round0": [bool, ...], "final": [bool, ...],
               "reflection": {"correct_decisions": int, "decisions": int, "stop_when_correct": float,
                              "on_correct_images": int, "edit_when_wrong": float, "on_wrong_images": int},
-              "fix_naming": {"exact_fixes": int, "on_wrong_images": int, ...}}}
+              "fix_naming": {"exact_fixes": int, "on_wrong_images_with_fix": int, ...}}}
 
 "probe" is round 0 of the generator alone (the prompt as its text, ODE) on the fixed training prompts
 (those the runs train on) and on held-out prompts of the same tags, sample i with the same noise in
@@ -84,17 +84,18 @@ def arm_claims(measures: Sequence[dict[str, Any]], arm: str, null: str = "null")
         [round(r["stop_when_correct"] * r["on_correct_images"]) for r in rz], [r["on_correct_images"] for r in rz],
     )  # fmt: skip
     fa, fz = [a[s]["eval"]["fix_naming"] for s in seeds], [z[s]["eval"]["fix_naming"] for s in seeds]
-    out["exact_fix_rate"] = proportion_difference(
-        [f["exact_fixes"] for f in fa], [f["on_wrong_images"] for f in fa],
-        [f["exact_fixes"] for f in fz], [f["on_wrong_images"] for f in fz],
-    )  # fmt: skip
+    if all(f["on_wrong_images_with_fix"] for f in fa + fz):  # else a judge named no fixes: not measured
+        out["exact_fix_rate"] = proportion_difference(
+            [f["exact_fixes"] for f in fa], [f["on_wrong_images_with_fix"] for f in fa],
+            [f["exact_fixes"] for f in fz], [f["on_wrong_images_with_fix"] for f in fz],
+        )  # fmt: skip
     bal_a, bal_z = [_balanced(r) for r in ra], [_balanced(r) for r in rz]
     out["reflection_balanced_accuracy"] = combine_seeds(
         [x[0] - y[0] for x, y in zip(bal_a, bal_z, strict=True)],
         [x[1] + y[1] for x, y in zip(bal_a, bal_z, strict=True)],
         [min(r["decisions"], q["decisions"]) for r, q in zip(ra, rz, strict=True)],
     )
-    return {key: out[key] for key in METRICS}
+    return {key: out[key] for key in METRICS if key in out}
 
 
 def arm_levels(measures: Sequence[dict[str, Any]], arm: str) -> dict[str, float]:
@@ -106,7 +107,8 @@ def arm_levels(measures: Sequence[dict[str, Any]], arm: str) -> dict[str, float]
     out["reflection_balanced_accuracy"] = float(np.mean([_balanced(r)[0] for r in refl]))
     out["stop_when_correct"] = float(np.mean([r["stop_when_correct"] for r in refl]))
     fixes = [m["eval"]["fix_naming"] for m in runs]
-    out["exact_fix_rate"] = float(np.mean([f["exact_fixes"] / max(f["on_wrong_images"], 1) for f in fixes]))
+    rates = [f["exact_fixes"] / f["on_wrong_images_with_fix"] for f in fixes if f["on_wrong_images_with_fix"]]
+    out["exact_fix_rate"] = float(np.mean(rates)) if len(rates) == len(fixes) else float("nan")
     return out
 
 
@@ -140,7 +142,7 @@ def claims_markdown(
     lines += ["Levels (%, mean over seeds):", "", "| measure | " + " | ".join(names)
               + (" | warm start |" if reference else " |"), "|---|" + "---|" * (len(names) + bool(reference))]  # fmt: skip
     for key, label in METRICS.items():
-        cells = [f"{100 * levels[n][key]:.1f}" for n in names]
+        cells = ["–" if math.isnan(levels[n][key]) else f"{100 * levels[n][key]:.1f}" for n in names]
         if reference:
             cells.append(f"{100 * reference[key]:.1f}" if key in reference else "–")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")

@@ -60,8 +60,8 @@ def fix_naming(trajectories: Sequence[Trajectory]) -> dict[str, float | int]:
     `reflection_accuracy`. An exact fix is an edit whose instruction matches one of the judge's fixes
     of that image (`details["fixes"]`) fully: kind, object and attribute all match
     (`reward.instruction_match.best_match` score 1). A stop on a wrong image names no fix. Rate =
-    exact fixes / decisions on wrong images (NaN without any); `on_wrong_images_without_fix` counts
-    the wrong images whose judge named no fix (0 for the exact judge).
+    exact fixes / decisions on wrong images whose judge named a fix (`on_wrong_images_with_fix`; NaN
+    without any: a judge that names no fixes, or trajectories written before judges named them).
     """
     on_wrong, edits, exact, no_fix = 0, 0, 0, 0
     for t in trajectories:
@@ -76,12 +76,13 @@ def fix_naming(trajectories: Sequence[Trajectory]) -> dict[str, float | int]:
                     exact += match is not None and match.score == 1.0
             if cur.stopped:
                 break
+    with_fix = on_wrong - no_fix
     return {
-        "exact_fix_rate": exact / on_wrong if on_wrong else float("nan"),
+        "exact_fix_rate": exact / with_fix if with_fix else float("nan"),
         "exact_fixes": exact,
         "edits_on_wrong_images": edits,
         "on_wrong_images": on_wrong,
-        "on_wrong_images_without_fix": no_fix,
+        "on_wrong_images_with_fix": with_fix,
     }
 
 

@@ -15,7 +15,7 @@ def _m(arm, seed, train, test, final, refl=(6, 10, 0.5, 4, 0.75, 6), fixes=(1, 6
         "eval": {"prompts": ["a", "b", "c", "d"], "round0": test, "final": final,
                  "reflection": {"correct_decisions": hits, "decisions": n, "stop_when_correct": pc,
                                 "on_correct_images": nc, "edit_when_wrong": pw, "on_wrong_images": nw},
-                 "fix_naming": {"exact_fixes": fixes[0], "on_wrong_images": fixes[1]}},
+                 "fix_naming": {"exact_fixes": fixes[0], "on_wrong_images_with_fix": fixes[1]}},
     }  # fmt: skip
 
 
@@ -64,6 +64,16 @@ def test_levels_and_markdown():
     assert "| 37.5 | 12.5 | 10.0 |" in md
 
 
+def test_no_exact_fix_claim_where_a_judge_named_no_fixes():
+    unnamed = [dict(m) for m in MEASURES]
+    unnamed[1] = {**unnamed[1], "eval": {**unnamed[1]["eval"], "fix_naming": {"exact_fixes": 0, "on_wrong_images_with_fix": 0}}}
+    assert "exact_fix_rate" not in arm_claims(unnamed, "rl") and "stop_when_correct" in arm_claims(unnamed, "rl")
+    lv = {a: arm_levels(unnamed, a) for a in ("rl", "null")}
+    assert math.isnan(lv["null"]["exact_fix_rate"])
+    md = claims_markdown({"rl": arm_claims(unnamed, "rl")}, lv, "null", [0, 1])
+    assert "| exact fix named (reflect decisions on wrong images), held-out | 33.3 | – |" in md
+
+
 def test_unpaired_or_missing_seeds_are_refused():
     bad = [dict(m) for m in MEASURES]
     bad[1] = {**bad[1], "eval": {**bad[1]["eval"], "prompts": ["x", "b", "c", "d"]}}
@@ -99,7 +109,7 @@ def test_run_measures_read_the_evaluation_in_sample_order(tmp_path):
     assert m["eval"]["prompts"] == ["p0", "p1"]
     assert m["eval"]["round0"] == [False, True] and m["eval"]["final"] == [True, True]
     assert m["eval"]["reflection"]["correct_decisions"] == 2 and m["eval"]["reflection"]["decisions"] == 2
-    assert m["eval"]["fix_naming"]["on_wrong_images"] == 1 and m["eval"]["fix_naming"]["exact_fixes"] == 0
+    assert m["eval"]["fix_naming"]["on_wrong_images"] == 1 and m["eval"]["fix_naming"]["on_wrong_images_with_fix"] == 0
     assert m["probe"] == {"train": [True], "test": [False]} and (m["arm"], m["seed"]) == ("rl", 1)
 
 

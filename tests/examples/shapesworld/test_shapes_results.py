@@ -85,7 +85,17 @@ def test_fix_naming_counts_exact_fixes_among_decisions_on_wrong_images() -> None
     # decisions on wrong images: p r0, q r0, q r1, r r0, r r1 = 5; edits among them: p, q r0, r r0 = 3
     assert (r["on_wrong_images"], r["edits_on_wrong_images"], r["exact_fixes"]) == (5, 3, 2)
     assert r["exact_fix_rate"] == pytest.approx(2 / 5)
-    assert r["on_wrong_images_without_fix"] == 0
+    assert r["on_wrong_images_with_fix"] == 5
+
+
+def test_fix_naming_counts_only_wrong_images_whose_judge_named_a_fix() -> None:
+    add = [{"kind": "add", "object": "circle", "attribute": "green", "text": "add a green circle"}]
+    named = Trajectory("p", {}, 0, [_fix_round(0, False, False, fixes=add), _fix_round(1, True, False, "add a green circle"),
+                                    _fix_round(2, True, True)])  # fmt: skip
+    unnamed = Trajectory("q", {}, 1, [_fix_round(0, False, False), _fix_round(1, False, True)])
+    r = fix_naming([named, unnamed])
+    assert (r["on_wrong_images"], r["on_wrong_images_with_fix"], r["exact_fix_rate"]) == (2, 1, 1.0)
+    assert math.isnan(fix_naming([unnamed])["exact_fix_rate"])  # a judge that names no fixes: not measured
 
 
 def test_fix_naming_without_wrong_images_is_nan() -> None:
