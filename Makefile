@@ -59,11 +59,12 @@ models: setup
 	$(PY) -m actors.models build-tiny
 
 # Two pytest processes, each taking whole test files (module-scoped Ray clusters stay within one process):
-# most of an integration test is engines starting and waiting, so two files share the 2 cores well. Tests
+# most of an integration test is engines starting and waiting, so two files share the 2 cores well. The
+# longest files start first (tests/conftest.py: LONG_FILES; --no-loadscope-reorder keeps that order). Tests
 # marked `alone` run afterwards in one process (a Ray head started by `ray start` can time out beside others).
 # Exit 5 (nothing selected) is fine for one phase, not for both.
 test: setup
-	$(PY) -m pytest -q -n 2 --dist loadfile -rfE --durations=15 -m "not alone" tests; a=$$?; \
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder -rfE --durations=15 -m "not alone" tests; a=$$?; \
 	$(PY) -m pytest -q -rfE -m alone tests; b=$$?; \
 	if [ $$a -eq 5 ] && [ $$b -eq 5 ]; then echo "no tests collected"; exit 1; fi; \
 	for rc in $$a $$b; do if [ $$rc -ne 0 ] && [ $$rc -ne 5 ]; then exit $$rc; fi; done

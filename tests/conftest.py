@@ -29,6 +29,43 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
+# ------------------------------------------------------------------------------------- test order
+
+# `make test` runs whole test files on two processes (`-n 2 --dist loadfile --no-loadscope-reorder`),
+# each taking the next file when it runs out. A file of several minutes taken last leaves one
+# process working alone at the end, so the longest files go first (longest-processing-time order),
+# the rest in collection order. Seconds per file as `make test` measured them on a 2-core machine
+# (`--durations`: setup + calls); only the order they give matters, and a file missing here runs
+# after them.
+LONG_FILES: dict[str, int] = {
+    "tests/examples/shapesworld/test_shapes_sanity.py": 400,
+    "tests/learners/test_lora.py": 360,
+    "tests/cluster/test_operations.py": 280,
+    "tests/cluster/test_signals.py": 200,
+    "tests/cluster/test_nft_run.py": 175,
+    "tests/cluster/test_worker_death.py": 140,
+    "tests/cluster/test_driver_e2e.py": 140,
+    "tests/cluster/test_generate.py": 120,
+    "tests/cluster/test_placement_e2e.py": 120,
+    "tests/examples/shapesworld/test_shapes_pretrain.py": 115,
+    "tests/learners/test_learning_e2e.py": 100,
+    "tests/cluster/test_qwen_e2e.py": 100,
+    "tests/learners/test_bf16.py": 100,
+    "tests/learners/test_weight_sync.py": 100,
+    "tests/learners/test_text_learner.py": 90,
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The longest test files first (`LONG_FILES`); a stable sort keeps each file's tests together."""
+    root = Path(str(config.rootpath))
+
+    def seconds(item: pytest.Item) -> int:
+        return LONG_FILES.get(Path(str(item.path)).relative_to(root).as_posix(), 0)
+
+    items.sort(key=lambda item: -seconds(item))
+
+
 # ------------------------------------------------------------------------------- models and engines
 
 
