@@ -233,9 +233,14 @@ class _LrSchedule(_Section):
 
     warmup_steps: int = Field(10, ge=0, description="updates of linear warm-up, from lr / warmup_steps to lr")
     lr_schedule: Literal["constant", "cosine"] = Field(
-        "constant", description="after warm-up: constant, or cosine to min_lr_ratio * lr at train.steps"
+        "constant", description="after warm-up: constant, or cosine to min_lr_ratio * lr at the last update "
+        "(train.steps x updates per step)"
     )
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="floor of the cosine schedule, as a share of lr")
+
+    def updates_per_step(self) -> int:
+        """Optimizer updates per RL step, the unit the schedule counts in (1; FlowGRPO's `updates_per_batch`)."""
+        return 1
 
 
 REASONER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]  # attention of Qwen / Llama-style decoders
@@ -403,7 +408,8 @@ class FlowGRPOConfig(_LrSchedule):
     )
     updates_per_batch: int = Field(
         1, ge=1, description="optimizer updates over each rollout batch (1: a single update per batch). From the second on, "
-        "flow_grpo's ratio differs from 1 and the clip acts; the lr schedule advances once per update"
+        "flow_grpo's ratio differs from 1 and the clip acts; the lr schedule advances once per update (warmup_steps "
+        "counts updates, the cosine spans all train.steps x updates_per_batch of them)"
     )
     ema_decay: float = Field(
         0.0, ge=0, lt=1, description="EMA of the generator's trained weights, updated after every optimizer update "
@@ -415,6 +421,9 @@ class FlowGRPOConfig(_LrSchedule):
         "first, so early evaluations follow the trained weights instead of the starting ones (diffusers' EMAModel, "
         "Flow-GRPO); false: ema_decay from the first update"
     )
+
+    def updates_per_step(self) -> int:
+        return self.updates_per_batch
 
     @model_validator(mode="after")
     def _whole_copies(self) -> FlowGRPOConfig:
@@ -661,9 +670,10 @@ class R3Config(_Section):
     @model_validator(mode="after")
     def _cosine_needs_room(self) -> R3Config:
         for name, section in (("grpo", self.grpo), ("flow_grpo", self.flow_grpo)):
-            if section.lr_schedule == "cosine" and self.train.steps <= section.warmup_steps:
+            if section.lr_schedule == "cosine" and self.lr_decay_steps(section) <= section.warmup_steps:
                 raise ValueError(
-                    f"{name}.lr_schedule=cosine decays over train.steps ({self.train.steps}), which must exceed "
+                    f"{name}.lr_schedule=cosine decays over the run's {self.lr_decay_steps(section)} updates (train.steps "
+                    f"{self.train.steps} x {section.updates_per_step()} per step), which must exceed "
                     f"{name}.warmup_steps ({section.warmup_steps})"
                 )
         return self
@@ -710,8 +720,9 @@ class R3Config(_Section):
         return self
 
     def lr_decay_steps(self, section: _LrSchedule) -> int:
-        """Updates over which `section`'s cosine reaches its floor (0: constant after warm-up)."""
-        return self.train.steps if section.lr_schedule == "cosine" else 0
+        """Updates over which `section`'s cosine reaches its floor: all of the run's, train.steps x its updates
+        per step (0: constant after warm-up)."""
+        return self.train.steps * section.updates_per_step() if section.lr_schedule == "cosine" else 0
 
 
 # ---------------------------------------------------------------------------------------- loading

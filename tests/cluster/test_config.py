@@ -70,7 +70,7 @@ BAD = [
     (["grpo.loss_agg=sum"], "grpo.loss_agg"),
     (["flow_grpo.lr_schedule=linear"], "flow_grpo.lr_schedule"),
     (["grpo.min_lr_ratio=1.5"], "grpo.min_lr_ratio"),
-    (["grpo.lr_schedule=cosine", "grpo.warmup_steps=4", "train.steps=4"], "grpo.lr_schedule=cosine decays over train.steps (4)"),
+    (["grpo.lr_schedule=cosine", "grpo.warmup_steps=4", "train.steps=4"], "grpo.lr_schedule=cosine decays over the run's 4 updates (train.steps 4 x 1 per step)"),
     (["logging.wandb=true"], "logging.wandb_project is not set"),
 ]
 
@@ -87,6 +87,17 @@ def test_lr_decay_steps_follow_the_schedule():
     cfg = load_config(CPU, ["flow_grpo.lr_schedule=cosine", "train.steps=30"])
     assert cfg.lr_decay_steps(cfg.flow_grpo) == 30
     assert cfg.lr_decay_steps(cfg.grpo) == 0  # constant after warm-up, the default
+    # several updates per rollout batch: the cosine spans every update of the run, not its first half
+    cfg = load_config(CPU, ["flow_grpo.lr_schedule=cosine", "train.steps=30", "flow_grpo.updates_per_batch=2"])
+    assert cfg.lr_decay_steps(cfg.flow_grpo) == 60
+
+
+def test_cosine_needs_more_updates_than_its_warm_up():
+    with pytest.raises(ConfigError, match=r"decays over the run's 8 updates \(train.steps 4 x 2 per step\)"):
+        load_config(CPU, ["flow_grpo.lr_schedule=cosine", "train.steps=4", "flow_grpo.updates_per_batch=2",
+                          "flow_grpo.warmup_steps=8"])  # fmt: skip
+    load_config(CPU, ["flow_grpo.lr_schedule=cosine", "train.steps=4", "flow_grpo.updates_per_batch=2",
+                      "flow_grpo.warmup_steps=7"])  # fmt: skip
 
 
 def test_unknown_key_in_yaml_file(tmp_path, capsys):
