@@ -6,8 +6,10 @@ models), runs deterministic multi-round R3 on the test prompts and writes `eval.
 `trajectories.parquet` and `gallery.html` into `--out`.
 
 `eval.json` also holds a `weights` section: the version every worker holds and, per worker, how
-its engine's tensors compare with the checkpoint's files (`tensor_sums`, `compare_sums`), so a
-reader can check that the workers really run the checkpoint's weights.
+its engine's tensors compare with the checkpoint's files (`tensor_sums`, `compare_sums`), read after
+the evaluation, so a reader can check that the workers really ran the checkpoint's weights. A worker
+that dies is replaced (`cluster.pools`) by one that loads the checkpoint's weights before it serves
+(`checkpoint_replace_hooks`); the section counts the replacements.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from typing import Any
 
 from cluster.config import ConfigError, load_config
 
-__all__ = ["main", "evaluate_checkpoint", "load_checkpoint_weights", "tensor_sums", "files_tensor_sums", "compare_sums"]
+__all__ = ["main", "evaluate_checkpoint", "load_checkpoint_weights", "checkpoint_replace_hooks", "tensor_sums",
+           "files_tensor_sums", "compare_sums"]
 
 log = logging.getLogger("r3rl.eval")
 
@@ -75,6 +78,13 @@ def compare_sums(engine: dict[str, list[float]], files: dict[str, list[float]],
             "match": bool(both) and not differing}
 
 
+def _checkpoint_folders(checkpoint: Path, diffusion_weights: Path | None) -> tuple[int, str, str]:
+    """(version, text weights folder, generator weights folder) of a checkpoint."""
+    version = int(json.loads((checkpoint / "meta.json").read_text())["version"])
+    return (version, str(checkpoint / "text_learner" / "weights"),
+            str(diffusion_weights or checkpoint / "diffusion_learner" / "weights"))
+
+
 def load_checkpoint_weights(text: Any, image: Any, checkpoint: Path, timeout: float,
                             diffusion_weights: Path | None = None) -> int:
     """Every text and diffusion worker loads the checkpoint's learner weights; returns their version.
@@ -83,12 +93,28 @@ def load_checkpoint_weights(text: Any, image: Any, checkpoint: Path, timeout: fl
     `cluster.ema_eval.generator_eval_weights`)."""
     import ray
 
-    version = int(json.loads((checkpoint / "meta.json").read_text())["version"])
-    ray.get([a.load_weights.remote(version, str(checkpoint / "text_learner" / "weights")) for a in text.actors]
-            + [a.load_weights.remote(version, str(diffusion_weights or checkpoint / "diffusion_learner" / "weights"))
-               for a in image.actors], timeout=timeout)
+    version, text_folder, image_folder = _checkpoint_folders(checkpoint, diffusion_weights)
+    ray.get([a.load_weights.remote(version, text_folder) for a in text.actors]
+            + [a.load_weights.remote(version, image_folder) for a in image.actors], timeout=timeout)
     log.info("workers loaded weights version %d from %s", version, checkpoint)
     return version
+
+
+def checkpoint_replace_hooks(checkpoint: Path, diffusion_weights: Path | None = None) -> dict[str, Any]:
+    """`on_replace` hooks of the worker pools (`cluster.roles.build_worker_pools`): a worker started in
+    place of a dead one loads the checkpoint's weights before it serves, as its pool-mates did (without
+    them it would evaluate the config's base models)."""
+    import ray
+
+    version, text_folder, image_folder = _checkpoint_folders(checkpoint, diffusion_weights)
+
+    def loader(folder: str) -> Any:
+        def load(index: int, actor: Any) -> None:
+            ray.get(actor.load_weights.remote(version, folder))
+            log.info("replacement worker %d loaded weights version %d from %s", index, version, folder)
+        return load
+
+    return {"text_workers": loader(text_folder), "diffusion_workers": loader(image_folder)}
 
 
 def evaluate_checkpoint(cfg: Any, checkpoint: Path | None, out: Path) -> Any:
@@ -113,18 +139,20 @@ def evaluate_checkpoint(cfg: Any, checkpoint: Path | None, out: Path) -> Any:
     timeout = cfg.train.remote_timeout_s
     placements = place_roles(cfg, ("text_workers", "diffusion_workers"))
     text = image = judge = None
+    generator_folder = generator_eval_weights(cfg, checkpoint) if checkpoint is not None else None
     try:
-        text, image = build_worker_pools(cfg, paths, placements)
+        hooks = checkpoint_replace_hooks(checkpoint, generator_folder) if checkpoint is not None else None
+        text, image = build_worker_pools(cfg, paths, placements, on_replace=hooks)
         judge = build_judge_client(cfg, paths)
         weights: dict[str, Any] = {"checkpoint": str(checkpoint) if checkpoint else None}
         if checkpoint is not None:
-            weights["version"] = load_checkpoint_weights(text, image, checkpoint, timeout,
-                                                         generator_eval_weights(cfg, checkpoint))
-            weights["diffusion_folder"] = str(generator_eval_weights(cfg, checkpoint))
-        weights.update(_worker_weights(text, image, checkpoint, timeout,
-                                       generator_eval_weights(cfg, checkpoint) if checkpoint is not None else None))
+            weights["version"] = load_checkpoint_weights(text, image, checkpoint, timeout, generator_folder)
+            weights["diffusion_folder"] = str(generator_folder)
         _, test = load_prompt_sets(cfg)
         report = evaluate(test, PoolReasoner(text), PoolGenerator(image), judge, eval_settings(cfg))
+        # after the evaluation: the workers that finished it, replacements included
+        weights.update(_worker_weights(text, image, checkpoint, timeout, generator_folder))
+        weights["replacements"] = {"text": text.replacements, "diffusion": image.replacements}
     finally:
         if judge is not None:
             judge.shutdown()

@@ -121,12 +121,24 @@ def test_unplaceable_role_fails_naming_role_and_bundle_and_leaves_nothing_behind
     assert states and set(states) == {"REMOVED"}  # the ready group was removed with the failed one
 
 
-def test_eval_entry_loads_the_checkpoint_and_writes_per_round_tables(run):
+def test_eval_entry_loads_the_checkpoint_and_writes_per_round_tables(run, monkeypatch):
+    import ray
     from ray.util import placement_group_table
 
+    import rollout.evaluation
     from cluster.eval import files_tensor_sums, main
     from cluster.session import resolve_model_path
 
+    real_evaluate = rollout.evaluation.evaluate
+
+    def evaluate_after_a_worker_dies(prompts, reasoner, generator, *args):
+        victim = generator.pool.actors[1]
+        ray.kill(victim, no_restart=True)  # found dead by its first call: replaced, its work redone
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(victim.__ray_ready__.remote(), timeout=60)
+        return real_evaluate(prompts, reasoner, generator, *args)
+
+    monkeypatch.setattr(rollout.evaluation, "evaluate", evaluate_after_a_worker_dies)
     ckpt, out = run["checkpoint"], run["root"] / "eval-out"
     assert main(["--config", "configs/cpu_tiny.yaml", "--checkpoint", str(ckpt), "--out", str(out),
                  f"train.run_dir={run['root']}", *OVERRIDES]) == 0
@@ -136,7 +148,8 @@ def test_eval_entry_loads_the_checkpoint_and_writes_per_round_tables(run):
         assert r["n"] == 2 and math.isfinite(r["accuracy"]) and math.isfinite(r["mean_score"])
     assert "| overall | 1 |" in (out / "eval.md").read_text()
     weights = data["weights"]
-    assert weights["version"] == 1
+    assert weights["version"] == 1 and weights["replacements"] == {"text": 0, "diffusion": 1}
+    # the replacement of the killed worker evaluated with the checkpoint's weights too, not the base model's
     assert weights["text"]["worker_versions"] == [1] and weights["diffusion"]["worker_versions"] == [1, 1]
     for kind in ("text", "diffusion"):
         assert all(w["match"] and w["compared"] > 0 for w in weights[kind]["workers"]), weights[kind]
