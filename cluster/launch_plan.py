@@ -247,8 +247,9 @@ def _learner(role: str, key: str, what: str, shape: Any, section: Any, dp: int,
     targets = (_lora_setting(section, "target_modules") or default_targets) if rank else default_targets
     trainable = mp.lora_params(linears, rank, targets) if rank else shape.params
     gc, mb = section.gradient_checkpointing, section.micro_batch_size
+    merged = mp.lora_adapted_params(linears, targets) if rank else 0
     setup = mp.LearnerSetup(shape.params, trainable, wb, section.zero_stage, dp, section.kl_coef > 0, rank > 0,
-                            shape.largest_layer_params, acts(gc, mb))
+                            shape.largest_layer_params, acts(gc, mb), merged)
     est = mp.learner_memory(setup)
     mode = f"LoRA rank {rank} ({trainable / 1e6:.1f} M trained)" if rank else "full fine-tuning"
     p = RoleMemory(role, f"{what}, {shape.params / 1e9:.2f} B params, {mode}, {dtype}, ZeRO-{section.zero_stage} "
@@ -265,7 +266,7 @@ def _learner(role: str, key: str, what: str, shape: Any, section: Any, dp: int,
     if not rank:
         lora_n = mp.lora_params(linears, SUGGESTED_LORA_RANK, default_targets)
         fixes.append(f"LoRA ({key}.lora.rank={SUGGESTED_LORA_RANK} on {', '.join(default_targets)}): "
-                     f"{total(trainable=lora_n, lora=True)}")
+                     f"{total(trainable=lora_n, lora=True, merged_params=mp.lora_adapted_params(linears, default_targets))}")
     if section.zero_stage < 3:
         fixes.append(f"{key}.zero_stage=3: {total(zero_stage=3)}")
     if not gc:

@@ -11,7 +11,9 @@ measured on a DeepSpeed learner). ZeRO stage 1 shards the optimizer state over t
 ranks, stage 2 the gradients too, stage 3 the weights too (plus a gathered working set of about two
 layers: the one computed and the one prefetched). A reference model for the KL term is a second
 copy of the weights, sharded like them under ZeRO-3 (a frozen DeepSpeed engine, `learners.lean_init`)
-and whole below it; with LoRA the base model with its adapters off is the reference, at no extra cost. Activations per transformer layer follow Korthikanti et al. 2022 ("Reducing
+and whole below it; with LoRA the base model with its adapters off is the reference, at no extra cost,
+but rank 0 keeps a merged copy (base + scaled B A) of every adapted layer for the weight sync
+(`learners.lora.LoraAdapters`: the workers receive merged weights). Activations per transformer layer follow Korthikanti et al. 2022 ("Reducing
 Activation Recomputation in Large Transformer Models") with flash attention: 34 * tokens * hidden
 bytes in 16-bit; with gradient checkpointing only each layer's input (2 * tokens * hidden) is kept,
 plus one layer recomputed at a time.
@@ -30,7 +32,7 @@ from dataclasses import dataclass, field
 __all__ = [
     "GB", "DTYPE_BYTES", "ACTIVATION_BYTES_PER_TOKEN_HIDDEN", "CHECKPOINTED_BYTES_PER_TOKEN_HIDDEN",
     "LearnerSetup", "MemoryEstimate", "learner_memory", "optimizer_bytes_per_param", "layer_activation_bytes",
-    "activation_bytes", "logits_bytes", "lora_params", "kv_bytes_per_token", "kv_cache_budget",
+    "activation_bytes", "logits_bytes", "lora_params", "lora_adapted_params", "kv_bytes_per_token", "kv_cache_budget",
     "engine_memory", "EngineEstimate",
 ]
 
@@ -44,7 +46,9 @@ CHECKPOINTED_BYTES_PER_TOKEN_HIDDEN = 2  # one layer's input, 16-bit, kept under
 class LearnerSetup:
     """What a learner rank holds. params: every parameter of the trained module; trainable: those the
     optimizer updates (all, or the LoRA adapters' when `lora`); dp: data-parallel degree (the role's
-    learner count); activations: bytes of saved activations on one rank (`activation_bytes` + `logits_bytes`)."""
+    learner count); activations: bytes of saved activations on one rank (`activation_bytes` + `logits_bytes`);
+    merged_params: with `lora`, the base weights of the adapted layers (`lora_adapted_params`), whose merged
+    copies rank 0 keeps for the sync."""
 
     params: int
     trainable: int
@@ -55,6 +59,7 @@ class LearnerSetup:
     lora: bool
     largest_layer_params: int
     activations: float
+    merged_params: int = 0
 
 
 @dataclass(frozen=True)
@@ -88,6 +93,7 @@ def learner_memory(s: LearnerSetup) -> MemoryEstimate:
                       if s.reference and not s.lora else 0.0),
         "zero3_gather": 2 * s.largest_layer_params * s.weight_bytes if s.zero_stage >= 3 and s.dp > 1 else 0.0,
         "activations": float(s.activations),
+        "lora_merged": float(s.merged_params * s.weight_bytes) if s.lora else 0.0,  # rank 0's, the largest rank
     }
     return MemoryEstimate(parts)
 
@@ -120,16 +126,20 @@ def lora_params(linears: Iterable[tuple[str, int, int]], rank: int, target_modul
     "all-linear" targets every linear but the output layer (`lm_head`, `proj_out`)."""
     if rank < 1:
         raise ValueError(f"LoRA rank {rank} must be >= 1")
-    total = 0
-    for name, fan_in, fan_out in linears:
-        if target_modules == "all-linear":
-            hit = name.rsplit(".", 1)[-1] not in ("lm_head", "proj_out")
-        else:
-            targets = [target_modules] if isinstance(target_modules, str) else list(target_modules)
-            hit = any(name == t or name.endswith("." + t) for t in targets)
-        if hit:
-            total += rank * (fan_in + fan_out)
-    return total
+    return sum(rank * (fan_in + fan_out) for name, fan_in, fan_out in linears if _targeted(name, target_modules))
+
+
+def lora_adapted_params(linears: Iterable[tuple[str, int, int]], target_modules: Sequence[str] | str) -> int:
+    """Base weights of the layers LoRA adapts: in * out for each targeted `(name, in, out)` linear
+    (targets as in `lora_params`)."""
+    return sum(fan_in * fan_out for name, fan_in, fan_out in linears if _targeted(name, target_modules))
+
+
+def _targeted(name: str, target_modules: Sequence[str] | str) -> bool:
+    if target_modules == "all-linear":
+        return name.rsplit(".", 1)[-1] not in ("lm_head", "proj_out")
+    targets = [target_modules] if isinstance(target_modules, str) else list(target_modules)
+    return any(name == t or name.endswith("." + t) for t in targets)
 
 
 def kv_bytes_per_token(layers: int, kv_heads: int, head_dim: int, tensor_parallel: int, dtype_bytes: int) -> int:

@@ -25,7 +25,7 @@ def test_learner_memory_by_zero_stage():
     # bf16: 2 bytes weights, 2 bytes gradients, 12 bytes fp32 master + Adam moments, per parameter
     assert mp.learner_memory(setup()).parts == {
         "weights": 2000, "gradients": 2000, "optimizer": 12000, "reference": 2000, "zero3_gather": 0,
-        "activations": 50}
+        "activations": 50, "lora_merged": 0}
     assert mp.learner_memory(setup()).total == 18050
     assert mp.learner_memory(setup(zero_stage=1)).parts["optimizer"] == 3000  # sharded over 4 ranks
     z2 = mp.learner_memory(setup(zero_stage=2)).parts
@@ -46,6 +46,9 @@ def test_fp32_training_has_no_separate_master_copy_below_zero3():
 def test_lora_trains_adapters_only_and_its_reference_costs_nothing():
     parts = mp.learner_memory(setup(trainable=10, lora=True)).parts
     assert (parts["weights"], parts["gradients"], parts["optimizer"], parts["reference"]) == (2020, 20, 120, 0)
+    # rank 0 keeps the merged copies of the adapted layers for the sync: 600 base weights x 2 bytes
+    assert mp.learner_memory(setup(trainable=10, lora=True, merged_params=600)).parts["lora_merged"] == 1200
+    assert mp.learner_memory(setup(merged_params=600)).parts["lora_merged"] == 0  # no LoRA, no merged copies
 
 
 def test_bad_learner_setup_is_refused():
@@ -67,6 +70,8 @@ def test_lora_params_match_targets_like_peft():
     assert mp.lora_params(linears, 2, ["q_proj", "k_proj"]) == 2 * 16 + 2 * 10
     assert mp.lora_params(linears, 2, "all-linear") == 2 * (16 + 10 + 24)  # the output layer is left out
     assert mp.lora_params(linears, 2, ["proj"]) == 0  # a suffix of a name segment is no match
+    assert mp.lora_adapted_params(linears, ["q_proj", "k_proj"]) == 64 + 16
+    assert mp.lora_adapted_params(linears, "all-linear") == 64 + 16 + 128
     with pytest.raises(ValueError, match="rank 0"):
         mp.lora_params(linears, 0, ["q_proj"])
 
