@@ -265,8 +265,9 @@ def _learner(role: str, key: str, what: str, shape: Any, section: Any, dp: int,
     fixes = []
     if not rank:
         lora_n = mp.lora_params(linears, SUGGESTED_LORA_RANK, default_targets)
+        lora_merged = mp.lora_adapted_params(linears, default_targets)
         fixes.append(f"LoRA ({key}.lora.rank={SUGGESTED_LORA_RANK} on {', '.join(default_targets)}): "
-                     f"{total(trainable=lora_n, lora=True, merged_params=mp.lora_adapted_params(linears, default_targets))}")
+                     f"{total(trainable=lora_n, lora=True, merged_params=lora_merged)}")
     if section.zero_stage < 3:
         fixes.append(f"{key}.zero_stage=3: {total(zero_stage=3)}")
     if not gc:

@@ -15,8 +15,8 @@ Design: docs/design.md#diffusionnft-several-updates-per-batch-and-the-ema.
   also the previous one's (its rollouts are one version stale); snapshots are checkpointed.
 - EMA (`ema_decay` > 0): after every optimizer update ema ← d·ema + (1 − d)·θ of the trained
   parameters, with d warmed up as min(d, (1 + n) / (10 + n)) after n updates unless `ema_warmup` is
-  off (`learners.ema.warmed_up_decay`); `ema_swap_in` / `ema_swap_out` let the driver sync it to the workers for evaluation,
-  `save_ema_weights` writes it as model weights for a checkpoint.
+  off (`learners.ema.warmed_up_decay`); `ema_swap_in` / `ema_swap_out` let the driver sync it to the
+  workers for evaluation, `save_ema_weights` writes it as model weights for a checkpoint.
 """
 
 from __future__ import annotations

@@ -34,9 +34,9 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # `make test` runs whole test files on two processes (`-n 2 --dist loadfile --no-loadscope-reorder`),
 # each taking the next file when it runs out. A file of several minutes taken last leaves one
 # process working alone at the end, so the longest files go first (longest-processing-time order),
-# the rest in collection order. Seconds per file as `make test` measured them on a 2-core machine
-# (`--durations`: setup + calls); only the order they give matters, and a file missing here runs
-# after them.
+# the rest in collection order. Seconds per file are rough estimates (setup + calls) from the
+# slowest tests `make test --durations` printed on a 2-core machine; only the order they give
+# matters, and a file missing here runs after them.
 LONG_FILES: dict[str, int] = {
     "tests/examples/shapesworld/test_shapes_sanity.py": 400,
     "tests/learners/test_lora.py": 360,

@@ -7,9 +7,10 @@ training prompts limited to a fixed, tag-balanced set of `--train-prompts` train
 (`data.limit`), and the held-out evaluation cycled to `--per-tag` samples per tag. Then:
 
 - the paired generator probe (`examples.shapesworld.probe.probe_generator`) of every run's final
-  transformer (its EMA when the run kept one, as its evaluations use) and of the warm start: round 0 (the prompt as the text, ODE) on those fixed training
-  prompts (optimisation) and on the held-out ones (generalisation), `--per-tag` samples per tag on
-  each side, sample i with the same noise in every run;
+  transformer (its EMA when the run kept one, as its evaluations use) and of the warm start: round 0
+  (the prompt as the text, ODE) on those fixed training prompts (optimisation) and on the held-out
+  ones (generalisation), `--per-tag` samples per tag on each side, sample i with the same noise in
+  every run;
 - the runs' own R3 evaluations of the held-out split (round 0, final round, reflection, stop when
   correct, the exact-fix rate on wrong images), sample i on the same prompt and seeds in both arms of
   a seed;

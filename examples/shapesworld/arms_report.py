@@ -8,7 +8,8 @@ A run's measures::
     {"arm": "rl", "seed": 0, "probe": {"train": [bool, ...], "test": [bool, ...]},
      "eval": {"prompts": [str, ...], "round0": [bool, ...], "final": [bool, ...],
               "reflection": {"correct_decisions": int, "decisions": int, "stop_when_correct": float,
-                             "on_correct_images": int, "edit_when_wrong": float, "on_wrong_images": int},
+                             "on_correct_images": int, "edit_when_wrong": float, "on_wrong_images": int,
+                             "stops_on_correct": int},
               "fix_naming": {"exact_fixes": int, "on_wrong_images_with_fix": int, ...}}}
 
 "probe" is round 0 of the generator alone (the prompt as its text, ODE) on the fixed training prompts
@@ -80,8 +81,8 @@ def arm_claims(measures: Sequence[dict[str, Any]], arm: str, null: str = "null")
         [r["correct_decisions"] for r in rz], [r["decisions"] for r in rz],
     )  # fmt: skip
     out["stop_when_correct"] = proportion_difference(
-        [round(r["stop_when_correct"] * r["on_correct_images"]) for r in ra], [r["on_correct_images"] for r in ra],
-        [round(r["stop_when_correct"] * r["on_correct_images"]) for r in rz], [r["on_correct_images"] for r in rz],
+        [r["stops_on_correct"] for r in ra], [r["on_correct_images"] for r in ra],
+        [r["stops_on_correct"] for r in rz], [r["on_correct_images"] for r in rz],
     )  # fmt: skip
     fa, fz = [a[s]["eval"]["fix_naming"] for s in seeds], [z[s]["eval"]["fix_naming"] for s in seeds]
     if all(f["on_wrong_images_with_fix"] for f in fa + fz):  # else a judge named no fixes: not measured

@@ -6,18 +6,29 @@ files out; `examples.shapesworld.run` calls it after the two evaluations.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from reward.instruction_match import best_match
 from rollout.evaluation import EvalReport
 from rollout.judge_fixes import fixes_in
-from rollout.trajectory import Trajectory
+from rollout.trajectory import Round, Trajectory
 
-__all__ = ["reflection_accuracy", "fix_naming", "edit_outcomes", "plateau_round", "summarize_run", "results_markdown", "write_results"]
+__all__ = ["reflect_decisions", "reflection_accuracy", "fix_naming", "edit_outcomes", "plateau_round", "summarize_run",
+           "results_markdown", "write_results"]
 
 PLATEAU_TOLERANCE = 0.01  # a round is on the plateau when within 1 point of the best round
+
+
+def reflect_decisions(trajectories: Sequence[Trajectory]) -> Iterator[tuple[Round, Round]]:
+    """Every reflect decision as (the round looked at, the round that decided): round r ≥ 1 reflects
+    on round r−1's image, until the sample stops (the stop is the last decision)."""
+    for t in trajectories:
+        for prev, cur in zip(t.rounds, t.rounds[1:], strict=False):
+            yield prev, cur
+            if cur.stopped:
+                break
 
 
 def reflection_accuracy(trajectories: Sequence[Trajectory]) -> dict[str, float | int]:
@@ -27,17 +38,14 @@ def reflection_accuracy(trajectories: Sequence[Trajectory]) -> dict[str, float |
     their mean ("balanced"): most images are wrong, so a reasoner that always edits scores high on
     plain accuracy and exactly 0.5 on the balanced one."""
     hits, stops_on_correct, edits_on_wrong, n_correct, n_wrong = 0, 0, 0, 0, 0
-    for t in trajectories:
-        for prev, cur in zip(t.rounds, t.rounds[1:], strict=False):
-            if prev.correct:
-                n_correct += 1
-                stops_on_correct += cur.stopped
-            else:
-                n_wrong += 1
-                edits_on_wrong += not cur.stopped
-            hits += cur.stopped == prev.correct
-            if cur.stopped:
-                break
+    for prev, cur in reflect_decisions(trajectories):
+        if prev.correct:
+            n_correct += 1
+            stops_on_correct += cur.stopped
+        else:
+            n_wrong += 1
+            edits_on_wrong += not cur.stopped
+        hits += cur.stopped == prev.correct
     n = n_correct + n_wrong
     stop_when_correct = stops_on_correct / n_correct if n_correct else float("nan")
     edit_when_wrong = edits_on_wrong / n_wrong if n_wrong else float("nan")
@@ -50,6 +58,7 @@ def reflection_accuracy(trajectories: Sequence[Trajectory]) -> dict[str, float |
         "correct_decisions": hits,
         "on_correct_images": n_correct,
         "on_wrong_images": n_wrong,
+        "stops_on_correct": stops_on_correct,
     }
 
 
@@ -64,18 +73,16 @@ def fix_naming(trajectories: Sequence[Trajectory]) -> dict[str, float | int]:
     without any: a judge that names no fixes, or trajectories written before judges named them).
     """
     on_wrong, edits, exact, no_fix = 0, 0, 0, 0
-    for t in trajectories:
-        for prev, cur in zip(t.rounds, t.rounds[1:], strict=False):
-            if not prev.correct:
-                on_wrong += 1
-                fixes = fixes_in(prev.judge_details)
-                no_fix += not fixes
-                if not cur.stopped:
-                    edits += 1
-                    match = best_match(cur.instruction, fixes)
-                    exact += match is not None and match.score == 1.0
-            if cur.stopped:
-                break
+    for prev, cur in reflect_decisions(trajectories):
+        if prev.correct:
+            continue
+        on_wrong += 1
+        fixes = fixes_in(prev.judge_details)
+        no_fix += not fixes
+        if not cur.stopped:
+            edits += 1
+            match = best_match(cur.instruction, fixes)
+            exact += match is not None and match.score == 1.0
     with_fix = on_wrong - no_fix
     return {
         "exact_fix_rate": exact / with_fix if with_fix else float("nan"),
@@ -91,10 +98,8 @@ def edit_outcomes(trajectories: Sequence[Trajectory]) -> dict[str, int]:
     edit): wrong images fixed or left wrong, correct images kept or broken. Final-round accuracy
     minus round-0 accuracy is exactly (fixed − broken) / samples."""
     out = {"fixed": 0, "still_wrong": 0, "kept": 0, "broken": 0}
-    for t in trajectories:
-        for prev, cur in zip(t.rounds, t.rounds[1:], strict=False):
-            if cur.stopped:
-                break
+    for prev, cur in reflect_decisions(trajectories):
+        if not cur.stopped:
             key = ("kept" if cur.correct else "broken") if prev.correct else ("fixed" if cur.correct else "still_wrong")
             out[key] += 1
     return out

@@ -14,7 +14,8 @@ def _m(arm, seed, train, test, final, refl=(6, 10, 0.5, 4, 0.75, 6), fixes=(1, 6
         "arm": arm, "seed": seed, "probe": {"train": train, "test": test},
         "eval": {"prompts": ["a", "b", "c", "d"], "round0": test, "final": final,
                  "reflection": {"correct_decisions": hits, "decisions": n, "stop_when_correct": pc,
-                                "on_correct_images": nc, "edit_when_wrong": pw, "on_wrong_images": nw},
+                                "on_correct_images": nc, "edit_when_wrong": pw, "on_wrong_images": nw,
+                                "stops_on_correct": round(pc * nc)},
                  "fix_naming": {"exact_fixes": fixes[0], "on_wrong_images_with_fix": fixes[1]}},
     }  # fmt: skip
 
