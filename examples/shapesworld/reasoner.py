@@ -20,14 +20,20 @@ reads the generator's imperfect images.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from examples.shapesworld.recipe import degrade_images, image_pixels, make_pool, warmup_cosine
+from examples.shapesworld.reasoner_sft import (
+    answer_example,
+    fit_reasoner,
+    greedy_answerer,
+    pad_examples,
+    prompt_ids,
+)
+from examples.shapesworld.recipe import degrade_images, image_pixels, make_pool
 from examples.shapesworld.vision import pretrain_vision
 from rollout.parsing import STOP_PHRASE, is_stop, parse_answer
 from rollout.templates import Templates
@@ -45,9 +51,10 @@ __all__ = [
     "describe_objects",
     "build_shapes_vlm",
     "train_reasoner",
-    "fit_reasoner",
+    "plan_example",
     "evaluate_reasoner",
     "balanced_reflect_batch",
+    "RenderedReflectData",
 ]
 
 logger = logging.getLogger(__name__)
@@ -79,6 +86,12 @@ class ReasonerRecipe:
     vision_batch: int = 64
     vision_lr: float = 3e-3
     plan_weight: float = 1.0
+    # Second stage (`examples.shapesworld.own_images`): the generator's own images, judge-labelled.
+    own_images: int = 3000  # train-split prompts drawn once each by the finished generator
+    own_steps: int = 2000
+    own_lr: float = 2e-3
+    own_rendered_weight: float = 0.5  # loss weight of the first stage's rendered reflect batches beside them
+    own_eval_images: int = 270  # held-out (test-split) prompts drawn for the stage's before/after measurement
 
     def scaled(self, value: int, scale: float) -> int:
         return max(1, int(round(value * scale)))
@@ -183,42 +196,17 @@ def train_reasoner(
         model, processor, pool, r.scaled(r.vision_steps, s.scale), r.vision_batch, r.vision_lr, r.patch,
         np.random.default_rng(s.seed + 2), gen,
     )  # fmt: skip
-    data = _ReflectData(processor, pool, s.size, np.random.default_rng(s.seed + 1))
-    plans = [_plan_example(processor, p, m) for p, m in zip(pool.prompts, pool.metas, strict=True)]
+    data = RenderedReflectData(processor, pool, s.size, np.random.default_rng(s.seed + 1))
+    plans = [plan_example(processor, p, m) for p, m in zip(pool.prompts, pool.metas, strict=True)]
     pad = processor.tokenizer.pad_token_id
 
     def batches() -> list[tuple[float, dict[str, Any]]]:
         plan_idx = torch.randint(0, len(plans), (r.plan_batch,), generator=gen).tolist()
-        return [(r.plan_weight, _pad([plans[i] for i in plan_idx], pad)), (1.0, data.batch(r, gen))]
+        return [(r.plan_weight, pad_examples([plans[i] for i in plan_idx], pad)), (1.0, data.batch(r, gen))]
 
     losses = fit_reasoner(model, batches, r.scaled(r.steps, s.scale), r.lr, "reasoner")
     model.to(getattr(torch, s.storage_dtype)).save_pretrained(out)
     processor.save_pretrained(out)
-    return losses
-
-
-def fit_reasoner(model, batches: Callable[[], list[tuple[float, dict[str, Any]]]], steps: int, lr: float, name: str):
-    """`steps` AdamW steps (warm-up + cosine, gradients clipped to 1) on the weighted sum of the
-    `_weighted_loss` of each (weight, batch) that `batches()` draws; the losses per step. Leaves
-    the model in eval mode."""
-    import torch
-
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(steps))
-    model.train()
-    losses: list[float] = []
-    for _ in range(steps):
-        weighted = batches()
-        loss = sum(w * _weighted_loss(model, b) for w, b in weighted)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(float(loss.detach()))
-        if len(losses) % max(1, steps // 10) == 0:
-            logger.info("%s step %d/%d loss %.4f", name, len(losses), steps, float(np.mean(losses[-10:])))
-    model.eval()
     return losses
 
 
@@ -236,7 +224,7 @@ def evaluate_reasoner(path: Path, tasks: list[dict[str, Any]], s: PretrainSettin
     correct_deg = degrade_images(pool.correct, rng, 1.0)
     wrong_deg = degrade_images(pool.wrong, rng, 1.0)
     t = Templates()
-    answer = _greedy_answerer(processor, model)
+    answer = greedy_answerer(processor, model)
     torch.manual_seed(s.seed)
     m: dict[str, list[bool]] = {k: [] for k in ("plan_ok", "plan_exact", "stop", "stop_deg", "exact", "caption")}
     for i, p in enumerate(pool.prompts):
@@ -275,7 +263,7 @@ def balanced_reflect_batch(n_prompts: int, batch: int, gen) -> tuple[list[int], 
     return idx + idx, [True] * (batch // 2) + [False] * (batch // 2)
 
 
-class _ReflectData:
+class RenderedReflectData:
     """Balanced reflect batches: pool images or fresh renders of the pool's prompts, a share of
     them degraded; prompt ids cached per prompt (they do not depend on the image's content)."""
 
@@ -302,122 +290,19 @@ class _ReflectData:
             answers.append(reflect_answer(describe_scene(scene, pool.metas[i]), instruction))
         images = degrade_images(np.stack(images), rng, r.degrade_fraction)
         examples = [
-            _with_answer(self.processor, self._prompt_ids(i, im), a, r.decision_weight)
+            answer_example(self.processor, self._prompt_ids(i, im), a, r.decision_weight)
             for i, im, a in zip(idx, images, answers, strict=True)
         ]
-        batch = _pad(examples, self.processor.tokenizer.pad_token_id)
+        batch = pad_examples(examples, self.processor.tokenizer.pad_token_id)
         batch["pixel_values"], batch["pixel_attention_mask"] = image_pixels(self.processor, list(images))
         return batch
 
     def _prompt_ids(self, i: int, image: np.ndarray) -> list[int]:
         if i not in self._ids:
-            self._ids[i] = _prompt_ids(self.processor, self.templates.reflect_messages(self.pool.prompts[i], image))
+            self._ids[i] = prompt_ids(self.processor, self.templates.reflect_messages(self.pool.prompts[i], image))
         return self._ids[i]
 
 
-def _chat(messages) -> list[dict[str, Any]]:
-    """ChatMessages -> the chat dicts `actors.text_worker` renders (images first, then the text)."""
-    out = []
-    for m in messages:
-        parts: list[dict[str, Any]] = [{"type": "image"} for _ in m.images]
-        parts.append({"type": "text", "text": m.text})
-        out.append({"role": m.role, "content": parts})
-    return out
+def plan_example(processor, prompt: str, meta: dict[str, Any]):
+    return answer_example(processor, prompt_ids(processor, Templates().plan_messages(prompt)), plan_answer(meta))
 
-
-def _prompt_ids(processor, messages) -> list[int]:
-    """Token ids of the rendered chat up to `Assistant:`, image placeholders expanded."""
-    from PIL import Image
-
-    text = processor.apply_chat_template(_chat(messages), tokenize=False, add_generation_prompt=True)
-    images = [Image.fromarray(im) for m in messages for im in m.images]
-    enc = processor(text=text, images=[images] if images else None, add_special_tokens=False)
-    return list(enc["input_ids"][0])
-
-
-def _with_answer(processor, prompt: list[int], answer: str, decision_weight: float = 1.0):
-    """(ids, labels, weights): the answer tokens + `<end_of_utterance>` carry the loss; the
-    first token after `</think>` (the reflect decision: stop phrase or instruction) carries
-    `decision_weight`."""
-    tok = processor.tokenizer
-    head = answer[: answer.index("</think>") + len("</think>")]
-    ans = tok(answer, add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids("<end_of_utterance>")]
-    n_head = len(tok(head, add_special_tokens=False)["input_ids"])
-    if ans[:n_head] != tok(head, add_special_tokens=False)["input_ids"]:
-        raise ValueError(f"the think of {answer!r} does not tokenize apart from its answer")
-    weights = [0.0] * len(prompt) + [1.0] * len(ans)
-    weights[len(prompt) + n_head] = decision_weight
-    return prompt + ans, [-100] * len(prompt) + ans, weights
-
-
-def _plan_example(processor, prompt: str, meta: dict[str, Any]):
-    return _with_answer(processor, _prompt_ids(processor, Templates().plan_messages(prompt)), plan_answer(meta))
-
-
-def _pad(examples, pad_id: int) -> dict[str, Any]:
-    """Right-padded (B, T) input_ids, attention_mask, labels (-100 on prompt and padding) and
-    loss weights."""
-    import torch
-
-    n = max(len(e[0]) for e in examples)
-    ids = torch.full((len(examples), n), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), n), -100, dtype=torch.long)
-    weights = torch.zeros((len(examples), n))
-    mask = torch.zeros((len(examples), n), dtype=torch.long)
-    for b, (i, lab, w) in enumerate(examples):
-        ids[b, : len(i)], labels[b, : len(i)] = torch.tensor(i), torch.tensor(lab)
-        weights[b, : len(i)], mask[b, : len(i)] = torch.tensor(w), 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "weights": weights}
-
-
-def _weighted_loss(model, batch: dict[str, Any], share_prefix: bool = True):
-    """Weighted next-token cross-entropy, summed over answer tokens / their number.
-
-    With `share_prefix`, the token prefix that every row shares (system message and template
-    text, up to the first image token) runs once and its key/value cache is repeated over the
-    batch: the same loss and gradients (autograd flows through the cache) for ~40 % less compute."""
-    import torch
-
-    labels, weights = batch["labels"], batch["weights"]
-    inputs = {k: v for k, v in batch.items() if k not in ("labels", "weights")}
-    k = _shared_prefix_len(inputs["input_ids"], model.config.image_token_id) if share_prefix else 0
-    if k > 0:
-        ids = inputs["input_ids"]
-        cache = model(input_ids=ids[:1, :k], use_cache=True, logits_to_keep=1).past_key_values
-        cache.batch_repeat_interleave(ids.shape[0])
-        inputs.update(input_ids=ids[:, k:], past_key_values=cache)
-    logits = model(**inputs).logits  # (B, T - k, V)
-    labels, weights = labels[:, k:], weights[:, k:]
-    ce = torch.nn.functional.cross_entropy(
-        logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100, reduction="none"
-    )  # (B * (T - k - 1),)
-    return (ce * weights[:, 1:].flatten()).sum() / (labels[:, 1:] != -100).sum().clamp(min=1)
-
-
-def _shared_prefix_len(ids, image_token_id: int) -> int:
-    """Length of the id prefix common to every row of `ids` (B, T), stopped before the first
-    image token (image embeddings differ per row) and at least one token short of the end."""
-    same = (ids == ids[:1]).all(0) & (ids[0] != image_token_id)  # (T,)
-    k = int(same.long().cumprod(0).sum())
-    return min(k, ids.shape[1] - 2)
-
-
-def _greedy_answerer(processor, model, max_new_tokens: int = 40):
-    """messages -> the greedy answer text (the RL run's answer budget: grpo.max_tokens 40)."""
-    import torch
-    from PIL import Image
-
-    tok = processor.tokenizer
-    eou = tok.convert_tokens_to_ids("<end_of_utterance>")
-
-    def answer(messages) -> str:
-        text = processor.apply_chat_template(_chat(messages), tokenize=False, add_generation_prompt=True)
-        images = [Image.fromarray(im) for m in messages for im in m.images]
-        enc = processor(text=text, images=[images] if images else None, return_tensors="pt", add_special_tokens=False)
-        with torch.no_grad():
-            out = model.generate(
-                **enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=[eou], pad_token_id=tok.pad_token_id
-            )
-        return tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-
-    return answer

@@ -10,7 +10,7 @@ import pytest
 
 from examples.shapesworld.models import WARM_START, warm_start_path
 from examples.shapesworld.pretrain import foreground_weight, pretrain
-from examples.shapesworld.reasoner import plan_answer, reflect_answer
+from examples.shapesworld.reasoner import ReasonerRecipe, plan_answer, reflect_answer
 from examples.shapesworld.recipe import PretrainSettings, make_pool, sample_sigmas, warmup_cosine
 from examples.shapesworld.tasks import TAGS, build_splits, metadata_for_prompt
 from rollout.parsing import is_stop, parse_answer
@@ -171,6 +171,16 @@ def test_shortened_warm_start_saves_loadable_models(warm_start):
     threads = manifest["threads"]  # every thread again after the handoff
     assert manifest["reasoner_threads"] == (threads // 2 if threads >= 2 else threads)
     assert {"reasoner_s", "reasoner_eval_s", "reasoner_wait_s", "flow_s", "total_s"} <= set(manifest["times"])
+    own, r = manifest["reasoner_own_images"], ReasonerRecipe()  # the second reasoner stage
+    assert own["train_images"] + own["train_left_out"] == r.scaled(r.own_images, 0.01) == 30
+    assert own["eval_images"] + own["eval_left_out"] == 27  # 3 x --eval-prompts
+    if "skipped" in own:  # a 1 % generator may draw nothing the judge can name
+        assert own["train_images"] == 0 and manifest["losses"]["reasoner_own_images"]["steps"] == 0
+    else:
+        assert manifest["losses"]["reasoner_own_images"]["steps"] == r.scaled(r.own_steps, 0.01) == 20
+        assert own["before"]["n_correct"] + own["before"]["n_wrong"] == own["eval_images"]
+        assert {"reasoner_own_draw_s", "reasoner_own_s", "reasoner_own_eval_s"} <= set(manifest["times"])
+    assert "reflect_stop_accuracy" in manifest["reasoner_eval_rendered_stage"]
     assert not (root / "reasoner.json").exists()  # the child's result file is read and removed
     assert [p.name for p in root.parent.iterdir() if ".tmp-" in p.name] == []  # the build folder is gone
     pipe = FluxKontextPipeline.from_pretrained(str(warm_start_path("flux", root)))

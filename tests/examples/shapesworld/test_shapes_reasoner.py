@@ -8,14 +8,13 @@ import torch
 
 from examples.shapesworld.reasoner import (
     PLAN_THINK,
-    _prompt_ids,
-    _with_answer,
     balanced_reflect_batch,
     build_shapes_vlm,
     describe_scene,
     plan_answer,
     reflect_answer,
 )
+from examples.shapesworld.reasoner_sft import answer_example, prompt_ids
 from examples.shapesworld.recipe import degrade_images, image_pixels, make_pool
 from examples.shapesworld.tasks import build_splits, metadata_for_prompt
 from rollout.parsing import is_stop, parse_answer
@@ -104,12 +103,12 @@ def test_degradation_is_seeded_bounded_and_only_on_the_chosen_share(pool):
 
 def test_loss_weights_cover_the_answer_and_the_decision_token(processor):
     prompt = [5, 6, 7]
-    ids, labels, weights = _with_answer(processor, prompt, reflect_answer("red star.", None), decision_weight=4.0)
+    ids, labels, weights = answer_example(processor, prompt, reflect_answer("red star.", None), decision_weight=4.0)
     tok = processor.tokenizer
     n_think = len(tok("<think>red star.</think>", add_special_tokens=False)["input_ids"])
     assert labels[:3] == [-100] * 3 and labels[3:] == ids[3:] and weights[:3] == [0.0] * 3
     assert weights[3 + n_think] == 4.0
-    wrong_ids, _, _ = _with_answer(processor, prompt, reflect_answer("red star.", "add one more star"))
+    wrong_ids, _, _ = answer_example(processor, prompt, reflect_answer("red star.", "add one more star"))
     assert ids[: 3 + n_think] == wrong_ids[: 3 + n_think]  # the weighted token is where they part
     assert ids[3 + n_think] != wrong_ids[3 + n_think]
     assert ids[-1] == tok.convert_tokens_to_ids("<end_of_utterance>")
@@ -119,12 +118,12 @@ def test_loss_weights_cover_the_answer_and_the_decision_token(processor):
 def test_training_encoding_equals_the_processor_on_the_worker_chat(processor, pool):
     from PIL import Image
 
-    from examples.shapesworld.reasoner import _chat
+    from examples.shapesworld.reasoner_sft import chat_dicts
 
     messages = Templates().reflect_messages(pool.prompts[0], pool.wrong[0])
-    text = processor.apply_chat_template(_chat(messages), tokenize=False, add_generation_prompt=True)
+    text = processor.apply_chat_template(chat_dicts(messages), tokenize=False, add_generation_prompt=True)
     ref = processor(text=text, images=[[Image.fromarray(pool.wrong[0])]], return_tensors="pt", add_special_tokens=False)
-    assert _prompt_ids(processor, messages) == ref["input_ids"][0].tolist()
+    assert prompt_ids(processor, messages) == ref["input_ids"][0].tolist()
     n_image_tokens = ref["input_ids"][0].tolist().count(processor.image_token_id)
     assert n_image_tokens == 16  # one 64 px tile of 8 px patches, pixel-shuffled by 2
     pixels, mask = image_pixels(processor, [pool.wrong[0]])
@@ -135,24 +134,25 @@ def test_training_encoding_equals_the_processor_on_the_worker_chat(processor, po
 def test_shared_prefix_loss_equals_the_plain_loss(processor, pool, tmp_path):
     from transformers import Idefics3ForConditionalGeneration
 
-    from examples.shapesworld.reasoner import ReasonerRecipe, _pad, _plan_example, _weighted_loss
+    from examples.shapesworld.reasoner import ReasonerRecipe, plan_example
+    from examples.shapesworld.reasoner_sft import pad_examples, weighted_loss
 
     r = ReasonerRecipe(text_hidden=32, text_layers=2, text_heads=2, vision_hidden=32, vision_layers=1, vision_heads=1)
     model = Idefics3ForConditionalGeneration.from_pretrained(build_shapes_vlm(tmp_path, seed=1, recipe=r))
     t = Templates()
     examples = [
-        _with_answer(processor, _prompt_ids(processor, t.reflect_messages(p, im)), reflect_answer("a.", i), 3.0)
+        answer_example(processor, prompt_ids(processor, t.reflect_messages(p, im)), reflect_answer("a.", i), 3.0)
         for p, im, i in zip(pool.prompts[:3], pool.wrong[:3], pool.instructions[:3], strict=True)
     ]
-    reflect = _pad(examples, processor.tokenizer.pad_token_id)
+    reflect = pad_examples(examples, processor.tokenizer.pad_token_id)
     reflect["pixel_values"], reflect["pixel_attention_mask"] = image_pixels(processor, list(pool.wrong[:3]))
-    plans = _pad([_plan_example(processor, p, m) for p, m in zip(pool.prompts[:3], pool.metas[:3], strict=True)],
+    plans = pad_examples([plan_example(processor, p, m) for p, m in zip(pool.prompts[:3], pool.metas[:3], strict=True)],
                  processor.tokenizer.pad_token_id)
     for batch in (reflect, plans):
         results = []
         for share in (False, True):
             model.zero_grad(set_to_none=True)
-            loss = _weighted_loss(model, batch, share_prefix=share)
+            loss = weighted_loss(model, batch, share_prefix=share)
             loss.backward()
             patch = model.model.vision_model.embeddings.patch_embedding.weight.grad
             results.append((loss.detach(), model.lm_head.weight.grad.clone(), patch))
