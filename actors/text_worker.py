@@ -137,6 +137,8 @@ class TextWorker(TextWeightReceiver):
         start = time.perf_counter()
         self.llm = LLM(**engine_kwargs)
         self.engine_start_s = time.perf_counter() - start
+        if on_cpu:
+            _quiet_thread_binding_warning()
         self._renderer = _load_renderer(self.model_path, self.is_vlm)
         self._logit_bias = None
         if self.is_vlm:  # never sample image placeholders (the learner applies the same bias)
@@ -363,3 +365,22 @@ def _to_samples(output: Any, version: int) -> list[TextSample]:
             finish_reason=str(completion.finish_reason), weight_version=version,
         ))
     return samples
+
+
+THREAD_BINDING_WARNING = "doesn't allow to use `torch.set_num_threads` after the thread binding"
+
+
+class _DropThreadBindingWarning(logging.Filter):
+    """Drops one vLLM CPU-worker warning and nothing else. That worker replaces
+    `torch.set_num_threads` with a function that only warns (its threads are bound to cores), and
+    vLLM's own multimodal renderer calls it around every request with images: one warning line per
+    generate call, hundreds per run, about a skip that is intended."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return THREAD_BINDING_WARNING not in record.getMessage()
+
+
+def _quiet_thread_binding_warning() -> None:
+    cpu_logger = logging.getLogger("vllm.v1.worker.cpu_worker")
+    if not any(isinstance(f, _DropThreadBindingWarning) for f in cpu_logger.filters):
+        cpu_logger.addFilter(_DropThreadBindingWarning())

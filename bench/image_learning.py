@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     from cluster.roles import judge_spec, resolve_paths
     from reward.registry import build_judge
 
-    logging.getLogger("vllm").setLevel(logging.ERROR)  # its CPU worker warns at every generate call
+    logging.getLogger("vllm").setLevel(logging.ERROR)  # the bench prints its table alone; engine INFO lines would interleave
     out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="bench-image-learning-") as tmp:
         train_file, rows = colour_prompts(Path(tmp) / "colour_prompts.jsonl")

@@ -522,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
     out = pretrain(settings, args.out, args.force, command=shlex.join([*p.prog.split(), *given]))
     manifest = json.loads((out / "manifest.json").read_text())
     sys.stdout.write(
-        json.dumps({k: manifest[k] for k in ("times", "generator_eval", "reasoner_eval")}, indent=1) + "\n"
+        json.dumps({k: manifest[k] for k in ("times", "generator_eval", "reasoner_eval", "reasoner_own_images")}, indent=1) + "\n"
     )
     logger.info("total %.1f s", time.perf_counter() - start)
     return 0

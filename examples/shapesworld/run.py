@@ -106,8 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     except (LearnerFailure, RunRefused) as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
-    extra = {"warm_start": {"path": str(Path(generator).parent),
-                            **{k: manifest.get(k) for k in ("command", "seed", "times", "generator_eval", "reasoner_eval")}},
+    measured = ("command", "seed", "times", "generator_eval", "reasoner_eval", "reasoner_own_images")
+    extra = {"warm_start": {"path": str(Path(generator).parent), **{k: manifest.get(k) for k in measured}},
              "config": {"steps": cfg.train.steps, "group_size": cfg.r3.group_size,
                         "prompts_per_step": cfg.r3.prompts_per_step, "eval_prompts": cfg.data.eval_limit,
                         "eval_per_category": cfg.data.eval_per_category}}

@@ -110,6 +110,30 @@ def test_image_logprobs_match_transformers(text_worker_vlm, hf_vlm, make_image) 
             np.testing.assert_allclose(sample.logprobs, want, atol=TOL, rtol=0)
 
 
+def test_image_requests_log_no_thread_binding_warning(text_worker_vlm, make_image) -> None:
+    """vLLM's CPU worker warns about `torch.set_num_threads` on every request with images; the worker
+    drops that one message (and only it)."""
+    import logging
+
+    from actors.text_worker import THREAD_BINDING_WARNING
+
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    cpu_logger, keep = logging.getLogger("vllm.v1.worker.cpu_worker"), Keep()
+    cpu_logger.addHandler(keep)
+    try:
+        text_worker_vlm.generate([_ask("Is this red?", make_image(3), n=1, max_tokens=2, seed=0)])
+        cpu_logger.warning("another warning of the CPU worker")
+    finally:
+        cpu_logger.removeHandler(keep)
+    assert not [m for m in seen if THREAD_BINDING_WARNING in m]
+    assert "another warning of the CPU worker" in seen
+
+
 # ------------------------------------------------------------------------------ weights
 
 
