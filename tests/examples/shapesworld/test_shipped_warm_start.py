@@ -41,6 +41,9 @@ def test_the_manifest_says_how_it_was_built_and_what_it_measured(manifest):
     gen, reasoner = manifest["generator_eval"], manifest["reasoner_eval"]
     assert 0.0 <= gen["t2i_accuracy"] <= 1.0 and 0.0 <= gen["edit_accuracy"] <= 1.0 and gen["n"] > 0
     assert 0.0 <= reasoner["reflect_stop_accuracy"] <= 1.0 and reasoner["n"] > 0
+    own = manifest["reasoner_own_images"]  # the reasoner's stage on the generator's own images
+    assert own["train_images"] > 0 and "skipped" not in own
+    assert own["after"]["n_correct"] + own["after"]["n_wrong"] == own["eval_images"] > 0
     assert manifest["times"]["total_s"] > 0
 
 
