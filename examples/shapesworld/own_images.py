@@ -21,6 +21,7 @@ model; here the judge is that teacher, and only train-split prompts are drawn.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,6 +32,7 @@ from examples.shapesworld.reasoner import (
     ReasonerRecipe,
     RenderedReflectData,
     describe_objects,
+    evaluate_reasoner,
     plan_example,
     reflect_answer,
 )
@@ -48,6 +50,7 @@ from rollout.templates import Templates
 if TYPE_CHECKING:
     from examples.shapesworld.judge import Detection
     from examples.shapesworld.recipe import PretrainSettings, RenderedPool
+    from examples.shapesworld.tasks import Splits
 
 __all__ = [
     "OwnImage",
@@ -57,6 +60,7 @@ __all__ = [
     "OwnReflectData",
     "tune_on_own_images",
     "evaluate_on_own_images",
+    "own_images_stage",
 ]
 
 logger = logging.getLogger(__name__)
@@ -234,3 +238,48 @@ def evaluate_on_own_images(vlm: Path, rows: list[OwnImage]) -> dict[str, Any]:
         "n_correct": len(m["stop"]),
         "n_wrong": len(m["exact"]),
     }
+
+
+def own_images_stage(
+    flux: Path, vlm: Path, pool: RenderedPool, splits: Splits, s: PretrainSettings
+) -> dict[str, Any]:
+    """The whole stage, as the warm start (`examples.shapesworld.pretrain`) runs it after both models
+    of the first stages: the finished generator in `flux` draws the train split's prompts, the judge labels
+    them, the reasoner in `vlm` is fine-tuned on them. Measured before and after on held-out
+    own images (3 × `s.eval_prompts` test-split prompts), and the rendered measurement again.
+    Skipped, with a warning and `skipped` in the result, when no drawn image can be captioned."""
+    import torch
+
+    r = ReasonerRecipe()
+    t = time.perf_counter()
+    train_rows, train_unnamed = draw_own_images(
+        flux, splits.train, r.scaled(r.own_images, s.scale), s.seed + 40_000, s
+    )
+    eval_rows, eval_unnamed = draw_own_images(flux, splits.test, 3 * s.eval_prompts, s.seed + 50_000, s)
+    times = {"reasoner_own_draw_s": time.perf_counter() - t}
+    logger.info(
+        "own images: %d to train on (%d correct; %d left out, objects the judge cannot name), %d held out",
+        len(train_rows), sum(x.fix is None for x in train_rows), train_unnamed, len(eval_rows),
+    )  # fmt: skip
+    result: dict[str, Any] = {
+        "train_images": len(train_rows),
+        "train_correct": sum(x.fix is None for x in train_rows),
+        "train_left_out": train_unnamed,
+        "eval_images": len(eval_rows),
+        "eval_left_out": eval_unnamed,
+    }
+    if not train_rows:  # a generator that draws nothing the judge can name (a shortened warm start)
+        logger.warning("own images: the judge could name the objects of none; the stage is skipped")
+        result["skipped"] = "no own image had objects the judge could name"
+        return {"losses": [], "times": times, "result": result, "rendered_eval": None}
+    before = evaluate_on_own_images(vlm, eval_rows)
+    t = time.perf_counter()
+    losses = tune_on_own_images(vlm, train_rows, pool, s, torch.Generator().manual_seed(s.seed + 4), r)
+    times["reasoner_own_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    after = evaluate_on_own_images(vlm, eval_rows)
+    rendered = evaluate_reasoner(vlm, splits.test, s)
+    times["reasoner_own_eval_s"] = time.perf_counter() - t
+    logger.info("reasoner on held-out own images, before: %s; after: %s", before, after)
+    result.update(before=before, after=after)
+    return {"losses": losses, "times": times, "result": result, "rendered_eval": rendered}

@@ -323,7 +323,9 @@ def _train(tmp: Path, s: PretrainSettings) -> dict[str, Any]:
         reasoner.stop()
     times.update(reasoner_result["times"])
     reasoner_losses, reasoner_eval = reasoner_result["losses"], reasoner_result["eval"]
-    own = _own_images_stage(tmp, pool, splits, s)
+    from examples.shapesworld.own_images import own_images_stage
+
+    own = own_images_stage(tmp / "flux", tmp / "vlm", pool, splits, s)
     times.update(own["times"])
     times["total_s"] = time.perf_counter() - start  # wall time; the stages above overlap
     return {
@@ -345,52 +347,6 @@ def _train(tmp: Path, s: PretrainSettings) -> dict[str, Any]:
         "reasoner_own_images": own["result"],
         "reasoner_eval": own["rendered_eval"] or reasoner_eval,
     }
-
-
-def _own_images_stage(tmp: Path, pool: RenderedPool, splits, s: PretrainSettings) -> dict[str, Any]:
-    """The reasoner's second stage (`examples.shapesworld.own_images`), after both models of the
-    first: the finished generator in `tmp/flux` draws the train split's prompts, the judge labels
-    them, the reasoner in `tmp/vlm` is fine-tuned on them. Measured before and after on held-out
-    own images (3 × `s.eval_prompts` test-split prompts), and the rendered measurement again.
-    Skipped, with a warning and `skipped` in the result, when no drawn image can be captioned."""
-    import torch
-
-    from examples.shapesworld.own_images import draw_own_images, evaluate_on_own_images, tune_on_own_images
-    from examples.shapesworld.reasoner import ReasonerRecipe, evaluate_reasoner
-
-    r = ReasonerRecipe()
-    t = time.perf_counter()
-    train_rows, train_unnamed = draw_own_images(
-        tmp / "flux", splits.train, r.scaled(r.own_images, s.scale), s.seed + 40_000, s
-    )
-    eval_rows, eval_unnamed = draw_own_images(tmp / "flux", splits.test, 3 * s.eval_prompts, s.seed + 50_000, s)
-    times = {"reasoner_own_draw_s": time.perf_counter() - t}
-    logger.info(
-        "own images: %d to train on (%d correct; %d left out, objects the judge cannot name), %d held out",
-        len(train_rows), sum(x.fix is None for x in train_rows), train_unnamed, len(eval_rows),
-    )  # fmt: skip
-    result: dict[str, Any] = {
-        "train_images": len(train_rows),
-        "train_correct": sum(x.fix is None for x in train_rows),
-        "train_left_out": train_unnamed,
-        "eval_images": len(eval_rows),
-        "eval_left_out": eval_unnamed,
-    }
-    if not train_rows:  # a generator that draws nothing the judge can name (a shortened warm start)
-        logger.warning("own images: the judge could name the objects of none; the stage is skipped")
-        result["skipped"] = "no own image had objects the judge could name"
-        return {"losses": [], "times": times, "result": result, "rendered_eval": None}
-    before = evaluate_on_own_images(tmp / "vlm", eval_rows)
-    t = time.perf_counter()
-    losses = tune_on_own_images(tmp / "vlm", train_rows, pool, s, torch.Generator().manual_seed(s.seed + 4), r)
-    times["reasoner_own_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    after = evaluate_on_own_images(tmp / "vlm", eval_rows)
-    rendered = evaluate_reasoner(tmp / "vlm", splits.test, s)
-    times["reasoner_own_eval_s"] = time.perf_counter() - t
-    logger.info("reasoner on held-out own images, before: %s; after: %s", before, after)
-    result.update(before=before, after=after)
-    return {"losses": losses, "times": times, "result": result, "rendered_eval": rendered}
 
 
 class _ReasonerStage:

@@ -8,6 +8,7 @@ that checkpoint on the same cluster.
 
 import json
 import math
+import time
 
 import pytest
 
@@ -134,8 +135,11 @@ def test_eval_entry_loads_the_checkpoint_and_writes_per_round_tables(run, monkey
     def evaluate_after_a_worker_dies(prompts, reasoner, generator, *args):
         victim = generator.pool.actors[1]
         ray.kill(victim, no_restart=True)  # found dead by its first call: replaced, its work redone
+        deadline = time.monotonic() + 60
         with pytest.raises(ray.exceptions.RayActorError):
-            ray.get(victim.__ray_ready__.remote(), timeout=60)
+            while time.monotonic() < deadline:  # the kill is asynchronous: a call may be served first
+                ray.get(victim.__ray_ready__.remote(), timeout=60)
+                time.sleep(0.2)
         return real_evaluate(prompts, reasoner, generator, *args)
 
     monkeypatch.setattr(rollout.evaluation, "evaluate", evaluate_after_a_worker_dies)
