@@ -99,6 +99,8 @@ class TextWorker(TextWeightReceiver):
         from vllm.platforms import current_platform
 
         on_cpu = current_platform.is_cpu()
+        if on_cpu:  # before the engine starts: its warm-up requests warn too
+            _quiet_thread_binding_warning()
         if enable_sleep_mode and not current_platform.is_sleep_mode_available():
             raise ValueError(f"enable_sleep_mode=True is not supported on {current_platform.device_name}; "
                              "set it to False (sleep mode needs a CUDA/ROCm GPU)")
@@ -137,8 +139,6 @@ class TextWorker(TextWeightReceiver):
         start = time.perf_counter()
         self.llm = LLM(**engine_kwargs)
         self.engine_start_s = time.perf_counter() - start
-        if on_cpu:
-            _quiet_thread_binding_warning()
         self._renderer = _load_renderer(self.model_path, self.is_vlm)
         self._logit_bias = None
         if self.is_vlm:  # never sample image placeholders (the learner applies the same bias)

@@ -257,13 +257,14 @@ def own_images_stage(
     )
     eval_rows, eval_unnamed = draw_own_images(flux, splits.test, 3 * s.eval_prompts, s.seed + 50_000, s)
     times = {"reasoner_own_draw_s": time.perf_counter() - t}
+    train_correct = sum(x.fix is None for x in train_rows)
     logger.info(
         "own images: %d to train on (%d correct; %d left out, objects the judge cannot name), %d held out",
-        len(train_rows), sum(x.fix is None for x in train_rows), train_unnamed, len(eval_rows),
+        len(train_rows), train_correct, train_unnamed, len(eval_rows),
     )  # fmt: skip
     result: dict[str, Any] = {
         "train_images": len(train_rows),
-        "train_correct": sum(x.fix is None for x in train_rows),
+        "train_correct": train_correct,
         "train_left_out": train_unnamed,
         "eval_images": len(eval_rows),
         "eval_left_out": eval_unnamed,
