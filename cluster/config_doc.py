@@ -31,7 +31,7 @@ DEFAULT_PATH = Path(__file__).resolve().parents[1] / "docs" / "config.md"
 _HEADER = """\
 # Configuration reference
 
-<!-- Generated from cluster/config.py by `python -m cluster.config_doc` (`make docs`); do not edit. -->
+<!-- Generated from the config schema (cluster/config.py and its cluster/config_*.py sections) by `python -m cluster.config_doc` (`make docs`); do not edit. -->
 
 A run reads one YAML file (`python -m cluster.train --config FILE`) and then dotted overrides
 from the command line (`r3.group_size=8 cluster.text_workers=2`); values are parsed as YAML.

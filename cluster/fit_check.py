@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING
 from cluster.placement import PLACED_ROLES, RolePlan, plan_placement
 
 if TYPE_CHECKING:
-    from cluster.config import HardwareSpec, R3Config
+    from cluster.config import R3Config
+    from cluster.config_roles import HardwareSpec
 
 __all__ = ["placement_misfit", "role_totals"]
 
