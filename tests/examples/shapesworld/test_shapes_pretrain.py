@@ -8,8 +8,9 @@ import json
 import numpy as np
 import pytest
 
+from examples.shapesworld.generator_sft import foreground_weight
 from examples.shapesworld.models import WARM_START, warm_start_path
-from examples.shapesworld.pretrain import foreground_weight, pretrain
+from examples.shapesworld.pretrain import pretrain
 from examples.shapesworld.reasoner import ReasonerRecipe, plan_answer, reflect_answer
 from examples.shapesworld.recipe import PretrainSettings, make_pool, sample_sigmas, warmup_cosine
 from examples.shapesworld.tasks import TAGS, build_splits, metadata_for_prompt
