@@ -1,7 +1,7 @@
 """Supervised ShapesWorld warm start: `python -m examples.shapesworld.pretrain [--out DIR] [--seed 0] [--scale 1.0]`.
 
 Trains, on rendered ShapesWorld data (train split only; canonical layout by default: one image
-per prompt, see `examples.shapesworld.render.canonical_objects`), on the CPU:
+per prompt, see `examples.shapesworld.layout.canonical_objects`), on the CPU:
 1. the generator's VAE as an autoencoder (a random VAE cannot draw anything), then sets its
    latent shift/scale so scaled latents have mean 0 and std 1;
 2. the generator's transformer and text encoders with the flow-matching loss

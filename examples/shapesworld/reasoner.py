@@ -39,8 +39,8 @@ from rollout.parsing import STOP_PHRASE, is_stop, parse_answer
 from rollout.templates import Templates
 
 if TYPE_CHECKING:
+    from examples.shapesworld.layout import Scene
     from examples.shapesworld.recipe import PretrainSettings, RenderedPool
-    from examples.shapesworld.render import Scene
 
 __all__ = [
     "ReasonerRecipe",

@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from examples.shapesworld.render import LAYOUTS, Scene, render_correct, render_wrong
+from examples.shapesworld.layout import LAYOUTS, Scene
+from examples.shapesworld.render import render_correct, render_wrong
 from examples.shapesworld.tasks import sample_tasks
 
 __all__ = [

@@ -3,17 +3,9 @@ edit instruction that fixes them (warm-start data for the generator's edit mode 
 reasoner's reflect answers).
 
 Pure numpy. Shapes are rasterised at pixel centres from a normalised description (`shape_mask`),
-which the judge reuses as its shape templates. Scenes keep every object's box clear of the others
-by `GAP` pixels and of the border by `MARGIN`, so objects never merge and the border shows only
-background. Relations are placed with a margin over GenEval's rule (`relative_position` at
-threshold 0.2 instead of 0.1) so that one-pixel measurement errors cannot flip them.
-
-Two layouts of correct scenes: "random" (random sizes, places, colour jitter and background: the
-judge's and the reasoner's test bed) and "canonical" (`canonical_objects`: each object's place,
-size and colour follow from the task's structure alone, on a fixed grey background). A prompt has
-exactly one canonical image, so a small generator trained on canonical renders learns a function
-of the text instead of a wide distribution (examples.shapesworld.pretrain); mistakes are made the same
-way in both layouts.
+which the judge reuses as its shape templates. Correct scenes come from
+`examples.shapesworld.layout` ("random" or "canonical": where objects go, with boxes kept apart
+so that objects never merge); a mistake is made the same way in both layouts, on a correct scene.
 """
 
 from __future__ import annotations
@@ -23,15 +15,19 @@ from typing import Any
 
 import numpy as np
 
-from examples.shapesworld.tasks import INVERSE_RELATION, PALETTE, PLURALS, SHAPES, relative_position
+from examples.shapesworld.layout import (
+    Scene,
+    correct_scene,
+    jitter_color,
+    layout_valid,
+    place_objects,
+    relation_constraints,
+)
+from examples.shapesworld.tasks import INVERSE_RELATION, PALETTE, PLURALS, SHAPES
 
 __all__ = [
-    "ShapeObject",
-    "Scene",
     "Rendering",
     "WRONG_KINDS",
-    "LAYOUTS",
-    "canonical_objects",
     "shape_mask",
     "shape_mask_uv",
     "draw_scene",
@@ -45,39 +41,7 @@ __all__ = [
 ]
 
 WRONG_KINDS: tuple[str, ...] = ("color", "count", "position", "missing", "shape")
-MARGIN = 2  # pixels of pure background along the border
-GAP = 2  # pixels between any two object boxes
-_ROBUST_THRESHOLD = 0.2  # placement margin over GenEval's 0.1
 _CROSS_ARM = 0.34  # half-width of a cross arm, in half-box units
-LAYOUTS: tuple[str, ...] = ("random", "canonical")
-CANONICAL_BACKGROUND = (225, 225, 225)
-
-
-@dataclass(frozen=True)
-class ShapeObject:
-    """One filled shape; (cx, cy) is the box centre and `size` the box side, in pixels."""
-
-    shape: str
-    color: str
-    cx: float
-    cy: float
-    size: float
-    rgb: tuple[int, int, int]
-    req: int = -1  # index of the include entry it serves (-1: none)
-
-    @property
-    def box(self) -> tuple[float, float, float, float]:
-        h = self.size / 2
-        return (self.cx - h, self.cy - h, self.cx + h, self.cy + h)
-
-
-@dataclass(frozen=True)
-class Scene:
-    objects: tuple[ShapeObject, ...]
-    background: tuple[int, int, int]
-    noise_seed: int
-    noise: float
-    size: int
 
 
 @dataclass(frozen=True)
@@ -138,7 +102,7 @@ def render_correct(
 ) -> Rendering:
     """An image that satisfies the task `meta` (GenEval format) by GenEval's rules, in `layout`
     (one of `LAYOUTS`; "canonical" uses `rng` only for the pixel noise)."""
-    scene = _correct_scene(meta, rng, size, noise, layout)
+    scene = correct_scene(meta, rng, size, noise, layout)
     return Rendering(draw_scene(scene), scene, "correct")
 
 
@@ -178,19 +142,18 @@ def render_wrong(
         kind = kinds[int(rng.integers(0, len(kinds)))]
     if kind not in kinds:
         raise ValueError(f"kind={kind!r} not applicable to {meta['prompt']!r}; allowed: {list(kinds)}")
-    for _ in range(_RESTARTS):
-        good = _correct_scene(meta, rng, size, noise, layout)
+    for _ in range(_MISTAKE_RESTARTS):
+        good = correct_scene(meta, rng, size, noise, layout)
         made = _MISTAKES[kind](meta, good, rng)
         if made is not None:
             bad, instruction = made
             return Rendering(draw_scene(bad), bad, kind, instruction, draw_scene(good))
-    raise RuntimeError(f"could not place a {kind!r} mistake for {meta['prompt']!r} in {_RESTARTS} scenes")
+    raise RuntimeError(f"could not place a {kind!r} mistake for {meta['prompt']!r} in {_MISTAKE_RESTARTS} scenes")
 
 
-# --- scene construction ------------------------------------------------------------------------
+# --- shape outlines --------------------------------------------------------------------------------
 
-_RESTARTS = 200
-_TRIES_PER_OBJECT = 60
+_MISTAKE_RESTARTS = 200  # correct scenes tried for one that admits the mistake
 
 
 def _star_polygon() -> np.ndarray:
@@ -214,142 +177,6 @@ def _inside_polygon(u: np.ndarray, v: np.ndarray, poly: np.ndarray) -> np.ndarra
             x_at = x0 + (v - y0) * (x1 - x0) / (y1 - y0)
         inside ^= crosses & (u < x_at)
     return inside
-
-
-def _jitter(color: str, rng: np.random.Generator) -> tuple[int, int, int]:
-    base = np.array(PALETTE[color]) + rng.integers(-10, 11, size=3)
-    return tuple(int(c) for c in np.clip(base, 0, 255))
-
-
-def _size_range(size: int, n_objects: int) -> tuple[float, float]:
-    hi = 0.3 if n_objects <= 2 else 0.26 if n_objects <= 4 else 0.22
-    return 0.2 * size, hi * size
-
-
-def _constraints(meta: dict[str, Any]) -> list[tuple[int, str, int]]:
-    """(req a, relation, req b): every object of a stands `relation` to every object of b."""
-    return [
-        (i, r["position"][0], int(r["position"][1])) for i, r in enumerate(meta["include"]) if "position" in r
-    ]
-
-
-def _fits(obj: ShapeObject, placed: list[ShapeObject], rels: list[tuple[int, str, int]], size: int) -> bool:
-    x0, y0, x1, y1 = obj.box
-    if x0 < MARGIN or y0 < MARGIN or x1 > size - MARGIN or y1 > size - MARGIN:
-        return False
-    for p in placed:
-        px0, py0, px1, py1 = p.box
-        if x0 < px1 + GAP and px0 < x1 + GAP and y0 < py1 + GAP and py0 < y1 + GAP:
-            return False
-    for a, rel, b in rels:
-        for p in placed:
-            if (
-                obj.req == a
-                and p.req == b
-                and rel not in relative_position(obj.box, p.box, _ROBUST_THRESHOLD)
-            ):
-                return False
-            if (
-                obj.req == b
-                and p.req == a
-                and rel not in relative_position(p.box, obj.box, _ROBUST_THRESHOLD)
-            ):
-                return False
-    return True
-
-
-def _valid(objs: list[ShapeObject], rels: list[tuple[int, str, int]], size: int) -> bool:
-    return all(_fits(o, objs[:k], rels, size) for k, o in enumerate(objs))
-
-
-def _place(
-    todo: list[tuple[str, str, int]],
-    placed: list[ShapeObject],
-    rels: list[tuple[int, str, int]],
-    rng: np.random.Generator,
-    size: int,
-    n_total: int,
-) -> list[ShapeObject] | None:
-    """Place (shape, color, req) items one by one next to `placed`; None when one does not fit."""
-    lo, hi = _size_range(size, n_total)
-    out = list(placed)
-    for shape, color, req in todo:
-        for _ in range(_TRIES_PER_OBJECT):
-            s = float(rng.uniform(lo, hi))
-            cx, cy = rng.uniform(MARGIN + s / 2, size - MARGIN - s / 2, size=2)
-            obj = ShapeObject(shape, color, float(cx), float(cy), s, (0, 0, 0), req)
-            if _fits(obj, out, rels, size):
-                out.append(replace(obj, rgb=_jitter(color, rng)))
-                break
-        else:
-            return None
-    return out
-
-
-def _correct_scene(
-    meta: dict[str, Any], rng: np.random.Generator, size: int, noise: float, layout: str = "random"
-) -> Scene:
-    if layout == "canonical":
-        objs = canonical_objects(meta, size)
-        return Scene(tuple(objs), CANONICAL_BACKGROUND, int(rng.integers(2**31)), noise, size)
-    if layout != "random":
-        raise ValueError(f"layout={layout!r}; allowed: {list(LAYOUTS)}")
-    todo = []
-    for i, r in enumerate(meta["include"]):
-        for _ in range(r["count"]):
-            color = r.get("color") or str(rng.choice(list(PALETTE)))
-            todo.append((r["class"], color, i))
-    n_total = len(todo) + 1  # leave room for one added object (count mistakes)
-    for _ in range(_RESTARTS):
-        objs = _place(todo, [], _constraints(meta), rng, size, n_total)
-        if objs is not None:
-            g = rng.uniform(205, 245)
-            bg = np.clip(g + rng.uniform(-10, 10, size=3), 0, 255)
-            return Scene(tuple(objs), tuple(int(c) for c in bg), int(rng.integers(2**31)), noise, size)
-    raise RuntimeError(f"could not place {meta['prompt']!r} at size {size} in {_RESTARTS} tries")
-
-
-def canonical_objects(meta: dict[str, Any], size: int = 64) -> list[ShapeObject]:
-    """The one canonical scene of `meta`. Without a relation, all objects in include order on
-    fixed slots (1: centre; 2 or 3: a row; 4: a 2 × 2 grid). With "A rel B", A's and B's groups
-    in two lines across the relation's axis (left and right columns, or top and bottom rows),
-    each group spread along its line. Colour: the asked one, else a fixed colour per shape.
-    Every canonical scene passes the renderer's own placement check (tested over all tasks)."""
-    inc = meta["include"]
-    k = size / 64  # slots are laid out for 64 px and scaled
-
-    def color(r: dict[str, Any]) -> str:
-        return r.get("color") or _COLORS[SHAPES.index(r["class"]) % len(_COLORS)]
-
-    def obj(r: dict[str, Any], req: int, x: float, y: float, side: float) -> ShapeObject:
-        return ShapeObject(r["class"], color(r), x * k, y * k, side * k, PALETTE[color(r)], req)
-
-    rels = _constraints(meta)
-    if len(rels) > 1 or (rels and len(inc) > 2):
-        raise ValueError(f"no canonical layout for {meta['prompt']!r}: only one relation between two groups")
-    if not rels:
-        items = [(i, r) for i, r in enumerate(inc) for _ in range(r["count"])]
-        side = 16.0 if len(items) < 3 else 14.0
-        return [obj(r, i, x, y, side) for (i, r), (x, y) in zip(items, _SLOTS[len(items)], strict=True)]
-    a, rel, b = rels[0]
-    first, second = (a, b) if rel in ("left of", "above") else (b, a)
-    objs = []
-    for g, across in ((first, 16.0), (second, 48.0)):
-        n = inc[g]["count"]
-        for along in _LINE[n]:
-            x, y = (across, along) if rel in ("left of", "right of") else (along, across)
-            objs.append(obj(inc[g], g, x, y, 14.0 if n < 4 else 12.0))
-    return objs
-
-
-_COLORS = list(PALETTE)
-_SLOTS = {
-    1: [(32, 32)],
-    2: [(18, 32), (46, 32)],
-    3: [(14, 32), (32, 32), (50, 32)],
-    4: [(20, 20), (44, 20), (20, 44), (44, 44)],
-}
-_LINE = {1: [32], 2: [21, 43], 3: [14, 32, 50], 4: [11, 25, 39, 53]}
 
 
 # --- instruction phrases; mistakes: each returns (wrong scene, instruction) or None to retry -----
@@ -405,7 +232,7 @@ def _mistake_color(meta, scene, rng):
     want = inc[i]["color"]
     new = _pick(rng, [c for c in PALETTE if c != want])
     objs = list(scene.objects)
-    objs[k] = replace(objs[k], color=new, rgb=_jitter(new, rng))
+    objs[k] = replace(objs[k], color=new, rgb=jitter_color(new, rng))
     return replace(scene, objects=tuple(objs)), f"change the {new} {inc[i]['class']} to {want}"
 
 
@@ -419,10 +246,10 @@ def _mistake_count(meta, scene, rng):
         objs = tuple(o for k, o in enumerate(scene.objects) if k != drop)
         return replace(scene, objects=objs), f"add one more {describe_requirement(inc[i])}"
     color = inc[i].get("color") or scene.objects[mine[0]].color
-    objs = _place(
+    objs = place_objects(
         [(inc[i]["class"], color, i)],
         list(scene.objects),
-        _constraints(meta),
+        relation_constraints(meta),
         rng,
         scene.size,
         len(scene.objects) + 1,
@@ -439,7 +266,7 @@ def _mistake_position(meta, scene, rng):
     inc = meta["include"]
     i = _pick(rng, [i for i, r in enumerate(inc) if "position" in r])
     rel, j = inc[i]["position"][0], int(inc[i]["position"][1])
-    flipped = [(a, INVERSE_RELATION[r] if a == i else r, b) for a, r, b in _constraints(meta)]
+    flipped = [(a, INVERSE_RELATION[r] if a == i else r, b) for a, r, b in relation_constraints(meta)]
     for mover, other, how in ((i, j, rel), (j, i, INVERSE_RELATION[rel])):
         keep = [o for o in scene.objects if o.req != mover]
         pivot = np.mean([(o.cx, o.cy) for o in keep if o.req == other], axis=0)
@@ -450,16 +277,16 @@ def _mistake_position(meta, scene, rng):
                 c = [o.cx, o.cy]
                 c[axis] = 2 * pivot[axis] - c[axis]
                 mirrored.append(replace(o, cx=float(c[0]), cy=float(c[1])))
-        objs = mirrored if _valid(mirrored, flipped, scene.size) else None
+        objs = mirrored if layout_valid(mirrored, flipped, scene.size) else None
         if objs is None:
             moved = [(o.shape, o.color, o.req) for o in scene.objects if o.req == mover]
-            objs = _place(moved, keep, flipped, rng, scene.size, len(scene.objects))
+            objs = place_objects(moved, keep, flipped, rng, scene.size, len(scene.objects))
         if objs is not None:
             what = describe_requirement(inc[mover], plural=inc[mover]["count"] > 1)
             where = describe_requirement(inc[other], plural=inc[other]["count"] > 1)
             return replace(scene, objects=tuple(objs)), f"move the {what} {relation_phrase(how)} the {where}"
     # No room beside the kept objects (e.g. three crosses hugging a border): lay out afresh.
-    objs = _place(
+    objs = place_objects(
         [(o.shape, o.color, o.req) for o in scene.objects], [], flipped, rng, scene.size, len(scene.objects)
     )
     if objs is None:

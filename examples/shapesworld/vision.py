@@ -20,8 +20,8 @@ from examples.shapesworld.render import shape_mask
 from examples.shapesworld.tasks import COLORS, SHAPES
 
 if TYPE_CHECKING:
+    from examples.shapesworld.layout import Scene
     from examples.shapesworld.recipe import RenderedPool
-    from examples.shapesworld.render import Scene
 
 __all__ = ["scene_patch_labels", "pretrain_vision"]
 

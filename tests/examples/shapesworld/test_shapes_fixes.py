@@ -6,7 +6,8 @@ import pytest
 
 from examples.shapesworld.fixes import fixing_instruction
 from examples.shapesworld.judge import Detection, ShapesJudge
-from examples.shapesworld.render import LAYOUTS, render_correct, render_wrong
+from examples.shapesworld.layout import LAYOUTS
+from examples.shapesworld.render import render_correct, render_wrong
 from examples.shapesworld.tasks import build_splits, metadata_for_prompt, sample_tasks
 
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from examples.shapesworld.judge import Detection, ShapesJudge, build_shapes_judge, evaluate_detections
-from examples.shapesworld.render import LAYOUTS, Scene, ShapeObject, draw_scene, render_correct, render_wrong
+from examples.shapesworld.layout import LAYOUTS, Scene, ShapeObject
+from examples.shapesworld.render import draw_scene, render_correct, render_wrong
 from examples.shapesworld.tasks import PALETTE, TAGS, build_splits, metadata_for_prompt, sample_tasks
 from rollout.interfaces import Judge, JudgeItem
 

@@ -51,7 +51,7 @@ def test_plan_copies_the_prompt_and_reflect_answers_parse():
 
 
 def test_scene_description_lists_objects_along_the_prompts_axis():
-    from examples.shapesworld.render import Scene, ShapeObject
+    from examples.shapesworld.layout import Scene, ShapeObject
 
     def obj(shape, color, cx, cy):
         return ShapeObject(shape, color, cx, cy, 10.0, (0, 0, 0))

@@ -4,7 +4,7 @@ pretraining steps on a small VLM lower the loss (the labels are learnable, the h
 import numpy as np
 import pytest
 
-from examples.shapesworld.render import Scene, ShapeObject
+from examples.shapesworld.layout import Scene, ShapeObject
 from examples.shapesworld.tasks import COLORS, SHAPES
 from examples.shapesworld.vision import scene_patch_labels
 

@@ -7,12 +7,10 @@ import re
 import numpy as np
 import pytest
 
+from examples.shapesworld.layout import GAP, MARGIN, canonical_objects
 from examples.shapesworld.render import (
-    GAP,
-    MARGIN,
     WRONG_KINDS,
     applicable_wrong_kinds,
-    canonical_objects,
     draw_scene,
     render_correct,
     render_wrong,
