@@ -10,9 +10,16 @@ from pydantic import Field, field_validator, model_validator
 
 from cluster.config_base import _Section
 
-__all__ = ["R3Settings", "LoraConfig", "ReasonerLora", "GeneratorLora", "GRPOConfig", "FlowGRPOConfig", "REASONER_LORA_TARGETS", "FLUX_LORA_TARGETS"]
-
-# ------------------------------------------------------------------------------------ algorithms
+__all__ = [
+    "R3Settings",
+    "LoraConfig",
+    "ReasonerLora",
+    "GeneratorLora",
+    "GRPOConfig",
+    "FlowGRPOConfig",
+    "REASONER_LORA_TARGETS",
+    "FLUX_LORA_TARGETS",
+]
 
 
 class R3Settings(_Section):

@@ -10,7 +10,15 @@ from pydantic import Field, field_validator, model_validator
 
 from cluster.config_base import _Section
 
-__all__ = ["ReasonerModel", "GeneratorModel", "ModelsConfig", "RoleSpec", "JudgeReplicas", "HardwareSpec", "ClusterConfig"]
+__all__ = [
+    "ReasonerModel",
+    "GeneratorModel",
+    "ModelsConfig",
+    "RoleSpec",
+    "JudgeReplicas",
+    "HardwareSpec",
+    "ClusterConfig",
+]
 
 # ---------------------------------------------------------------------------------------- models
 

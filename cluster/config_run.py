@@ -9,7 +9,15 @@ from pydantic import Field, field_validator, model_validator
 
 from cluster.config_base import _Section
 
-__all__ = ["JudgeConfig", "DataConfig", "TrainConfig", "SyncConfig", "LoggingConfig", "CheckpointConfig", "ServeConfig"]
+__all__ = [
+    "JudgeConfig",
+    "DataConfig",
+    "TrainConfig",
+    "SyncConfig",
+    "LoggingConfig",
+    "CheckpointConfig",
+    "ServeConfig",
+]
 
 
 class JudgeConfig(_Section):
