@@ -23,7 +23,7 @@ from examples.shapesworld.recipe import (
     warmup_cosine,
 )
 
-__all__ = ["foreground_weight", "train_vae", "train_flow", "vae_recon_accuracy", "evaluate_generator", "log_progress"]
+__all__ = ["foreground_weight", "train_vae", "train_flow", "vae_recon_accuracy", "evaluate_generator"]
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ def train_vae(
         opt.step()
         sched.step()
         losses.append(float(loss.detach()))
-        log_progress("vae", len(losses), steps, losses)
+        _progress("vae", len(losses), steps, losses)
     vae.eval()
     with torch.no_grad():
         z = vae.encode(_to_tensor(images[:256])).latent_dist.mean
@@ -166,7 +166,7 @@ def train_flow(
         opt.step()
         sched.step()
         losses.append(float(loss.detach()))
-        log_progress("flow", len(losses), steps, losses)
+        _progress("flow", len(losses), steps, losses)
     for m in (pipe.transformer, pipe.text_encoder, pipe.text_encoder_2):
         m.eval()
     return losses
@@ -210,7 +210,7 @@ def evaluate_generator(path: Path, tasks: list[dict[str, Any]], s: PretrainSetti
     }
 
 
-def log_progress(name: str, step: int, steps: int, losses: list[float]) -> None:
+def _progress(name: str, step: int, steps: int, losses: list[float]) -> None:
     if step % max(1, steps // 10) == 0 or step == steps:
         logger.info(
             "%s step %d/%d loss %.4f", name, step, steps, float(np.mean(losses[-max(1, steps // 10) :]))

@@ -41,6 +41,7 @@ __all__ = [
 ]
 
 WRONG_KINDS: tuple[str, ...] = ("color", "count", "position", "missing", "shape")
+_MISTAKE_RESTARTS = 200  # correct scenes tried for one that admits the mistake
 _CROSS_ARM = 0.34  # half-width of a cross arm, in half-box units
 
 
@@ -152,8 +153,6 @@ def render_wrong(
 
 
 # --- shape outlines --------------------------------------------------------------------------------
-
-_MISTAKE_RESTARTS = 200  # correct scenes tried for one that admits the mistake
 
 
 def _star_polygon() -> np.ndarray:
