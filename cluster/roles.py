@@ -240,22 +240,36 @@ def build_judge_client(cfg: R3Config, paths: ModelPaths) -> Any:
     The driver calls it through a deployment handle. Only with `judge.http_port` set does Serve
     start its HTTP proxy, bound to 127.0.0.1 on that port, so outside tools can `POST /judge` on
     loopback only; without it no proxy runs.
+
+    Serve's applications are cluster-wide, so each driver deploys its own (`judge_app_name`): two
+    runs submitted to one cluster would otherwise score with each other's judge, and the first to
+    finish would delete the other's.
     """
     from reward.service import ServeJudgeClient, deploy_judge, start_serve
 
     j, r = cfg.judge, cfg.cluster.judge_replicas
-    spec = judge_spec(cfg, paths)
+    spec, name = judge_spec(cfg, paths), judge_app_name()
     start_serve(host="127.0.0.1", port=j.http_port, http=j.http_port is not None)
     autoscaling = {"min_replicas": r.min_replicas, "max_replicas": r.max_replicas} if r.min_replicas else None
     deploy_judge(
-        spec, name="judge", num_replicas=None if autoscaling else r.count, autoscaling=autoscaling,
+        spec, name=name, route_prefix="/judge" if j.http_port is not None else None,
+        num_replicas=None if autoscaling else r.count, autoscaling=autoscaling,
         max_batch_size=j.max_batch_size, batch_wait_timeout_s=j.batch_wait_s, num_cpus=r.num_cpus,
         num_gpus=r.num_gpus,
     )
+    log.info("judge: Serve application %s", name)
     if j.kind == "remote":  # the replica retries over HTTP: one Serve attempt spans them all, within
         # judge.timeout_s x (retries + 1) <= train.remote_timeout_s (checked by the config)
-        return _ServeJudge(ServeJudgeClient("judge", timeout_s=j.timeout_s * (j.retries + 1), max_retries=0))
-    return _ServeJudge(ServeJudgeClient("judge", timeout_s=j.timeout_s, max_retries=j.retries))
+        return _ServeJudge(ServeJudgeClient(name, timeout_s=j.timeout_s * (j.retries + 1), max_retries=0))
+    return _ServeJudge(ServeJudgeClient(name, timeout_s=j.timeout_s, max_retries=j.retries))
+
+
+def judge_app_name() -> str:
+    """`judge-<Ray job id>`: the Serve application of this driver's judge, unique in the cluster, and
+    the job the Ray dashboard lists it under."""
+    import ray
+
+    return f"judge-{ray.get_runtime_context().get_job_id()}"
 
 
 def judge_spec(cfg: R3Config, paths: ModelPaths) -> dict[str, Any]:
@@ -283,7 +297,7 @@ def judge_spec(cfg: R3Config, paths: ModelPaths) -> dict[str, Any]:
 
 
 class _ServeJudge:
-    """The Serve client plus a shutdown that removes the app."""
+    """The Serve client plus a shutdown that removes its app (the client's `app_name`)."""
 
     def __init__(self, client: Any):
         self.client = client
@@ -294,4 +308,4 @@ class _ServeJudge:
     def shutdown(self) -> None:
         from ray import serve
 
-        serve.delete("judge")
+        serve.delete(self.client.app_name)

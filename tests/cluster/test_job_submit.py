@@ -17,7 +17,8 @@ The head is isolated from whatever else runs on the machine (Ray 2.60):
 
 The test submits a run that is stopped with `ray job stop` (SIGTERM from the job supervisor), resumes it
 from the checkpoint its stop line names, and compares it with the same run submitted to the end without a
-stop (which also checks what a submitted run writes to its run directory).
+stop (which also checks what a submitted run writes to its run directory). That uninterrupted run goes
+beside the stopped one, so two jobs share the cluster, each with its own judge application.
 """
 
 import json
@@ -189,6 +190,11 @@ def test_ray_job_stop_checkpoints_and_the_resume_ends_with_the_weights_of_an_uni
 
     address, env, temp = head
     run_dir, job = tmp_path / "stopped", f"r3rl-stop-{secrets.token_hex(4)}"
+    # the same run, never stopped, goes beside it on the same cluster (each driver deploys a judge of its own)
+    whole_job = f"r3rl-whole-{secrets.token_hex(4)}"
+    whole = _submit(address, env, _train_args(tmp_path, "whole"), "--submission-id", whole_job, "--no-wait",
+                    timeout=300)
+    assert whole.returncode == 0, whole.stdout[-3000:] + whole.stderr[-3000:]
     # the supervisor reads RAY_JOB_STOP_WAIT_TIME_S from its own environment, which the job's runtime env sets
     wait = json.dumps({"env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": str(STOP_WAIT_S)}})
     submitted = _submit(address, env, _train_args(tmp_path, "stopped"), "--submission-id", job, "--no-wait",
@@ -220,9 +226,9 @@ def test_ray_job_stop_checkpoints_and_the_resume_ends_with_the_weights_of_an_uni
 
     resumed = _submit(address, env, resume)  # the command the stop line prints, to the end
     assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-4000:]
-    whole = _submit(address, env, _train_args(tmp_path, "whole"))  # the same run, never stopped
-    assert whole.returncode == 0, whole.stdout[-4000:] + whole.stderr[-4000:]
-    assert "succeeded" in (whole.stdout + whole.stderr).lower()
+    whole_logs = _ray(env, "job", "logs", "--address", address, "--follow", whole_job, timeout=900)  # to its end
+    whole_status = _ray(env, "job", "status", "--address", address, whole_job)
+    assert "succeeded" in (whole_status.stdout + whole_status.stderr).lower(), whole_logs.stdout[-4000:]
     assert (tmp_path / "whole" / "config.yaml").is_file() and (tmp_path / "whole" / "eval-final" / "eval.json").is_file()
     # the GPU smoke test's verdicts read these files: every role passes on a real (CPU) run folder
     from cluster.gpu_smoke import format_verdicts, role_verdicts

@@ -92,12 +92,17 @@ def test_judge_client_spec_names_the_plugins(monkeypatch):
     import reward.service as service
     from cluster.roles import ModelPaths, build_judge_client
 
-    deployed = {}
+    import cluster.roles as roles
+
+    deployed, options = {}, {}
     monkeypatch.setattr(service, "start_serve", lambda **kw: 0)
-    monkeypatch.setattr(service, "deploy_judge", lambda spec, **kw: deployed.update(spec))
+    monkeypatch.setattr(service, "deploy_judge", lambda spec, **kw: (deployed.update(spec), options.update(kw)))
+    monkeypatch.setattr(roles, "judge_app_name", lambda: "judge-07000000")  # the Ray job's id, unique per driver
     cfg = load_config(DEFAULT_CONFIG)
-    build_judge_client(cfg, ModelPaths("r", "g", None))
+    judge = build_judge_client(cfg, ModelPaths("r", "g", None))
     assert deployed == {"kind": "shapes", "plugins": [PLUGIN]}
+    # its own Serve application, which its shutdown removes; no HTTP route without judge.http_port
+    assert options["name"] == judge.client.app_name == "judge-07000000" and options["route_prefix"] is None
 
 
 @pytest.mark.integration
