@@ -89,10 +89,9 @@ def test_build_judge_with_plugins_in_a_fresh_process():
 
 
 def test_judge_client_spec_names_the_plugins(monkeypatch):
+    import cluster.roles as roles
     import reward.service as service
     from cluster.roles import ModelPaths, build_judge_client
-
-    import cluster.roles as roles
 
     deployed, options = {}, {}
     monkeypatch.setattr(service, "start_serve", lambda **kw: 0)
