@@ -266,9 +266,16 @@ def build_judge_client(cfg: R3Config, paths: ModelPaths) -> Any:
 
 def judge_app_name() -> str:
     """`judge-<Ray job id>`: the Serve application of this driver's judge, unique in the cluster, and
-    the job the Ray dashboard lists it under."""
+    the job the Ray dashboard lists it under.
+
+    Raises:
+        RuntimeError: this process has not joined a Ray cluster (asking Ray for the job id would start
+            a cluster of its own, with the machine's resources rather than the config's).
+    """
     import ray
 
+    if not ray.is_initialized():
+        raise RuntimeError("the judge is deployed on a Ray cluster: join or start one first (cluster.session.connect_ray)")
     return f"judge-{ray.get_runtime_context().get_job_id()}"
 
 

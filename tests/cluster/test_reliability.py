@@ -276,6 +276,19 @@ def test_remote_judge_sends_the_key_from_the_variable_and_config_never_holds_it(
     assert "R3RL_TEST_JUDGE_KEY" in written and "right-key" not in written
 
 
+def test_judge_app_name_refuses_to_start_a_cluster_of_its_own():
+    """Outside a Ray cluster, naming the judge's Serve application fails instead of starting a local
+    cluster with the machine's resources (which later callers would then join)."""
+    import subprocess
+    import sys
+
+    code = ("import ray\nfrom cluster.roles import judge_app_name\n"
+            "try:\n    judge_app_name()\nexcept RuntimeError as e:\n    print('refused:', e)\n"
+            "print('initialized:', ray.is_initialized())\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert "refused: the judge is deployed on a Ray cluster" in out.stdout and "initialized: False" in out.stdout
+
+
 def test_serve_client_budget_for_a_remote_judge_is_the_whole_retry_budget(monkeypatch):
     """The driver's Serve client waits timeout_s x (retries + 1) once for a remote judge (the replica
     retries over HTTP), which the config keeps within train.remote_timeout_s."""
@@ -293,6 +306,7 @@ def test_serve_client_budget_for_a_remote_judge_is_the_whole_retry_budget(monkey
     monkeypatch.setattr(service, "ServeJudgeClient", Client)
     monkeypatch.setattr(service, "start_serve", lambda **k: None)
     monkeypatch.setattr(service, "deploy_judge", lambda spec, **k: made.update(spec=spec))
+    monkeypatch.setattr(roles, "judge_app_name", lambda: "judge-01000000")  # no Ray cluster in a unit test
     cfg = load_config("configs/cpu_tiny.yaml", ["judge.kind=remote", "judge.url=http://h/v1", "judge.remote_model=m",
                                                 "judge.timeout_s=50", "judge.retries=3", "train.remote_timeout_s=200"])
     roles.build_judge_client(cfg, roles.ModelPaths("r", "g", None))
