@@ -156,9 +156,11 @@ def text_worker_class(backend: str) -> type:
 
 
 def build_roles(cfg: R3Config, paths: ModelPaths) -> Roles:
-    """Placement groups first (one per role, all ready), then workers, judge, learners, weight sync.
+    """Placement groups first (one per role, all ready), then workers, learners, judge, weight sync.
 
-    If anything fails to start, the placement groups are removed again (which kills the actors in them).
+    Every actor starts before any is waited for, so the models load side by side. If anything fails
+    to start, the judge's Serve app is deleted, the started actors are killed (waited for, so their
+    names can be taken again) and the placement groups removed.
     """
     from learners.group import LearnerGroup
     from learners.weight_sync import make_weight_sync
@@ -184,19 +186,31 @@ def build_roles(cfg: R3Config, paths: ModelPaths) -> Roles:
         return hook
 
     placements = place_roles(cfg, ("text_workers", "diffusion_workers", "text_learners", "diffusion_learners"))
+    judge_deployed, started = False, []  # started: the pools and groups, whose actors a failure kills
     try:
+        # Every actor is started before anything is waited for: workers, both learner groups and the
+        # judge's replicas load their models side by side (deploying the judge blocks until it serves).
         text_pool, diffusion_pool = build_worker_pools(
             cfg, paths, placements, {"text_workers": resync(text_sync), "diffusion_workers": resync(diffusion_sync)})
-        judge = build_judge_client(cfg, paths)
+        started += [text_pool, diffusion_pool]
         text_learners = LearnerGroup(
             "text", c.text_learners.count, c.text_learners.num_cpus, c.text_learners.num_gpus,
-            placement_group=placements["text_learners"].group, **text_learner_kwargs(cfg, paths),
+            placement_group=placements["text_learners"].group, wait=False, **text_learner_kwargs(cfg, paths),
         )
+        started.append(text_learners)
         diffusion_learners = LearnerGroup(
             "diffusion", c.diffusion_learners.count, c.diffusion_learners.num_cpus, c.diffusion_learners.num_gpus,
-            placement_group=placements["diffusion_learners"].group, **diffusion_learner_kwargs(cfg, paths),
+            placement_group=placements["diffusion_learners"].group, wait=False, **diffusion_learner_kwargs(cfg, paths),
         )
+        started.append(diffusion_learners)
+        judge_deployed = True  # from here on a failure leaves a Serve app (whole or half deployed) to delete
+        judge = build_judge_client(cfg, paths)
+        text_learners.wait_ready()
+        diffusion_learners.wait_ready()
     except BaseException:
+        if judge_deployed:
+            delete_judge_app()
+        _kill_and_wait([a for part in started for a in part.actors])  # their names are free again on return
         remove_placements(placements)
         raise
     roles = Roles(text_pool, diffusion_pool, judge, text_learners, diffusion_learners, text_sync, diffusion_sync,
@@ -277,6 +291,18 @@ def judge_app_name() -> str:
     if not ray.is_initialized():
         raise RuntimeError("the judge is deployed on a Ray cluster: join or start one first (cluster.session.connect_ray)")
     return f"judge-{ray.get_runtime_context().get_job_id()}"
+
+
+def delete_judge_app() -> None:
+    """Delete this driver's judge app if Serve has it (a start-up that failed after deploying it)."""
+    from ray import serve
+
+    name = judge_app_name()
+    try:
+        if name in serve.status().applications:
+            serve.delete(name)
+    except Exception as e:  # best effort: the failure being raised matters more
+        log.warning("could not delete the judge's Serve app %s: %s", name, e)
 
 
 def judge_spec(cfg: R3Config, paths: ModelPaths) -> dict[str, Any]:

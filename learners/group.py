@@ -47,11 +47,16 @@ class LearnerGroup:
     """N learner actors of one model. Lifecycle: construct (engines ready) -> train_step* -> shutdown."""
 
     def __init__(self, kind: str, num_learners: int, num_cpus_per: float = 1.0, num_gpus_per: float = 0.0,
-                 *, name_prefix: str | None = None, placement_group: Any = None, **learner_kwargs: Any) -> None:
-        """Start the actors and wait until every rank has built its engine.
+                 *, name_prefix: str | None = None, placement_group: Any = None, wait: bool = True,
+                 **learner_kwargs: Any) -> None:
+        """Start the actors and (with `wait`) wait until every rank has built its engine.
 
         learner_kwargs go to every rank's `TextLearner` / `DiffusionLearner` constructor.
         placement_group: optional Ray placement group with one bundle per rank.
+        wait: False returns as soon as the actors are started, so a caller can start several groups
+            (and the rest of a run) while their engines load, then call `wait_ready` on each: the
+            reasoner's and the generator's learners load their weights side by side, not one after
+            the other.
         """
         import ray
 
@@ -78,8 +83,21 @@ class LearnerGroup:
                     placement_group=placement_group, placement_group_bundle_index=i)
             self.actors.append(remote_cls.options(**options).remote(
                 rank=i, world_size=num_learners, master_addr=addr, master_port=port, **learner_kwargs))
-        self.info = ray.get([a.ready.remote() for a in self.actors])
-        log.info("%s learner group ready: %s", kind, self.info)
+        self.info: list[dict[str, Any]] = []
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> list[dict[str, Any]]:
+        """Block until every rank has built its engine; returns each rank's info (rank, pid, backend...).
+
+        Raises whatever a rank's constructor raised (ray.exceptions.RayActorError / RayTaskError).
+        """
+        import ray
+
+        if not self.info:
+            self.info = ray.get([a.ready.remote() for a in self.actors])
+            log.info("%s learner group ready: %s", self.kind, self.info)
+        return self.info
 
     # ---- collective calls -------------------------------------------------------------------
     def train_step(self, samples: Sequence[Any], advantages: Sequence[float], *, timeout_s: float | None = None,

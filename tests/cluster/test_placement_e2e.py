@@ -122,6 +122,27 @@ def test_unplaceable_role_fails_naming_role_and_bundle_and_leaves_nothing_behind
     assert states and set(states) == {"REMOVED"}  # the ready group was removed with the failed one
 
 
+def test_a_learner_that_fails_to_start_leaves_no_judge_app_and_no_group(run):
+    """The learners load while the judge deploys; one that fails takes the judge's app and every group with it."""
+    import ray
+    from ray import serve
+    from ray.util import placement_group_table
+
+    from cluster.roles import build_roles, judge_app_name, resolve_paths
+
+    # build_roles runs no preflight, so the text learner's own LoRA check is what refuses the module
+    cfg = load_config("configs/cpu_tiny.yaml", [f"train.run_dir={run['root']}", "train.run_name=fails", *OVERRIDES,
+                                                 "grpo.lora.rank=4", "grpo.lora.target_modules=[no_such_proj]"])
+    with pytest.raises(Exception, match=r"no_such_proj.*match no module"):
+        build_roles(cfg, resolve_paths(cfg))
+    assert judge_app_name() not in serve.status().applications
+    for name in ("text-worker-0", "diffusion-worker-0", "text-learner-0", "diffusion-learner-0"):
+        with pytest.raises(ValueError):  # killed and gone: a retry can take the name again
+            ray.get_actor(name)
+    states = [v["state"] for v in placement_group_table().values() if v["name"].startswith("r3rl-")]
+    assert states and set(states) == {"REMOVED"}
+
+
 def test_eval_entry_loads_the_checkpoint_and_writes_per_round_tables(run, monkeypatch):
     import ray
     from ray.util import placement_group_table

@@ -183,9 +183,11 @@ def test_zero_two_ranks_match_single_rank(zero_stage, ray_cluster, tiny_models, 
     _, single_metrics, expected = single_step
     group = LearnerGroup("text", 2, num_cpus_per=1, name_prefix=f"test-text-z{zero_stage}",
                          model_path=str(tiny_models.lm), zero_stage=zero_stage, micro_batch_size=1,
-                         gradient_checkpointing=zero_stage == 3, **COMMON)
+                         gradient_checkpointing=zero_stage == 3, wait=False, **COMMON)
     try:
-        assert [i["zero_stage"] for i in group.info] == [zero_stage, zero_stage]
+        assert group.info == []  # started, not yet waited for
+        assert [i["zero_stage"] for i in group.wait_ready()] == [zero_stage, zero_stage]
+        assert [i["rank"] for i in group.info] == [0, 1]
         metrics = group.train_step(batch, ADVANTAGES)
         got = group.call_all("full_state_dict")[0]
         if zero_stage != 3:  # not collective without ZeRO-3: rank 0 alone may score samples
