@@ -294,13 +294,13 @@ def judge_app_name() -> str:
 
 
 def delete_judge_app() -> None:
-    """Delete this driver's judge app if Serve has it (a start-up that failed after deploying it)."""
+    """Delete this driver's judge app, whole or half deployed (a start-up that failed after deploying
+    it); Serve ignores the name of an app it does not have."""
     from ray import serve
 
     name = judge_app_name()
     try:
-        if name in serve.status().applications:
-            serve.delete(name)
+        serve.delete(name)
     except Exception as e:  # best effort: the failure being raised matters more
         log.warning("could not delete the judge's Serve app %s: %s", name, e)
 
