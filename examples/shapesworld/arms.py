@@ -14,8 +14,10 @@ training prompts limited to a fixed, tag-balanced set of `--train-prompts` train
 - the runs' own R3 evaluations of the held-out split (round 0, final round, reflection, stop when
   correct, the exact-fix rate on wrong images), sample i on the same prompt and seeds in both arms of
   a seed;
-- each claim as arm − null (`examples.shapesworld.arms_report`, `cluster.paired_stats`), written to
-  `DIR/arms.json` and `DIR/arms.md`.
+- each claim as arm − null (`examples.shapesworld.arms_report`, `cluster.paired_stats`), and the
+  generator's claim on its training prompts split by how often the warm start draws each prompt right
+  (`examples.shapesworld.headroom`: how much of the gain, and of the room for it, each group holds),
+  written to `DIR/arms.json` (with the warm start's per-sample verdicts) and `DIR/arms.md`.
 
 Exit status: 0 done; 2 a bad argument or config (nothing started); 3 a run failed (the others are kept).
 """
@@ -136,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
 def _report(args: argparse.Namespace, argv: list[str] | None, runs: list[Any], cfg: Any, base: Path) -> int:
     from cluster.checkpoint import checkpoints_dir, find_latest
     from examples.shapesworld.arms_report import METRICS, arm_claims, arm_levels, claims_markdown
+    from examples.shapesworld.headroom import headroom_from_measures, headroom_markdown
     from examples.shapesworld.probe import probe_generator
 
     prompts = fixed_prompt_sets(cfg, args.per_tag)
@@ -151,6 +154,9 @@ def _report(args: argparse.Namespace, argv: list[str] | None, runs: list[Any], c
     levels = {a: arm_levels(measures, a) for a in names}
     warm = {"generator_round0_train": probe["warm start"]["train"]["accuracy"],
             "generator_round0_heldout": probe["warm start"]["test"]["accuracy"]}  # fmt: skip
+    warm_probe = {split: probe["warm start"][split]["correct"] for split in ("train", "test")}
+    train_prompts = [m["prompt"] for m in prompts["train"]]
+    headroom = {a: headroom_from_measures(measures, a, args.null, train_prompts, warm_probe["train"]) for a in claims}
     seeds = sorted({r.seed for r in runs})
     command = "python -m examples.shapesworld.arms " + shlex.join(sys.argv[1:] if argv is None else argv)
     out = {
@@ -160,11 +166,13 @@ def _report(args: argparse.Namespace, argv: list[str] | None, runs: list[Any], c
         "claims": {a: {k: c.to_dict() for k, c in by.items()} for a, by in claims.items()},
         "levels": levels,
         "warm_start": warm,
+        "warm_start_probe": warm_probe,
         "runs": [{**m, "wall_s": _wall(r)} for m, r in zip(measures, runs, strict=True)],
         "prompts": {s: [m["prompt"] for m in p] for s, p in prompts.items()},
     }
     (args.out / "arms.json").write_text(json.dumps(out, indent=1))
     md = f"`{command}`\n\n" + claims_markdown(claims, levels, args.null, seeds, warm)
+    md += "".join("\n" + headroom_markdown(rows, a, args.null) for a, rows in headroom.items())
     (args.out / "arms.md").write_text(md)
     print(md + f"written to {args.out / 'arms.json'} and {args.out / 'arms.md'}")
     return 0
