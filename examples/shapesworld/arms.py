@@ -16,7 +16,8 @@ training prompts limited to a fixed, tag-balanced set of `--train-prompts` train
   a seed;
 - each claim as arm − null (`examples.shapesworld.arms_report`, `cluster.paired_stats`), and the
   generator's claim on its training prompts split by how often the warm start draws each prompt right
-  (`examples.shapesworld.headroom`: how much of the gain, and of the room for it, each group holds),
+  (`examples.shapesworld.headroom`: how much of the gain, and of the room for it, each group holds,
+  and how much score spread the arm's training groups of it had: the signal RL had there),
   written to `DIR/arms.json` (with the warm start's per-sample verdicts) and `DIR/arms.md`.
 
 Exit status: 0 done; 2 a bad argument or config (nothing started); 3 a run failed (the others are kept).
@@ -33,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["fixed_prompt_sets", "probe_weights", "run_measures", "main"]
+__all__ = ["fixed_prompt_sets", "probe_weights", "run_measures", "generate_groups", "main"]
 
 log = logging.getLogger("r3rl")
 
@@ -138,7 +139,12 @@ def main(argv: list[str] | None = None) -> int:
 def _report(args: argparse.Namespace, argv: list[str] | None, runs: list[Any], cfg: Any, base: Path) -> int:
     from cluster.checkpoint import checkpoints_dir, find_latest
     from examples.shapesworld.arms_report import METRICS, arm_claims, arm_levels, claims_markdown
-    from examples.shapesworld.headroom import headroom_from_measures, headroom_markdown
+    from examples.shapesworld.headroom import (
+        group_spread,
+        headroom_from_measures,
+        headroom_markdown,
+        warm_start_classes,
+    )
     from examples.shapesworld.probe import probe_generator
 
     prompts = fixed_prompt_sets(cfg, args.per_tag)
@@ -157,6 +163,9 @@ def _report(args: argparse.Namespace, argv: list[str] | None, runs: list[Any], c
     warm_probe = {split: probe["warm start"][split]["correct"] for split in ("train", "test")}
     train_prompts = [m["prompt"] for m in prompts["train"]]
     headroom = {a: headroom_from_measures(measures, a, args.null, train_prompts, warm_probe["train"]) for a in claims}
+    classes = warm_start_classes(train_prompts, warm_probe["train"])
+    spread = {a: group_spread([g for r in runs if r.arm == a for g in generate_groups(r.run_dir)], classes)
+              for a in claims}  # fmt: skip
     seeds = sorted({r.seed for r in runs})
     command = "python -m examples.shapesworld.arms " + shlex.join(sys.argv[1:] if argv is None else argv)
     out = {
@@ -172,10 +181,23 @@ def _report(args: argparse.Namespace, argv: list[str] | None, runs: list[Any], c
     }
     (args.out / "arms.json").write_text(json.dumps(out, indent=1))
     md = f"`{command}`\n\n" + claims_markdown(claims, levels, args.null, seeds, warm)
-    md += "".join("\n" + headroom_markdown(rows, a, args.null) for a, rows in headroom.items())
+    md += "".join("\n" + headroom_markdown(rows, a, args.null, spread[a]) for a, rows in headroom.items())
     (args.out / "arms.md").write_text(md)
     print(md + f"written to {args.out / 'arms.json'} and {args.out / 'arms.md'}")
     return 0
+
+
+def generate_groups(run_dir: Path) -> list[tuple[str, list[float]]]:
+    """The generate-stage groups a run wrote to `trajectories/` (`logging.trajectories_per_step` per
+    step, its first groups): (prompt, the judge's score of each image)."""
+    from rollout.trajectory import read_trajectories
+
+    groups: dict[tuple[str, int], tuple[str, list[float]]] = {}
+    for path in sorted((run_dir / "trajectories").glob("step-*.parquet")):
+        for t in read_trajectories(path):
+            if t.rounds and t.rounds[0].stage == "generate":
+                groups.setdefault((path.name, t.group_id), (t.prompt, []))[1].append(t.rounds[0].score)
+    return list(groups.values())
 
 
 def _wall(run: Any) -> float | None:

@@ -5,7 +5,8 @@ A prompt the warm start never draws right on the probe's noises gives RL little 
 image of its groups is wrong, so the groups' rewards differ only by partial checklist credit. A prompt it
 always draws right has no room left. The gain on the training prompts can therefore only come from
 the rest, and the most it can be is the room those prompts leave. This module measures that split,
-so a report can say whether a miss is a lack of signal or a lack of room.
+so a report can say whether a miss is a lack of signal or a lack of room. Beside it, the score
+spread of the training groups of each class (`group_spread`) says how much signal RL had there.
 
 Grouping by the warm start (not by either arm) keeps the split fair: the warm start's draws are
 the same for the arm and its null arm, so the arm − null difference within each group is not
@@ -19,7 +20,7 @@ total are w × its claim, and the groups' points add up to the whole claim exact
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,8 +28,8 @@ import numpy as np
 
 from cluster.paired_stats import Claim, paired_difference
 
-__all__ = ["CLASSES", "ClassGain", "warm_start_classes", "gain_by_warm_start_class", "headroom_from_measures",
-           "headroom_markdown"]  # fmt: skip
+__all__ = ["CLASSES", "ClassGain", "GroupSpread", "warm_start_classes", "gain_by_warm_start_class", "group_spread",
+           "headroom_from_measures", "headroom_markdown"]  # fmt: skip
 
 CLASSES = ("never", "sometimes", "always")  # right on none, some or all of the warm start's samples of a prompt
 
@@ -100,28 +101,56 @@ def gain_by_warm_start_class(
     return out
 
 
-def headroom_markdown(rows: Sequence[ClassGain], arm: str, null: str) -> str:
-    """A table of the split (points and %), one row per warm-start class and the total."""
+@dataclass(frozen=True)
+class GroupSpread:
+    """The training signal of one class: of `groups` generate groups (one prompt's images), the
+    fraction `with_spread` whose judge scores differ at all, and the mean within-group score std
+    (population std; a group advantage is r − mean(r), so this is its typical size)."""
+
+    groups: int
+    with_spread: float
+    mean_std: float
+
+
+def group_spread(groups: Iterable[tuple[str, Sequence[float]]], classes: dict[str, str]) -> dict[str, GroupSpread]:
+    """Per warm-start class, the score spread of generate groups given as (prompt, scores of its images);
+    groups of prompts outside `classes` are left out."""
+    stds: dict[str, list[float]] = {name: [] for name in CLASSES}
+    for prompt, scores in groups:
+        if prompt in classes and len(scores) >= 2:
+            stds[classes[prompt]].append(float(np.std(np.asarray(scores, dtype=np.float64))))
+    return {name: GroupSpread(len(v), float(np.mean([x > 0 for x in v])) if v else float("nan"),
+                              float(np.mean(v)) if v else float("nan")) for name, v in stds.items()}  # fmt: skip
+
+
+def headroom_markdown(rows: Sequence[ClassGain], arm: str, null: str, spread: dict[str, GroupSpread] | None = None) -> str:
+    """A table of the split (points and %), one row per warm-start class and the total; with `spread`,
+    the arm's training groups of each class too."""
+    extra = " | generate groups | with score spread | mean score std |" if spread else " |"
     lines = [
         f"**Where the gain of {arm} − {null} on the training prompts comes from** (prompts grouped by how "
         "many of the warm start's probe samples of them are right; `examples.shapesworld.headroom`)",
         "",
         "| warm start draws it right | prompts | share of samples | warm start % | "
-        f"{arm} % | {null} % | {arm} − {null} in the group | points of the total | room (points) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"{arm} % | {null} % | {arm} − {null} in the group | points of the total | room (points)" + extra,
+        "|---|---|---|---|---|---|---|---|---|" + ("---|---|---|" if spread else ""),
     ]
     for r in rows:
+        cells = [r.name, str(r.prompts), f"{100 * r.share:.0f} %"]
         if r.claim is None:
-            lines.append(f"| {r.name} | {r.prompts} | {100 * r.share:.0f} % | – | – | – | – | – | – |")
-            continue
-        lines.append(
-            f"| {r.name} | {r.prompts} | {100 * r.share:.0f} % | {100 * r.warm_start:.1f} | {100 * r.arm:.1f} | "
-            f"{100 * r.null:.1f} | {100 * r.claim.mean:+.1f} ± {100 * r.claim.se:.1f} | "
-            f"{100 * r.points_of_total:+.1f} ± {100 * r.se_of_total:.1f} | {100 * r.room:.1f} |"
-        )
+            cells += ["–"] * 6
+        else:
+            cells += [f"{100 * r.warm_start:.1f}", f"{100 * r.arm:.1f}", f"{100 * r.null:.1f}",
+                      f"{100 * r.claim.mean:+.1f} ± {100 * r.claim.se:.1f}",
+                      f"{100 * r.points_of_total:+.1f} ± {100 * r.se_of_total:.1f}", f"{100 * r.room:.1f}"]  # fmt: skip
+        if spread:
+            g = spread[r.name]
+            cells += [str(g.groups), "–", "–"] if not g.groups else [
+                str(g.groups), f"{100 * g.with_spread:.0f} %", f"{g.mean_std:.3f}"]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
     total = sum(r.points_of_total for r in rows)
     lines.append(f"| all | {sum(r.prompts for r in rows)} | 100 % | | | | | {100 * total:+.1f} | "
-                 f"{100 * sum(r.room for r in rows if r.claim):.1f} |")  # fmt: skip
+                 f"{100 * sum(r.room for r in rows if r.claim):.1f} |" + (" | | |" if spread else ""))  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

@@ -8,6 +8,7 @@ import pytest
 from cluster.paired_stats import paired_difference
 from examples.shapesworld.headroom import (
     gain_by_warm_start_class,
+    group_spread,
     headroom_from_measures,
     headroom_markdown,
     warm_start_classes,
@@ -65,3 +66,32 @@ def test_from_measures_and_markdown():
     assert "| all | 3 | 100 % | | | | | +16.7 | 50.0 |" in md
     with pytest.raises(ValueError, match="share no finished seed"):
         headroom_from_measures(measures, "rl", "cps", PROMPTS, WARM)
+
+
+def test_group_spread_by_hand():
+    classes = warm_start_classes(PROMPTS, WARM)
+    groups = [("a", [0.5, 0.5, 0.5]), ("a", [0.0, 0.5]), ("b", [1.0, 0.0, 1.0, 0.0]), ("z", [0.0, 1.0]), ("c", [1.0])]
+    s = group_spread(groups, classes)
+    # a: stds 0 and 0.25 -> half with spread, mean 0.125; b: std 0.5; c: one image is no group; z: not a probe prompt
+    assert (s["never"].groups, s["never"].with_spread, s["never"].mean_std) == (2, 0.5, pytest.approx(0.125))
+    assert (s["sometimes"].groups, s["sometimes"].with_spread, s["sometimes"].mean_std) == (1, 1.0, 0.5)
+    assert s["always"].groups == 0 and math.isnan(s["always"].mean_std)
+    md = headroom_markdown(gain_by_warm_start_class(ARM, NULL, PROMPTS, WARM), "rl", "null", s)
+    assert "| +8.3 ± 8.3 | 33.3 | 2 | 50 % | 0.125 |" in md and "| 0.0 | 0 | – | – |" in md
+
+
+def test_generate_groups_read_what_a_run_wrote(tmp_path):
+    from examples.shapesworld.arms import generate_groups
+    from rollout.trajectory import Round, Trajectory, write_trajectories
+
+    def traj(prompt, group, stage, score):
+        return Trajectory(prompt, {}, group, [Round(index=0, stage=stage, score=score)])
+
+    (tmp_path / "trajectories").mkdir()
+    # two steps reuse group ids 0 and 1; a refine group is not a generate group
+    write_trajectories(tmp_path / "trajectories" / "step-000000.parquet",
+                       [traj("a", 0, "generate", 0.5), traj("a", 0, "generate", 1.0), traj("b", 1, "refine", 0.0)])  # fmt: skip
+    write_trajectories(tmp_path / "trajectories" / "step-000001.parquet",
+                       [traj("c", 0, "generate", 0.25), traj("c", 0, "generate", 0.75)])  # fmt: skip
+    assert generate_groups(tmp_path) == [("a", [0.5, 1.0]), ("c", [0.25, 0.75])]
+    assert generate_groups(tmp_path / "no-such-run") == []
