@@ -72,6 +72,7 @@ def run_measures(run: Any, probe: dict[str, Any]) -> dict[str, Any]:
         "seed": run.seed,
         "run_dir": str(run.run_dir),
         "probe": {split: probe[split]["correct"] for split in ("train", "test")},
+        "probe_score": {split: probe[split]["scores"] for split in ("train", "test")},
         "eval": {
             "prompts": [t.prompt for t in trajs],
             "round0": [bool(t.rounds[0].correct) for t in trajs],

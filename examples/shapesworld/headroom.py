@@ -47,6 +47,7 @@ class ClassGain:
     arm: float
     null: float
     claim: Claim | None  # None when the group is empty
+    score_claim: Claim | None = None  # arm − null of the judge's score (fraction of checklist items met), if given
 
     @property
     def points_of_total(self) -> float:
@@ -73,13 +74,16 @@ def warm_start_classes(prompts: Sequence[str], warm_correct: Sequence[bool]) -> 
 
 
 def gain_by_warm_start_class(
-    arm: Sequence[Sequence[bool]], null: Sequence[Sequence[bool]], prompts: Sequence[str], warm_correct: Sequence[bool]
+    arm: Sequence[Sequence[bool]], null: Sequence[Sequence[bool]], prompts: Sequence[str], warm_correct: Sequence[bool],
+    arm_scores: Sequence[Sequence[float]] | None = None, null_scores: Sequence[Sequence[float]] | None = None,
 ) -> list[ClassGain]:  # fmt: skip
     """The claim arm − null split by warm-start class.
 
     arm, null: per seed, the probe's verdicts [S][n] (sample i on prompt `prompts[i]` in every run);
     warm_correct: the warm start's verdicts [n] on the same samples. One `ClassGain` per class, in
-    `CLASSES` order; their `points_of_total` add up to `paired_difference(arm, null).mean`.
+    `CLASSES` order; their `points_of_total` add up to `paired_difference(arm, null).mean`. With the
+    judge's scores of the same samples ([S][n] each), also the partial-credit claim per class: a
+    prompt never drawn right can still gain checklist items.
     """
     classes = warm_start_classes(prompts, warm_correct)
     label = np.array([classes[p] for p in prompts])
@@ -94,9 +98,15 @@ def gain_by_warm_start_class(
             out.append(ClassGain(name, 0, 0.0, float("nan"), float("nan"), float("nan"), None))
             continue
         claim = paired_difference(a[:, mask], z[:, mask]) if n >= 2 else None
+        score_claim = None
+        if arm_scores is not None and null_scores is not None and n >= 2:
+            sa, sz = np.asarray(arm_scores, dtype=np.float64), np.asarray(null_scores, dtype=np.float64)
+            if sa.shape != a.shape or sz.shape != a.shape:
+                raise ValueError(f"need scores shaped like the verdicts {a.shape}, got {sa.shape} and {sz.shape}")
+            score_claim = paired_difference(sa[:, mask], sz[:, mask])
         out.append(ClassGain(
             name, len({p for p, m in zip(prompts, mask, strict=True) if m}), n / len(prompts),
-            float(w[mask].mean()), float(a[:, mask].mean()), float(z[:, mask].mean()), claim,
+            float(w[mask].mean()), float(a[:, mask].mean()), float(z[:, mask].mean()), claim, score_claim,
         ))  # fmt: skip
     return out
 
@@ -126,23 +136,27 @@ def group_spread(groups: Iterable[tuple[str, Sequence[float]]], classes: dict[st
 def headroom_markdown(rows: Sequence[ClassGain], arm: str, null: str, spread: dict[str, GroupSpread] | None = None) -> str:
     """A table of the split (points and %), one row per warm-start class and the total; with `spread`,
     the arm's training groups of each class too."""
-    extra = " | generate groups | with score spread | mean score std |" if spread else " |"
+    scored = any(r.score_claim for r in rows)
+    extra = (f" | score: {arm} − {null} in the group" if scored else "") + (
+        " | generate groups | with score spread | mean score std |" if spread else " |")
     lines = [
         f"**Where the gain of {arm} − {null} on the training prompts comes from** (prompts grouped by how "
         "many of the warm start's probe samples of them are right; `examples.shapesworld.headroom`)",
         "",
         "| warm start draws it right | prompts | share of samples | warm start % | "
         f"{arm} % | {null} % | {arm} − {null} in the group | points of the total | room (points)" + extra,
-        "|---|---|---|---|---|---|---|---|---|" + ("---|---|---|" if spread else ""),
+        "|---|---|---|---|---|---|---|---|---|" + ("---|" if scored else "") + ("---|---|---|" if spread else ""),
     ]
     for r in rows:
         cells = [r.name, str(r.prompts), f"{100 * r.share:.0f} %"]
         if r.claim is None:
-            cells += ["–"] * 6
+            cells += ["–"] * (7 if scored else 6)
         else:
             cells += [f"{100 * r.warm_start:.1f}", f"{100 * r.arm:.1f}", f"{100 * r.null:.1f}",
                       f"{100 * r.claim.mean:+.1f} ± {100 * r.claim.se:.1f}",
                       f"{100 * r.points_of_total:+.1f} ± {100 * r.se_of_total:.1f}", f"{100 * r.room:.1f}"]  # fmt: skip
+        if scored:
+            cells.append(f"{100 * r.score_claim.mean:+.1f} ± {100 * r.score_claim.se:.1f}" if r.score_claim else "–")
         if spread:
             g = spread[r.name]
             cells += [str(g.groups), "–", "–"] if not g.groups else [
@@ -150,7 +164,8 @@ def headroom_markdown(rows: Sequence[ClassGain], arm: str, null: str, spread: di
         lines.append("| " + " | ".join(cells) + " |")
     total = sum(r.points_of_total for r in rows)
     lines.append(f"| all | {sum(r.prompts for r in rows)} | 100 % | | | | | {100 * total:+.1f} | "
-                 f"{100 * sum(r.room for r in rows if r.claim):.1f} |" + (" | | |" if spread else ""))  # fmt: skip
+                 f"{100 * sum(r.room for r in rows if r.claim):.1f} |" + (" |" if scored else "")
+                 + (" | | |" if spread else ""))  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -158,9 +173,15 @@ def headroom_from_measures(measures: Sequence[dict[str, Any]], arm: str, null: s
                            warm_correct: Sequence[bool]) -> list[ClassGain]:  # fmt: skip
     """`gain_by_warm_start_class` on the training-prompt probe of the runs' measures
     (`examples.shapesworld.arms_report`), over the seeds both arms finished."""
-    a = {m["seed"]: m["probe"]["train"] for m in measures if m["arm"] == arm}
-    z = {m["seed"]: m["probe"]["train"] for m in measures if m["arm"] == null}
+    a = {m["seed"]: m for m in measures if m["arm"] == arm}
+    z = {m["seed"]: m for m in measures if m["arm"] == null}
     seeds = sorted(set(a) & set(z))
     if not seeds:
         raise ValueError(f"arm {arm!r} and null arm {null!r} share no finished seed")
-    return gain_by_warm_start_class([a[s] for s in seeds], [z[s] for s in seeds], prompts, warm_correct)
+    runs = [a[s] for s in seeds] + [z[s] for s in seeds]
+    scores = all("probe_score" in m for m in runs)
+    return gain_by_warm_start_class(
+        [a[s]["probe"]["train"] for s in seeds], [z[s]["probe"]["train"] for s in seeds], prompts, warm_correct,
+        [a[s]["probe_score"]["train"] for s in seeds] if scores else None,
+        [z[s]["probe_score"]["train"] for s in seeds] if scores else None,
+    )  # fmt: skip

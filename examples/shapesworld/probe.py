@@ -134,6 +134,7 @@ def _judged(images: list[Any], metas: list[dict[str, Any]]) -> dict[str, Any]:
         "accuracy_by_tag": {t: float(np.mean(v)) for t, v in sorted(by_tag.items())},
         "n": len(metas),
         "correct": [bool(v.correct) for v in verdicts],  # per sample, for paired comparisons
+        "scores": [float(v.score) for v in verdicts],  # per sample: the fraction of checklist items met
     }
 
 

@@ -106,12 +106,13 @@ def test_run_measures_read_the_evaluation_in_sample_order(tmp_path):
     write_trajectories(tmp_path / "eval-final" / "trajectories.parquet",
                        [traj(1, [(True, False), (True, True)]), traj(0, [(False, False), (True, False)])])  # fmt: skip
     run = SimpleNamespace(arm="rl", seed=1, run_dir=tmp_path)
-    m = run_measures(run, {"train": {"correct": [True]}, "test": {"correct": [False]}})
+    m = run_measures(run, {"train": {"correct": [True], "scores": [1.0]}, "test": {"correct": [False], "scores": [0.5]}})
     assert m["eval"]["prompts"] == ["p0", "p1"]
     assert m["eval"]["round0"] == [False, True] and m["eval"]["final"] == [True, True]
     assert m["eval"]["reflection"]["correct_decisions"] == 2 and m["eval"]["reflection"]["decisions"] == 2
     assert m["eval"]["fix_naming"]["on_wrong_images"] == 1 and m["eval"]["fix_naming"]["on_wrong_images_with_fix"] == 0
     assert m["probe"] == {"train": [True], "test": [False]} and (m["arm"], m["seed"]) == ("rl", 1)
+    assert m["probe_score"] == {"train": [1.0], "test": [0.5]}
 
 
 def test_the_probe_draws_with_the_ema_when_the_run_kept_one(tmp_path):

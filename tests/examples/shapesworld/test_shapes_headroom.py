@@ -95,3 +95,19 @@ def test_generate_groups_read_what_a_run_wrote(tmp_path):
                        [traj("c", 0, "generate", 0.25), traj("c", 0, "generate", 0.75)])  # fmt: skip
     assert generate_groups(tmp_path) == [("a", [0.5, 1.0]), ("c", [0.25, 0.75])]
     assert generate_groups(tmp_path / "no-such-run") == []
+
+
+def test_partial_credit_per_group_by_hand():
+    # scores of the same samples: the never prompt a gains a quarter of its checklist in seed 0 only
+    arm_scores = [[0.75, 0.5, 1, 1, 1, 1], [0.5, 0.5, 1, 1, 1, 0.5]]
+    null_scores = [[0.5, 0.25, 0.5, 1, 1, 1], [0.5, 0.5, 1, 0.5, 1, 1]]
+    rows = gain_by_warm_start_class(ARM, NULL, PROMPTS, WARM, arm_scores, null_scores)
+    assert [r.score_claim.mean for r in rows] == pytest.approx([0.125, 0.25, -0.125])
+    measures = [{"arm": arm, "seed": s, "probe": {"train": v[s]}, "probe_score": {"train": sc[s]}}
+                for arm, v, sc in (("rl", ARM, arm_scores), ("null", NULL, null_scores)) for s in (0, 1)]  # fmt: skip
+    rows = headroom_from_measures(measures, "rl", "null", PROMPTS, WARM)
+    assert rows[0].score_claim.per_seed == pytest.approx((0.25, 0.0))
+    md = headroom_markdown(rows, "rl", "null")
+    assert "score: rl − null in the group" in md and "| 33.3 | +12.5 ± 12.5 |" in md
+    with pytest.raises(ValueError, match="need scores shaped like the verdicts"):
+        gain_by_warm_start_class(ARM, NULL, PROMPTS, WARM, arm_scores[:1], null_scores)
