@@ -59,7 +59,7 @@ class ClassGain:
 
     @property
     def room(self) -> float:
-        return self.share * (1.0 - self.null)
+        return self.share * (1.0 - self.null) if self.claim else 0.0
 
 
 def warm_start_classes(prompts: Sequence[str], warm_correct: Sequence[bool]) -> dict[str, str]:

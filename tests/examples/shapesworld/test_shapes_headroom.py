@@ -50,7 +50,7 @@ def test_split_by_hand_adds_up_to_the_whole_claim():
 def test_empty_group_and_bad_shapes():
     rows = gain_by_warm_start_class([[1, 0, 1, 1]], [[0, 0, 1, 1]], ["a", "a", "c", "c"], [0, 0, 1, 1])
     assert [r.name for r in rows] == ["never", "sometimes", "always"]
-    assert rows[1].claim is None and rows[1].share == 0.0 and rows[1].points_of_total == 0.0
+    assert rows[1].claim is None and rows[1].share == 0.0 and rows[1].points_of_total == 0.0 == rows[1].room
     assert "| sometimes | 0 | 0 % | – |" in headroom_markdown(rows, "rl", "null")
     with pytest.raises(ValueError, match=r"need \[seeds\]\[4\] verdicts"):
         gain_by_warm_start_class([[1, 0, 1]], [[0, 0, 1]], ["a", "a", "c", "c"], [0, 0, 1, 1])
