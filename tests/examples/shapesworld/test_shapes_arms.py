@@ -1,11 +1,14 @@
 """ShapesWorld claims as arm − null (examples.shapesworld.arms_report), on hand-made measures."""
 
 import math
+from pathlib import Path
 
 import pytest
 
 from examples.shapesworld.arms import _parse
 from examples.shapesworld.arms_report import arm_claims, arm_levels, claims_markdown
+
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def _m(arm, seed, train, test, final, refl=(6, 10, 0.5, 4, 0.75, 6), fixes=(1, 6)):
@@ -122,3 +125,49 @@ def test_the_probe_draws_with_the_ema_when_the_run_kept_one(tmp_path):
     assert probe_weights(tmp_path) == tmp_path / "diffusion_learner" / "weights"
     (tmp_path / "diffusion_learner" / "ema_weights").mkdir()
     assert probe_weights(tmp_path) == tmp_path / "diffusion_learner" / "ema_weights"
+
+
+@pytest.mark.integration
+def test_report_of_finished_runs_probes_them_and_splits_the_claim(tmp_path, capsys):
+    """`main` on runs that finished before: it keeps them and writes the report. Both runs draw with a
+    copy of the warm start's transformer, so the probe (same noise for sample i in every run) must
+    give each of them the warm start's verdicts sample by sample, and every claim and group is 0."""
+    import json
+    import logging
+    import shutil
+
+    from examples.shapesworld.arms import main
+    from rollout.trajectory import Round, Trajectory, write_trajectories
+
+    warm = ROOT / "examples" / "shapesworld" / "warmstart" / "flux" / "transformer"
+    for name in ("rl-seed0", "null-seed0"):
+        run = tmp_path / name
+        ckpt = run / "checkpoints" / "step-000001"
+        shutil.copytree(warm, ckpt / "diffusion_learner" / "weights")
+        (ckpt / "COMPLETE").write_text("")
+        (run / "eval-final").mkdir(parents=True)
+        (run / "eval-final" / "eval.json").write_text("{}")
+        evals = [Trajectory(f"p{g}", {"tag": "t"}, g, [  # an edit fixes the image, then a stop
+            Round(index=0, stage="eval", correct=False, score=0.5), Round(index=1, stage="eval", correct=True, score=1.0),
+            Round(index=2, stage="eval", correct=True, stopped=True, score=1.0)]) for g in range(2)]  # fmt: skip
+        write_trajectories(run / "eval-final" / "trajectories.parquet", evals)
+        (run / "trajectories").mkdir()
+        write_trajectories(run / "trajectories" / "step-000000.parquet",
+                           [Trajectory("a photo of a circle", {}, 0, [Round(index=0, stage="generate", score=s)])
+                            for s in (0.5, 1.0)])  # fmt: skip
+    handlers, level = logging.root.handlers[:], logging.root.level  # main configures logging for a console
+    try:
+        rc = main(["--config", "examples/shapesworld/configs/shapes_cpu.yaml", "--arms", "rl=",
+                   "null=train.null_advantages=true", "--seeds", "1", "--steps", "1", "--train-prompts", "9",
+                   "--per-tag", "2", "--out", str(tmp_path)])  # fmt: skip
+    finally:
+        logging.root.handlers[:], logging.root.level = handlers, level
+    assert rc == 0, capsys.readouterr().err
+    out = json.loads((tmp_path / "arms.json").read_text())
+    warm_train = out["warm_start_probe"]["train"]
+    assert len(warm_train) == len(out["prompts"]["train"]) == 18
+    assert [r["probe"]["train"] for r in out["runs"]] == [warm_train, warm_train]
+    assert out["claims"]["rl"]["generator_round0_train"]["mean"] == 0.0
+    md = (tmp_path / "arms.md").read_text()
+    assert "**Where the gain of rl − null on the training prompts comes from**" in md
+    assert "| all | 9 | 100 % | | | | | +0.0 |" in md
