@@ -90,6 +90,11 @@ def gain_by_warm_start_class(
     a, z, w = (np.asarray(x, dtype=np.float64) for x in (arm, null, warm_correct))
     if a.shape != z.shape or a.ndim != 2 or a.shape[1] != len(prompts):
         raise ValueError(f"need [seeds][{len(prompts)}] verdicts in both arms, got {a.shape} and {z.shape}")
+    scored = arm_scores is not None and null_scores is not None
+    if scored:
+        sa, sz = np.asarray(arm_scores, dtype=np.float64), np.asarray(null_scores, dtype=np.float64)
+        if sa.shape != a.shape or sz.shape != a.shape:
+            raise ValueError(f"need scores shaped like the verdicts {a.shape}, got {sa.shape} and {sz.shape}")
     out = []
     for name in CLASSES:
         mask = label == name
@@ -98,12 +103,7 @@ def gain_by_warm_start_class(
             out.append(ClassGain(name, 0, 0.0, float("nan"), float("nan"), float("nan"), None))
             continue
         claim = paired_difference(a[:, mask], z[:, mask]) if n >= 2 else None
-        score_claim = None
-        if arm_scores is not None and null_scores is not None and n >= 2:
-            sa, sz = np.asarray(arm_scores, dtype=np.float64), np.asarray(null_scores, dtype=np.float64)
-            if sa.shape != a.shape or sz.shape != a.shape:
-                raise ValueError(f"need scores shaped like the verdicts {a.shape}, got {sa.shape} and {sz.shape}")
-            score_claim = paired_difference(sa[:, mask], sz[:, mask])
+        score_claim = paired_difference(sa[:, mask], sz[:, mask]) if scored and n >= 2 else None
         out.append(ClassGain(
             name, len({p for p, m in zip(prompts, mask, strict=True) if m}), n / len(prompts),
             float(w[mask].mean()), float(a[:, mask].mean()), float(z[:, mask].mean()), claim, score_claim,
