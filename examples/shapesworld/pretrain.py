@@ -55,7 +55,7 @@ from examples.shapesworld.recipe import (
 )
 from examples.shapesworld.tasks import build_splits
 
-__all__ = ["pretrain", "main"]
+__all__ = ["pretrain", "file_sha256", "main"]
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def pretrain(s: PretrainSettings, out: Path = WARM_START, force: bool = False, c
     try:
         manifest = {"command": command, **_train(tmp, s)}
         manifest["files"] = {
-            f.relative_to(tmp).as_posix(): _sha256(f)
+            f.relative_to(tmp).as_posix(): file_sha256(f)
             for part in MODEL_FOLDERS
             for f in sorted((tmp / part).rglob("*"))
             if f.is_file()
@@ -262,7 +262,8 @@ def _summary(losses: list[float]) -> dict[str, float]:
     return {"first": float(np.mean(losses[:k])), "last": float(np.mean(losses[-k:])), "steps": len(losses)}
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """The sha256 hex digest of a file, read in 1 MiB chunks (manifests record one per model file)."""
     digest = hashlib.sha256()
     with path.open("rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):

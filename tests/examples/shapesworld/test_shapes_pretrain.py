@@ -293,3 +293,45 @@ def test_adaln_zero_starts_every_block_as_identity_and_still_learns():
     (v - 1.0).pow(2).mean().backward()
     assert t.proj_out.weight.grad.abs().sum() > 0  # the output layer learns first, then the gates
 
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_more_flow_trains_the_generator_further_and_keeps_the_reasoner(warm_start, tmp_path):
+    """`more_flow` from the scaled warm start: a new generator (the transformer's weights change),
+    the base's reasoner byte for byte, a manifest naming the base and every file's sha256; it
+    refuses a folder that already holds a warm start and a base that is not one."""
+    import torch
+    from safetensors.torch import load_file
+
+    from examples.shapesworld.more_flow import main
+
+    out = tmp_path / "further"
+    args = ["--base", str(warm_start), "--out", str(out), "--steps", "3", "--eval-prompts", "3"]
+    assert main(args) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["command"] == "python -m examples.shapesworld.more_flow " + " ".join(args)
+    assert manifest["base"] == str(warm_start)
+    assert manifest["base_manifest_sha256"] == hashlib.sha256((warm_start / "manifest.json").read_bytes()).hexdigest()
+    assert manifest["stage"]["steps"] == manifest["losses"]["flow"]["steps"] == 3
+    assert manifest["settings"]["scale"] == 0.01 and manifest["generator_eval"]["n"] == 3
+    on_disk = sorted(f.relative_to(out).as_posix() for d in ("flux", "vlm") for f in (out / d).rglob("*") if f.is_file())
+    assert sorted(manifest["files"]) == on_disk
+    assert all(hashlib.sha256((out / f).read_bytes()).hexdigest() == h for f, h in manifest["files"].items())
+    for f in (warm_start / "vlm").rglob("*"):
+        if f.is_file():
+            assert (out / "vlm" / f.relative_to(warm_start / "vlm")).read_bytes() == f.read_bytes()
+    weights = "flux/transformer/diffusion_pytorch_model.safetensors"
+    before, after = load_file(str(warm_start / weights)), load_file(str(out / weights))
+    assert before.keys() == after.keys() and all(v.dtype == after[k].dtype for k, v in before.items())
+    assert any(not torch.equal(v, after[k]) for k, v in before.items())
+    assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []
+    assert main(args) == 2  # out holds a warm start now
+    assert main(["--base", str(tmp_path), "--out", str(tmp_path / "other")]) == 2  # no manifest there
+
+
+def test_more_flow_refuses_bad_numbers_naming_them(capsys):
+    from examples.shapesworld.more_flow import main
+
+    assert main(["--out", "unused", "--steps", "0"]) == 2
+    assert "--steps 0" in capsys.readouterr().err
