@@ -7,8 +7,8 @@ early matters: RL mostly improves prompts the warm start already draws right som
 on. This makes such a generator without rebuilding the whole warm start (about 30 minutes): it
 loads `BASE/flux`, trains its transformer and text encoders with the warm start's own flow stage
 (`examples.shapesworld.generator_sft.train_flow`: the same rendered pool, batch, edit share and
-σ sampling; a fresh optimizer and warm-up-cosine schedule over `--steps`, seed = the base's + 2,
-after its two stages' seed and seed + 1) and writes:
+σ sampling; a fresh optimizer and warm-up-cosine schedule over `--steps`; the next seed after the
+base's stages, so chained runs draw other batches) and writes:
 - `DIR/flux`: the further-trained generator, stored in the base's storage dtype;
 - `DIR/vlm`: a copy of the base's reasoner, unchanged (it was tuned on the base generator's own
   images, not on this one's);
@@ -55,9 +55,10 @@ def more_flow(base: Path, out: Path, steps: int, lr: float, eval_prompts: int, c
         raise ValueError(f"--base {base}: no manifest.json there (not a finished warm start)")
     if (out / "manifest.json").exists():
         raise ValueError(f"--out {out} already holds a warm start; choose another folder")
-    built = json.loads(base_manifest.read_text())["settings"]
-    s = replace(PretrainSettings(**built), eval_prompts=eval_prompts)
-    stage = replace(s, flow_steps=steps, flow_lr=lr, seed=s.seed + 2, scale=1.0)
+    built = json.loads(base_manifest.read_text())
+    s = replace(PretrainSettings(**built["settings"]), eval_prompts=eval_prompts)
+    # a fresh seed: the pretrain's two flow stages use seed and seed + 1, an earlier more_flow its own
+    stage = replace(s, flow_steps=steps, flow_lr=lr, seed=built.get("stage", {}).get("seed", s.seed + 1) + 1, scale=1.0)
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
