@@ -28,8 +28,8 @@ import numpy as np
 
 from cluster.paired_stats import Claim, paired_difference
 
-__all__ = ["CLASSES", "ClassGain", "GroupSpread", "warm_start_classes", "gain_by_warm_start_class", "group_spread",
-           "headroom_from_measures", "headroom_markdown"]  # fmt: skip
+__all__ = ["CLASSES", "ClassGain", "GroupSpread", "WarmStartClass", "warm_start_classes", "warm_start_room",
+           "gain_by_warm_start_class", "group_spread", "headroom_from_measures", "headroom_markdown"]  # fmt: skip
 
 CLASSES = ("never", "sometimes", "always")  # right on none, some or all of the warm start's samples of a prompt
 
@@ -71,6 +71,27 @@ def warm_start_classes(prompts: Sequence[str], warm_correct: Sequence[bool]) -> 
     for p, ok in zip(prompts, warm_correct, strict=True):
         hits.setdefault(p, []).append(bool(ok))
     return {p: CLASSES[0] if not any(v) else CLASSES[2] if all(v) else CLASSES[1] for p, v in hits.items()}
+
+
+@dataclass(frozen=True)
+class WarmStartClass:
+    """One warm-start class before any RL: its distinct `prompts`, their `share` of the samples and
+    the warm start's fraction `right` on them."""
+
+    name: str
+    prompts: int
+    share: float
+    right: float
+
+
+def warm_start_room(prompts: Sequence[str], warm_correct: Sequence[bool]) -> list[WarmStartClass]:
+    """The warm start's samples split by class (`CLASSES` order; `right` is NaN for an empty class):
+    how much of the probe sits on prompts RL can work on before any run is made."""
+    classes = warm_start_classes(prompts, warm_correct)
+    label, w = np.array([classes[p] for p in prompts]), np.asarray(warm_correct, dtype=np.float64)
+    return [WarmStartClass(name, sum(c == name for c in classes.values()), float((label == name).mean()),
+                           float(w[label == name].mean()) if (label == name).any() else float("nan"))
+            for name in CLASSES]  # fmt: skip
 
 
 def gain_by_warm_start_class(

@@ -12,6 +12,7 @@ from examples.shapesworld.headroom import (
     headroom_from_measures,
     headroom_markdown,
     warm_start_classes,
+    warm_start_room,
 )
 
 # six probe samples, two per prompt: the warm start draws a never, b once, c always
@@ -25,6 +26,16 @@ def test_classes_by_hand():
     assert warm_start_classes(PROMPTS, WARM) == {"a": "never", "b": "sometimes", "c": "always"}
     with pytest.raises(ValueError, match="6 prompts but 5 warm-start verdicts"):
         warm_start_classes(PROMPTS, WARM[:5])
+
+
+def test_warm_start_room_by_hand():
+    never, sometimes, always = warm_start_room(PROMPTS, WARM)
+    assert (never.name, never.prompts, never.share, never.right) == ("never", 1, pytest.approx(1 / 3), 0.0)
+    assert (sometimes.prompts, sometimes.share, sometimes.right) == (1, pytest.approx(1 / 3), 0.5)
+    assert (always.prompts, always.share, always.right) == (1, pytest.approx(1 / 3), 1.0)
+    none_right = warm_start_room(["a", "a", "b"], [False, False, False])
+    assert [c.prompts for c in none_right] == [2, 0, 0] and none_right[0].share == 1.0
+    assert math.isnan(none_right[1].right) and none_right[2].share == 0.0
 
 
 def test_split_by_hand_adds_up_to_the_whole_claim():
