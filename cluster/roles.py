@@ -156,8 +156,7 @@ def text_worker_class(backend: str) -> type:
 
 
 def build_roles(cfg: R3Config, paths: ModelPaths) -> Roles:
-    """Placement groups first (one per role, all ready; judge apps orphaned by dead drivers are
-    deleted before), then workers, learners, judge, weight sync.
+    """Placement groups first (one per role, all ready), then workers, learners, judge, weight sync.
 
     Every actor starts before any is waited for, so the models load side by side. If anything fails
     to start, the judge's Serve app is deleted, the started actors are killed (waited for, so their
@@ -186,7 +185,6 @@ def build_roles(cfg: R3Config, paths: ModelPaths) -> Roles:
 
         return hook
 
-    delete_orphaned_judge_apps()  # before placing anything: an orphan holds the judge's resources
     placements = place_roles(cfg, ("text_workers", "diffusion_workers", "text_learners", "diffusion_learners"))
     judge_deployed, started = False, []  # started: the pools and groups, whose actors a failure kills
     try:
@@ -305,27 +303,6 @@ def delete_judge_app() -> None:
         serve.delete(name)
     except Exception as e:  # best effort: the failure being raised matters more
         log.warning("could not delete the judge's Serve app %s: %s", name, e)
-
-
-def delete_orphaned_judge_apps() -> list[str]:
-    """Delete the judge apps of drivers that died without deleting them (a SIGKILL or an OOM kill
-    runs no cleanup); returns their names.
-
-    Serve apps outlive their driver, so an orphaned judge keeps its replicas (a VLM judge: its
-    GPUs) and the next run could not place its own. Only apps named `judge-<job id>` whose Ray job
-    the cluster's job table marks dead are deleted: a running driver's judge, or any other app, is
-    never touched.
-    """
-    from ray import serve
-    from ray._private.state import jobs  # the GCS job table; the public state API needs the dashboard
-
-    dead = {job["JobID"] for job in jobs() if job["IsDead"]}
-    orphans = [name for name in serve.status().applications
-               if name.startswith("judge-") and name.removeprefix("judge-") in dead]  # fmt: skip
-    for name in orphans:
-        log.warning("deleting Serve app %s: its driver's Ray job ended without deleting it", name)
-        serve.delete(name)
-    return orphans
 
 
 def judge_spec(cfg: R3Config, paths: ModelPaths) -> dict[str, Any]:
