@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["fixed_prompt_sets", "probe_weights", "run_measures", "generate_groups", "main"]
+__all__ = ["fixed_prompt_sets", "probe_settings", "probe_weights", "run_measures", "generate_groups", "main"]
 
 log = logging.getLogger("r3rl")
 
@@ -52,6 +52,14 @@ def fixed_prompt_sets(cfg: Any, per_tag: int) -> dict[str, list[dict[str, Any]]]
         "train": [r.metadata for r in cycle_categories(distinct, per_tag)],
         "test": [r.metadata for r in cycle_categories(test, per_tag)],
     }
+
+
+def probe_settings(cfg: Any) -> dict[str, Any]:
+    """The probe's sampler settings from a run config: its evaluation's ODE steps, guidance, true
+    CFG scale, image size and text length."""
+    f, g = cfg.flow_grpo, cfg.models.generator
+    return {"num_steps": f.eval_num_steps, "guidance": f.guidance, "cfg_scale": f.train_cfg_scale, "size": g.height,
+            "max_sequence_length": g.max_sequence_length}  # fmt: skip
 
 
 def probe_weights(checkpoint: Path) -> Path:
@@ -152,9 +160,7 @@ def _report(args: argparse.Namespace, argv: list[str] | None, runs: list[Any], c
     weights: dict[str, Path | None] = {"warm start": None}
     for run in runs:
         weights[run.run_dir.name] = probe_weights(find_latest(checkpoints_dir(run.run_dir)))
-    f, g = cfg.flow_grpo, cfg.models.generator
-    probe = probe_generator(base, weights, prompts, num_steps=f.eval_num_steps, guidance=f.guidance,
-                            cfg_scale=f.train_cfg_scale, size=g.height, max_sequence_length=g.max_sequence_length)  # fmt: skip
+    probe = probe_generator(base, weights, prompts, **probe_settings(cfg))
     measures = [run_measures(run, probe[run.run_dir.name]) for run in runs]
     names = list(dict.fromkeys(r.arm for r in runs))
     claims = {a: arm_claims(measures, a, args.null) for a in names if a != args.null}

@@ -46,7 +46,7 @@ def more_flow(base: Path, out: Path, steps: int, lr: float, eval_prompts: int, c
 
     from examples.shapesworld.generator_sft import evaluate_generator, train_flow
     from examples.shapesworld.models import MODEL_FOLDERS
-    from examples.shapesworld.pretrain import file_sha256
+    from examples.shapesworld.pretrain import file_sha256, loss_summary, model_file_hashes
     from examples.shapesworld.recipe import PretrainSettings, make_pool
     from examples.shapesworld.tasks import build_splits
 
@@ -73,18 +73,16 @@ def more_flow(base: Path, out: Path, steps: int, lr: float, eval_prompts: int, c
         shutil.copytree(base / "vlm", tmp / "vlm")
         start = time.perf_counter()
         generator_eval = evaluate_generator(tmp / "flux", splits.test, s)
-        k = max(1, len(losses) // 10)
         manifest = {
             "command": command,
             "base": str(base),
             "base_manifest_sha256": file_sha256(base_manifest),
             "stage": {"steps": steps, "lr": lr, "seed": stage.seed, "batch": stage.batch},
             "settings": asdict(s),
-            "losses": {"flow": {"first": sum(losses[:k]) / k, "last": sum(losses[-k:]) / k, "steps": len(losses)}},
+            "losses": {"flow": loss_summary(losses)},
             "times": {"flow_s": round(flow_s, 1), "generator_eval_s": round(time.perf_counter() - start, 1)},
             "generator_eval": generator_eval,
-            "files": {f.relative_to(tmp).as_posix(): file_sha256(f)
-                      for part in MODEL_FOLDERS for f in sorted((tmp / part).rglob("*")) if f.is_file()},  # fmt: skip
+            "files": model_file_hashes(tmp),
         }
         for part in MODEL_FOLDERS:
             shutil.rmtree(out / part, ignore_errors=True)

@@ -55,7 +55,7 @@ from examples.shapesworld.recipe import (
 )
 from examples.shapesworld.tasks import build_splits
 
-__all__ = ["pretrain", "file_sha256", "main"]
+__all__ = ["pretrain", "file_sha256", "model_file_hashes", "loss_summary", "main"]
 
 logger = logging.getLogger(__name__)
 
@@ -77,12 +77,7 @@ def pretrain(s: PretrainSettings, out: Path = WARM_START, force: bool = False, c
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         manifest = {"command": command, **_train(tmp, s)}
-        manifest["files"] = {
-            f.relative_to(tmp).as_posix(): file_sha256(f)
-            for part in MODEL_FOLDERS
-            for f in sorted((tmp / part).rglob("*"))
-            if f.is_file()
-        }
+        manifest["files"] = model_file_hashes(tmp)
         (out / "manifest.json").unlink(missing_ok=True)  # incomplete until the new one is in place
         for part in MODEL_FOLDERS:
             if (out / part).exists():
@@ -155,7 +150,7 @@ def _train(tmp: Path, s: PretrainSettings) -> dict[str, Any]:
         "reasoner_threads": reasoner_result["threads"],
         "times": {k: round(v, 1) for k, v in times.items()},
         "losses": {
-            name: _summary(v)
+            name: loss_summary(v)
             for name, v in (
                 ("vae", vae_losses), ("flow", flow_losses), ("reasoner", reasoner_losses),
                 ("reasoner_own_images", own["losses"]),
@@ -255,7 +250,14 @@ def _reasoner_job(
     result_file.write_text(json.dumps({"losses": losses, "eval": measured, "times": times, "threads": threads}))
 
 
-def _summary(losses: list[float]) -> dict[str, float]:
+def model_file_hashes(root: Path) -> dict[str, str]:
+    """`flux/...` and `vlm/...` path under `root` -> sha256, for a warm start's manifest."""
+    return {f.relative_to(root).as_posix(): file_sha256(f)
+            for part in MODEL_FOLDERS for f in sorted((root / part).rglob("*")) if f.is_file()}  # fmt: skip
+
+
+def loss_summary(losses: list[float]) -> dict[str, float]:
+    """Mean of the first and of the last tenth of a stage's losses, and its step count."""
     if not losses:  # a skipped stage
         return {"steps": 0}
     k = max(1, len(losses) // 10)

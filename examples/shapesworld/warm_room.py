@@ -28,15 +28,14 @@ __all__ = ["warm_room", "main"]
 def warm_room(cfg: Any, per_tag: int) -> dict[str, Any]:
     """The probe of `cfg`'s generator on an arms run's samples: accuracies and the classes."""
     from cluster.session import resolve_model_path
-    from examples.shapesworld.arms import fixed_prompt_sets
+    from examples.shapesworld.arms import fixed_prompt_sets, probe_settings
     from examples.shapesworld.headroom import warm_start_room
     from examples.shapesworld.probe import probe_generator
 
     prompts = fixed_prompt_sets(cfg, per_tag)
-    f, g = cfg.flow_grpo, cfg.models.generator
-    probe = probe_generator(Path(resolve_model_path(g.path)), {"warm start": None}, prompts, num_steps=f.eval_num_steps,
-                            guidance=f.guidance, cfg_scale=f.train_cfg_scale, size=g.height,
-                            max_sequence_length=g.max_sequence_length)["warm start"]  # fmt: skip
+    g = cfg.models.generator
+    probe = probe_generator(Path(resolve_model_path(g.path)), {"warm start": None}, prompts,
+                            **probe_settings(cfg))["warm start"]  # fmt: skip
     train_prompts = [m["prompt"] for m in prompts["train"]]
     return {
         "generator": g.path,
