@@ -102,7 +102,7 @@ def run_arm(name: str, cfg: Any, text: Any, judge: Any, probe_prompts: list[dict
     from actors.diffusion_worker import DiffusionWorker
     from cluster.roles import diffusion_learner_kwargs, resolve_paths
     from learners.diffusion_learner import DiffusionLearner
-    from learners.ds_engine import free_port
+    from rollout.ports import free_port
 
     paths = resolve_paths(cfg)
     image = DiffusionWorker(paths.generator, device="cpu", dtype=cfg.models.generator.dtype, seed=cfg.train.seed,

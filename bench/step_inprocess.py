@@ -57,9 +57,9 @@ def build(cfg: Any) -> dict[str, Any]:
     from actors.text_worker import TextWorker
     from cluster.roles import diffusion_learner_kwargs, judge_spec, resolve_paths, text_learner_kwargs
     from learners.diffusion_learner import DiffusionLearner
-    from learners.ds_engine import free_port
     from learners.text_learner import TextLearner
     from reward.registry import build_judge
+    from rollout.ports import free_port
 
     paths, seed = resolve_paths(cfg), cfg.train.seed
     text = TextWorker(paths.reasoner, max_model_len=cfg.models.reasoner.max_model_len,

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -24,9 +23,10 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from rollout.ports import free_port
+
 __all__ = [
     "DistInfo",
-    "free_port",
     "set_dist_env",
     "dist_info_from_env",
     "on_gpu",
@@ -57,13 +57,6 @@ class DistInfo(NamedTuple):
     local_rank: int
     master_addr: str
     master_port: int
-
-
-def free_port() -> int:
-    """A currently free TCP port on this host (for MASTER_PORT)."""
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 def set_dist_env(rank: int, world_size: int, master_addr: str, master_port: int, local_rank: int = 0) -> None:

@@ -166,7 +166,7 @@ def _rendezvous(placement_group: Any) -> tuple[str, int]:
     if len(alive) > 1:
         raise ValueError(f"a learner group on a {len(alive)}-node cluster needs a placement group "
                          "(pass placement_group=, one bundle per rank)")
-    from learners.ds_engine import free_port
+    from rollout.ports import free_port
 
     return "127.0.0.1", free_port()
 
@@ -174,6 +174,6 @@ def _rendezvous(placement_group: Any) -> tuple[str, int]:
 def _node_address_and_port() -> tuple[str, int]:
     import ray
 
-    from learners.ds_engine import free_port
+    from rollout.ports import free_port
 
     return ray.util.get_node_ip_address(), free_port()

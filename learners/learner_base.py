@@ -24,6 +24,7 @@ import torch
 
 from learners import ds_engine, finite
 from learners.weight_sender import WeightSenderMixin
+from rollout.ports import free_port
 
 __all__ = ["LearnerBase", "split_even"]
 
@@ -47,7 +48,7 @@ class LearnerBase(WeightSenderMixin):
             if rank is None or world_size is None:
                 raise ValueError(f"give both rank and world_size (got rank={rank}, world_size={world_size})")
             ds_engine.set_dist_env(rank, world_size, master_addr or "127.0.0.1",
-                                   master_port or ds_engine.free_port())
+                                   master_port or free_port())
         info = ds_engine.dist_info_from_env()
         self.rank, self.world_size = info.rank, info.world_size
         self.backend = ds_engine.init_distributed(backend)

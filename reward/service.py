@@ -23,7 +23,6 @@ import binascii
 import io
 import json
 import logging
-import socket
 import time
 from collections import Counter as _Tally
 from typing import Any
@@ -34,8 +33,9 @@ from ray import serve
 from reward.judge_modes import error_result, failure_kind
 from reward.registry import build_judge
 from rollout.interfaces import JudgeItem, JudgeResult
+from rollout.ports import free_port
 
-__all__ = ["JudgeDeployment", "ServeJudgeClient", "deploy_judge", "deployment_options", "start_serve", "free_port"]
+__all__ = ["JudgeDeployment", "ServeJudgeClient", "deploy_judge", "deployment_options", "start_serve"]
 
 log = logging.getLogger(__name__)
 
@@ -225,12 +225,6 @@ class ServeJudgeClient:
 
     def __getstate__(self) -> dict[str, Any]:  # ship to actors without the handle / metric objects
         return {**self.__dict__, "_handle": None, "_counter": None}
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def start_serve(*, host: str = "127.0.0.1", port: int | None = None, http: bool = True) -> int | None:

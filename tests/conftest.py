@@ -12,12 +12,13 @@ weights (`load_weights(0, tiny_models.lm)`) before they return.
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from rollout import ports
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -119,7 +120,7 @@ def ray_cluster(request: pytest.FixtureRequest) -> Iterator[None]:
 @pytest.fixture(scope="session")
 def free_port() -> Callable[[], int]:
     """`free_port()` -> a TCP port on 127.0.0.1 that is free now."""
-    return _free_port
+    return lambda: ports.free_port("127.0.0.1")
 
 
 # ---------------------------------------------------------------------------------------- test data
@@ -141,12 +142,6 @@ def perturb_weights() -> Callable[..., Path]:
 def make_text_batch() -> Callable[..., list]:
     """`make_text_batch(model_path, temperature, n=4, seed=0)` -> TextSamples with behaviour log-probs."""
     return _behaviour_text_samples
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _random_image(seed: int, height: int = 84, width: int = 84) -> np.ndarray:

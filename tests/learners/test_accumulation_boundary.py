@@ -13,8 +13,9 @@ SCRIPT = textwrap.dedent(
     """
     import torch
     from learners import ds_engine
+    from rollout.ports import free_port
 
-    ds_engine.set_dist_env(0, 1, "127.0.0.1", ds_engine.free_port())
+    ds_engine.set_dist_env(0, 1, "127.0.0.1", free_port())
     ds_engine.init_distributed()
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 1)

@@ -251,7 +251,7 @@ def _tied_lm(tiny_lm: Path, out: Path, layers: int = 2) -> Path:
 
 def _fill_on_two_ranks(folder: Path, misfit: Path | None, cls: str = "AutoModelForCausalLM") -> list[dict]:
     """Each of two gloo ranks (subprocesses) loads `folder` into two partitioned copies; their results."""
-    from learners.ds_engine import free_port
+    from rollout.ports import free_port
 
     port = free_port()
     procs = [subprocess.Popen([sys.executable, "-c", FILL_SCRIPT, str(rank), str(port), str(folder),
