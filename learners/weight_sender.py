@@ -25,13 +25,13 @@ bytes of fp32; an fp32 learner's weights are rounded once, on the sender, as the
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
+from rollout.ports import free_port
 from rollout.weight_buckets import bucket_meta_for, dtype_from_name, plan_buckets, standalone_group
 
 __all__ = ["WeightSenderMixin", "TRANSFER_MODES"]
@@ -53,10 +53,7 @@ class WeightSenderMixin:
         """(this node's address, a free port) for the group; call on learner rank 0."""
         import ray
 
-        with socket.socket() as s:
-            s.bind(("", 0))
-            port = s.getsockname()[1]
-        return ray.util.get_node_ip_address(), port
+        return ray.util.get_node_ip_address(), free_port()
 
     def init_weight_group(self, master_addr: str, port: int, world_size: int, backend: str = "gloo",
                           timeout_s: float = 300.0) -> None:

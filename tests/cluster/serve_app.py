@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -32,12 +31,11 @@ def running_app(overrides: list[str] = ()) -> Iterator[str]:
     from cluster.config import load_config
     from cluster.serve import APP_NAME, build_app
     from cluster.session import connect_ray
+    from rollout import ports
 
     cfg = load_config("configs/cpu_tiny.yaml", [*TINY_OVERRIDES, *overrides], check_paths=True)
     started = connect_ray(cfg)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = ports.free_port("127.0.0.1")
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(cfg, None), name=APP_NAME, route_prefix="/")

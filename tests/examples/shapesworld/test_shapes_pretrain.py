@@ -315,6 +315,7 @@ def test_more_flow_trains_the_generator_further_and_keeps_the_reasoner(warm_star
     assert manifest["base_manifest_sha256"] == hashlib.sha256((warm_start / "manifest.json").read_bytes()).hexdigest()
     assert manifest["stage"]["steps"] == manifest["losses"]["flow"]["steps"] == 3
     assert manifest["stage"]["seed"] == 2  # after the pretrain's two flow stages (seeds 0 and 1)
+    assert manifest["stage"]["layout"] == manifest["settings"]["layout"] == "canonical"  # the base's
     assert manifest["settings"]["scale"] == 0.01 and manifest["generator_eval"]["n"] == 3
     on_disk = sorted(f.relative_to(out).as_posix() for d in ("flux", "vlm") for f in (out / d).rglob("*") if f.is_file())
     assert sorted(manifest["files"]) == on_disk
@@ -328,9 +329,11 @@ def test_more_flow_trains_the_generator_further_and_keeps_the_reasoner(warm_star
     assert any(not torch.equal(v, after[k]) for k, v in before.items())
     assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []
     assert main(args) == 2  # out holds a warm start now
-    chained = ["--base", str(out), "--out", str(tmp_path / "chained"), "--steps", "2", "--eval-prompts", "3"]
+    chained = ["--base", str(out), "--out", str(tmp_path / "chained"), "--steps", "2", "--eval-prompts", "3",
+               "--layout", "random"]  # fmt: skip
     assert main(chained) == 0
-    assert json.loads((tmp_path / "chained" / "manifest.json").read_text())["stage"]["seed"] == 3  # other batches
+    stage = json.loads((tmp_path / "chained" / "manifest.json").read_text())["stage"]
+    assert stage["seed"] == 3 and stage["layout"] == "random"  # other batches, of many images per prompt
     assert main(["--base", str(tmp_path), "--out", str(tmp_path / "other")]) == 2  # no manifest there
 
 
@@ -339,3 +342,6 @@ def test_more_flow_refuses_bad_numbers_naming_them(capsys):
 
     assert main(["--out", "unused", "--steps", "0"]) == 2
     assert "--steps 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as refused:
+        main(["--out", "unused", "--layout", "diagonal"])
+    assert refused.value.code == 2 and "'diagonal'" in capsys.readouterr().err
