@@ -246,7 +246,7 @@ def deploy_judge(
     judge_spec: dict[str, Any],
     *,
     name: str = "judge",
-    route_prefix: str | None = None,
+    route_prefix: str | None = "/{name}",
     num_replicas: int | None = 1,
     autoscaling: dict[str, Any] | None = None,
     max_batch_size: int = 8,
@@ -264,6 +264,9 @@ def deploy_judge(
     `num_cpus` / `num_gpus` are each replica's Ray resources (a judge whose engine is tensor
     parallel over N GPUs needs num_gpus=N: its workers run on the replica's GPUs). `runtime_env` (e.g. `{"env_vars": {"OMP_NUM_THREADS": "1"}}`) applies to the replicas. Call
     `start_serve` first to choose the HTTP address (else Serve's default applies).
+    `route_prefix` is the app's HTTP route (`{name}` is filled in); None gives it none, for a
+    Serve without a proxy, where only deployment handles reach it (Serve would otherwise announce
+    an HTTP address that nothing serves).
     """
     options = deployment_options(
         name=name, num_replicas=num_replicas, autoscaling=autoscaling, max_batch_size=max_batch_size,
@@ -280,7 +283,7 @@ def deploy_judge(
             judge_name=name,
         )
     )
-    return serve.run(app, name=name, route_prefix=route_prefix or f"/{name}")
+    return serve.run(app, name=name, route_prefix=None if route_prefix is None else route_prefix.format(name=name))
 
 
 def deployment_options(

@@ -25,3 +25,14 @@ def test_client_rejects_bad_arguments():
         ServeJudgeClient("judge", timeout_s=0)
     with pytest.raises(ValueError, match="items_per_request >= 1"):
         ServeJudgeClient("judge", items_per_request=0)
+
+
+@pytest.mark.parametrize(("route_prefix", "expected"), [("/{name}", "/scorer"), ("/judge", "/judge"), (None, None)])
+def test_deploy_judge_route_is_the_name_a_fixed_path_or_none(monkeypatch, route_prefix, expected):
+    """None deploys without an HTTP route (no proxy runs, so Serve must not announce one)."""
+    from reward import service
+
+    routes = []
+    monkeypatch.setattr(service.serve, "run", lambda app, name, route_prefix: routes.append((name, route_prefix)))
+    deploy_judge({"kind": "constant"}, name="scorer", route_prefix=route_prefix)
+    assert routes == [("scorer", expected)]
