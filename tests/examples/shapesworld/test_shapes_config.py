@@ -41,12 +41,13 @@ def test_balanced_shapes_train_prompts_cover_every_tag_equally():
 
 def test_the_demo_config_is_the_experiment_made_short():
     """`make demo` runs the experiment's settings on the shipped warm start (paths checked), with
-    fewer prompts per step, fewer steps and a smaller tag-balanced evaluation."""
+    fewer prompts per step, fewer prompts drawn in all and a smaller tag-balanced evaluation."""
     demo = load_config(CONFIG.parent / "demo.yaml", check_paths=True)
     full = load_config(CONFIG)
     for section in ("models", "grpo", "flow_grpo", "judge"):
         assert getattr(demo, section) == getattr(full, section), section
     assert demo.r3.model_copy(update={"prompts_per_step": full.r3.prompts_per_step}) == full.r3
-    assert demo.r3.prompts_per_step < full.r3.prompts_per_step and demo.train.steps < full.train.steps
+    assert demo.r3.prompts_per_step < full.r3.prompts_per_step
+    assert demo.r3.prompts_per_step * demo.train.steps < full.r3.prompts_per_step * full.train.steps
     _, test = load_prompt_sets(demo)
     assert set(Counter(t.category for t in test).values()) == {demo.data.eval_per_category}
