@@ -6,7 +6,9 @@ Why not the usual `bind(("", 0))`: the kernel answers from its ephemeral range
 connection on the host also takes its local port from, and a Ray node opens many. Between the probe
 and the server's own bind another socket can take the port, and the server fails with EADDRINUSE.
 Below that range a port is only ever taken by an explicit bind, so the probe's answer stays free
-unless another server picks the same one of several thousand ports.
+unless another server picks the same one of several thousand ports. The draw starts at 20000, above
+the ports Ray's workers bind by default (`--min-worker-port 10002` to `--max-worker-port 19999`),
+which Ray also refuses to give any other of its components.
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ from pathlib import Path
 
 __all__ = ["free_port", "ephemeral_range"]
 
-_LOWEST = 10_000  # below: well-known and registered services' usual ports
+_LOWEST = 20_000  # below: Ray's default worker ports (10002-19999), well-known and registered services
 _TRIES = 200
 _EPHEMERAL_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+_handed_out: set[int] = set()  # ports this process gave out: two servers it starts never share a draw
 
 
 def ephemeral_range() -> tuple[int, int]:
@@ -41,14 +44,16 @@ def _bindable(host: str, port: int) -> bool:
 
 
 def free_port(host: str = "", rng: random.Random | None = None) -> int:
-    """A TCP port that `host` ("" = every interface) can bind now, drawn at random below the
-    ephemeral range when that range leaves room (else the kernel's pick)."""
+    """A TCP port that `host` ("" = every interface) can bind now and that this process has not
+    given out before, drawn at random below the ephemeral range when that range leaves room (else
+    the kernel's pick)."""
     rng = rng or random.Random()
     first, _ = ephemeral_range()
     if first - _LOWEST >= 1000:
         for _ in range(_TRIES):
             port = rng.randrange(_LOWEST, first)
-            if _bindable(host, port):
+            if port not in _handed_out and _bindable(host, port):
+                _handed_out.add(port)
                 return port
     with socket.socket() as s:
         s.bind((host, 0))
