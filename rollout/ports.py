@@ -44,9 +44,9 @@ def _bindable(host: str, port: int) -> bool:
 
 
 def free_port(host: str = "", rng: random.Random | None = None) -> int:
-    """A TCP port that `host` ("" = every interface) can bind now and that this process has not
-    given out before, drawn at random below the ephemeral range when that range leaves room (else
-    the kernel's pick)."""
+    """A TCP port that `host` ("" = every interface) can bind now, drawn at random below the
+    ephemeral range, skipping the ports this process drew before, when that range leaves room
+    (else the kernel's pick)."""
     rng = rng or random.Random()
     first, _ = ephemeral_range()
     if first - _LOWEST >= 1000:

@@ -8,7 +8,8 @@ import socket
 from rollout import ports
 
 
-def test_free_port_is_bindable_and_below_the_ephemeral_range():
+def test_free_port_is_bindable_and_below_the_ephemeral_range(monkeypatch):
+    monkeypatch.setattr(ports, "_handed_out", set())  # this test's draws stay out of the process's record
     first, _ = ports.ephemeral_range()
     for seed in range(20):
         port = ports.free_port("127.0.0.1", random.Random(seed))
